@@ -1,0 +1,12 @@
+"""gradprobe: gradient-flow diagnosis and first-order entropy-change probes for QLoRA RL fine-tuning."""
+
+from .api import build_batch, delta_h1
+from .config import load_config
+from .errors import CheckFailed, GradprobeError
+from .probe import ProbeResult
+from .rollouts import Batch, Group, read_rollouts, write_rollouts
+from .stack import Stack, load_stack
+
+__all__ = ["Batch", "CheckFailed", "GradprobeError", "Group", "ProbeResult", "Stack", "build_batch",
+           "delta_h1", "load_config", "load_stack", "read_rollouts", "write_rollouts"]
+__version__ = "0.1.0"

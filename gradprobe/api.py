@@ -1,0 +1,45 @@
+"""The Python API: the same steps the CLI takes, for a user's own script.
+
+    from gradprobe import load_config, load_stack, build_batch, delta_h1
+    cfg = load_config(overrides=["probe.microbatch_size=4"])
+    stack = load_stack(cfg)
+    batch = build_batch(stack, cfg)
+    result = delta_h1(stack, batch, cfg)
+    print(result.deltaH1, result.se)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import GradprobeError
+from .precondition import build_preconditioner
+from .probe import ProbeResult, run_probe
+from .rollouts import Batch, generate_batch, read_rollouts
+
+DEFAULT_LEARNING_RATE = 1e-5
+
+
+def build_batch(stack, cfg: dict[str, Any]) -> Batch:
+    """Teacher-force a rollouts file when one is given, else sample the built-in prompts."""
+    bcfg = cfg["batch"]
+    vocab = stack.model.get_input_embeddings().num_embeddings
+    if bcfg["rollouts"]:
+        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
+    return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
+                          bcfg["max_new_tokens"], seed=cfg["seed"])
+
+
+def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
+             progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+    """Run the probe with the preconditioner and learning rate the config names."""
+    if cfg["probe"]["mode"] == "exact" and batch.B < 2:
+        raise GradprobeError(f"exact mode needs B >= 2 prompts; the batch has {batch.B}")
+    precond = build_preconditioner(cfg, stack.names, stack.params)
+    lr = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
+    t0 = time.perf_counter()
+    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress)
+    result.timings["probe"] = time.perf_counter() - t0
+    return result

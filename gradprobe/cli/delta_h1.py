@@ -1,0 +1,71 @@
+"""`gradprobe delta-h1`: the backward()-only probe of the first-order entropy change."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .common import (
+    ConfigOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RolloutsOpt,
+    SeedOpt,
+    SetOpt,
+    consoles,
+    guarded,
+    make_config,
+    progress_bar,
+    write_json,
+)
+
+EPILOG = """Examples:
+
+  gradprobe delta-h1
+
+  gradprobe delta-h1 --set probe.schedule=literal --set probe.microbatch_size=2
+
+  gradprobe delta-h1 --config configs/qwen2.5-1.5b-qlora.yaml --rollouts batch.jsonl --json result.json
+"""
+
+
+def command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+    rollouts: RolloutsOpt = None,
+    save_rollouts: Annotated[Path | None, typer.Option("--save-rollouts", help="Write the batch used as JSONL.",
+                                                          show_default=False)] = None,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Predict how much one Adam step changes the policy's entropy (deltaH1 = -lr * U_cross) with an SE."""
+    out, err = consoles(quiet, json_ == "-")
+
+    def body() -> int:
+        from ..api import build_batch, delta_h1  # heavy imports (torch) only when the command runs
+        from ..report import delta_h1_payload, render_delta_h1
+        from ..rollouts import write_rollouts
+        from ..stack import load_stack
+
+        cfg = make_config(config, set_, seed, rollouts)
+        t0 = time.perf_counter()
+        stack = load_stack(cfg)
+        t1 = time.perf_counter()
+        batch = build_batch(stack, cfg)
+        t2 = time.perf_counter()
+        if save_rollouts is not None:
+            write_rollouts(batch, save_rollouts)
+        with progress_bar(err, not quiet, "probing units") as progress:
+            result = delta_h1(stack, batch, cfg, progress=progress)
+        result.timings.update(stack=t1 - t0, batch=t2 - t1)
+        render_delta_h1(out, result, cfg)
+        write_json(delta_h1_payload(result, cfg), json_)
+        return 0
+
+    guarded(debug, err, body)

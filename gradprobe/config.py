@@ -1,0 +1,215 @@
+"""One validated configuration: built-in defaults <- YAML file <- `key=value` overrides.
+
+Every key is checked up front so that a typo fails in a second, not after a model load.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import GradprobeError
+
+# The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",
+    "model": {
+        "name_or_path": None,
+        "preset": "tiny",
+        "trust_remote_code": False,
+    },
+    "quant": {"mode": "nf4", "compute_dtype": "bfloat16"},
+    "lora": {
+        "adapter_path": None,
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "init": "random",
+    },
+    "autocast": "bf16",
+    "checkpointing": "reentrant",
+    "batch": {
+        "rollouts": None,
+        "num_prompts": 8,
+        "group_size": 4,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_new_tokens": 16,
+    },
+    "probe": {
+        "mode": "exact",
+        "schedule": "fused",
+        "microbatch_size": 8,
+        "block_size": 2,
+        "accumulate_on": "device",
+        "normalization": "dr_grpo",
+        "precondition": "identity",
+        "optimizer_state": None,
+        "learning_rate": None,
+    },
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "model.preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+    "quant.mode": ("none", "nf4", "fp4"),
+    "quant.compute_dtype": ("bfloat16", "float16", "float32"),
+    "lora.init": ("random", "zero_b"),
+    "autocast": ("bf16", "fp16", "off"),
+    "checkpointing": ("reentrant", "non_reentrant", "off"),
+    "probe.mode": ("exact", "blocks"),
+    "probe.schedule": ("fused", "literal"),
+    "probe.accumulate_on": ("device", "cpu"),
+    "probe.normalization": ("dr_grpo", "per_token"),
+    "probe.precondition": ("adam", "identity"),
+}
+
+# Keys whose default is None: the type a value must have when one is given.
+OPTIONAL_TYPES: dict[str, type] = {
+    "model.name_or_path": str,
+    "lora.adapter_path": str,
+    "batch.rollouts": str,
+    "probe.optimizer_state": str,
+    "probe.learning_rate": float,
+}
+
+POSITIVE_INTS = ("lora.r", "batch.num_prompts", "batch.group_size", "batch.max_new_tokens",
+                 "probe.microbatch_size", "probe.block_size")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+VALID_KEYS = tuple(flatten(DEFAULTS))
+SECTIONS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, dict))
+
+
+def _unknown(key: str) -> GradprobeError:
+    near = difflib.get_close_matches(key, VALID_KEYS + SECTIONS, n=1, cutoff=0.5)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return GradprobeError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Bring a YAML or command-line value to the type of the key's default."""
+    default = flatten(DEFAULTS)[key]
+    want = OPTIONAL_TYPES.get(key) or type(default)
+    if value is None:
+        if key in OPTIONAL_TYPES:
+            return None
+        raise GradprobeError(f"config key '{key}' cannot be null")
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+    elif want is int and not isinstance(value, bool):
+        try:
+            if float(value) == int(float(value)):
+                return int(float(value))
+        except (TypeError, ValueError):
+            pass
+    elif want is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif want is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    elif want is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    raise GradprobeError(f"config key '{key}' wants {want.__name__}, got {value!r}")
+
+
+def _check(flat: dict[str, Any]) -> None:
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise GradprobeError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    for key in POSITIVE_INTS:
+        if flat[key] < 1:
+            raise GradprobeError(f"config key '{key}' must be >= 1; got {flat[key]}")
+    if flat["batch.group_size"] < 2:
+        raise GradprobeError("batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses")
+    if not flat["lora.dropout"] >= 0.0 or flat["lora.dropout"] >= 1.0:
+        raise GradprobeError(f"lora.dropout must be in [0, 1); got {flat['lora.dropout']}")
+    if not flat["batch.temperature"] > 0:
+        raise GradprobeError(f"batch.temperature must be > 0; got {flat['batch.temperature']}")
+    if not 0 < flat["batch.top_p"] <= 1:
+        raise GradprobeError(f"batch.top_p must be in (0, 1]; got {flat['batch.top_p']}")
+    lr = flat["probe.learning_rate"]
+    if lr is not None and not lr > 0:
+        raise GradprobeError(f"probe.learning_rate must be > 0; got {lr}")
+
+
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+    *head, leaf = key.split(".")
+    for part in head:
+        tree = tree[part]
+    tree[leaf] = value
+
+
+def _merge_file(tree: dict[str, Any], data: Any, source: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise GradprobeError(f"{source}: the top level must be a mapping of config keys")
+    for key, value in flatten(data).items():
+        if key in SECTIONS:
+            raise GradprobeError(f"{source}: '{key}' is a section; give its keys as a mapping")
+        if key not in VALID_KEYS:
+            raise _unknown(key)
+        _set(tree, key, _coerce(key, value))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise GradprobeError(f"--set wants key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in VALID_KEYS:
+        raise _unknown(key)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                seed: int | None = None) -> dict[str, Any]:
+    """Defaults, then the YAML file, then each override; validated as a whole."""
+    tree = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise GradprobeError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise GradprobeError(f"{p}: not valid YAML{where}") from exc
+        _merge_file(tree, data, str(p))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(tree, key, _coerce(key, value))
+    if seed is not None:
+        tree["seed"] = seed
+    _check(flatten(tree))
+    return tree

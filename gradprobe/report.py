@@ -1,0 +1,64 @@
+"""Rendering of results: Rich tables for people, one JSON object for scripts. No computation here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .probe import ProbeResult
+
+SCHEMA_DELTA_H1 = "gradprobe.delta-h1/1"
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or x != x:
+        return "n/a"
+    return f"{x:.{digits}e}" if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4) else f"{x:.{digits}g}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def delta_h1_payload(result: ProbeResult, cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg, "result": result.to_dict()}
+
+
+def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int = 8) -> None:
+    t = Table(title="gradprobe delta-h1", show_header=False, title_justify="left")
+    t.add_column("quantity", style="bold")
+    t.add_column("value")
+    t.add_row("deltaH1", f"{fmt(r.deltaH1)} ± {fmt(r.se, 2)} (jackknife ± {fmt(r.se_jackknife, 2)})")
+    t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(r.U_cross_se, 2)}")
+    t.add_row("Xbar·Ybar, Σ X[u]·Y[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
+    t.add_row("units B, G, prompts", f"{r.B} ({r.mode}), {r.G}, {r.n_prompts}")
+    t.add_row("learning rate", fmt(r.learning_rate))
+    t.add_row("preconditioner", r.precondition)
+    t.add_row("trainable", f"{r.n_params:,} values in {r.n_tensors} tensors")
+    t.add_row("‖ΣX‖, ‖ΣY‖", f"{fmt(r.x_sum_norm)}, {fmt(r.y_sum_norm)}")
+    t.add_row("grads non-None X / Y", f"{r.x_nonnull}/{r.n_tensors} / {r.y_nonnull}/{r.n_tensors}")
+    t.add_row("grads non-zero X / Y", f"{r.x_nonzero}/{r.n_tensors} / {r.y_nonzero}/{r.n_tensors}")
+    t.add_row("schedule", f"{r.schedule}, microbatch {r.microbatch_size}: {r.forwards} forwards, "
+                          f"{r.backwards} backwards, {r.tokens:,} tokens")
+    timing = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items())
+    t.add_row("time", timing)
+    t.add_row("peak memory", f"{_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})")
+    out.print(t)
+    if r.x_nonnull < r.n_tensors or r.y_nonnull < r.n_tensors:
+        out.print("[yellow]some trainable tensors got no gradient: run `gradprobe diagnose` on this config[/]")
+    m = Table(title=f"largest contributions to deltaH1 (of {len(r.modules)} modules)", title_justify="left")
+    m.add_column("module")
+    m.add_column("deltaH1", justify="right")
+    m.add_column("share", justify="right")
+    total = sum(abs(x["deltaH1"]) for x in r.modules) or 1.0
+    for row in r.modules[:top]:
+        m.add_row(row["name"], fmt(row["deltaH1"], 3), f"{100 * abs(row['deltaH1']) / total:.1f}%")
+    out.print(m)
+    layers = ", ".join(f"{row['name']} {fmt(row['deltaH1'], 2)}" for row in r.layers[:top])
+    out.print(f"by layer: {layers}")

@@ -1,0 +1,186 @@
+"""The batch a probe runs on: prompts with G responses and rewards, generated or read from JSONL.
+
+JSONL format, one object per prompt (one line each):
+    {"prompt": "text" | [ids], "responses": ["text" | [ids], ...], "rewards": [float, ...]}
+optional: "advantages": [float, ...] (used instead of group-centred rewards).
+Token-id responses are the generated tokens only (EOS included when it was generated).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import GradprobeError
+
+BUILTIN_PROMPTS = [
+    "say hi:", "count to five:", "name a color:", "spell cat:", "add 2+3=", "what is up?",
+    "list three fruits:", "reverse abc:", "pick a vowel:", "echo hello:", "finish: once upon",
+    "name a day:", "write 7*6=", "say bye:", "a rhyme for cat:", "the next letter after q:",
+]
+
+
+def builtin_reward(prompt: str, response: str) -> float:
+    """Varies across samples: vowel share of the response, a bonus for stopping, a penalty for sprawl."""
+    text = response.strip()
+    if not text:
+        return 0.0
+    vowels = sum(c in "aeiou" for c in text) / len(text)
+    shared = len(set(text) & set(prompt)) / max(len(set(text)), 1)
+    return round(vowels + 0.5 * shared - 0.02 * len(text), 6)
+
+
+@dataclass
+class Group:
+    """One prompt and its G sampled responses (token ids; a response ends at EOS or the length limit)."""
+
+    prompt: list[int]
+    responses: list[list[int]]
+    rewards: list[float]
+    advantages: list[float] | None = None
+
+
+@dataclass
+class Batch:
+    groups: list[Group]
+    temperature: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def B(self) -> int:
+        return len(self.groups)
+
+    @property
+    def G(self) -> int:
+        return min(len(g.responses) for g in self.groups)
+
+    def lengths(self) -> list[list[int]]:
+        return [[len(r) for r in g.responses] for g in self.groups]
+
+
+def _ids(value: Any, tokenizer, what: str, where: str) -> list[int]:
+    if isinstance(value, str):
+        try:
+            if hasattr(tokenizer, "index"):  # the built-in character tokenizer
+                return tokenizer.encode(value)
+            return list(tokenizer(value, add_special_tokens=False)["input_ids"])
+        except ValueError as exc:
+            raise GradprobeError(f"{where}: {what}: {exc}") from exc
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return list(value)
+    raise GradprobeError(f"{where}: {what} must be text or a list of non-negative token ids")
+
+
+def _floats(value: Any, n: int, what: str, where: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != n or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise GradprobeError(f"{where}: '{what}' must be a list of {n} numbers, one per response")
+    out = [float(v) for v in value]
+    if not all(v == v and abs(v) != float("inf") for v in out):
+        raise GradprobeError(f"{where}: '{what}' holds a non-finite number")
+    return out
+
+
+def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, temperature: float = 1.0) -> Batch:
+    """Parse and validate a rollouts file; every error names the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise GradprobeError(f"rollouts file not found: {p}")
+    groups: list[Group] = []
+    for lineno, line in enumerate(p.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GradprobeError(f"{where}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(obj, dict):
+            raise GradprobeError(f"{where}: each line must be a JSON object")
+        missing = [k for k in ("prompt", "responses", "rewards") if k not in obj]
+        if missing:
+            raise GradprobeError(f"{where}: missing key '{missing[0]}'")
+        if not isinstance(obj["responses"], list) or len(obj["responses"]) < 2:
+            raise GradprobeError(f"{where}: 'responses' must be a list of at least 2 (G >= 2)")
+        prompt = _ids(obj["prompt"], tokenizer, "prompt", where)
+        if not prompt:
+            raise GradprobeError(f"{where}: the prompt is empty")
+        responses = [_ids(r, tokenizer, f"response {i}", where) for i, r in enumerate(obj["responses"])]
+        n = len(responses)
+        rewards = _floats(obj["rewards"], n, "rewards", where)
+        adv = _floats(obj["advantages"], n, "advantages", where) if "advantages" in obj else None
+        if vocab_size is not None:
+            top = max([*prompt, *(t for r in responses for t in r)])
+            if top >= vocab_size:
+                raise GradprobeError(f"{where}: token id {top} is outside the model's vocabulary ({vocab_size})")
+        groups.append(Group(prompt, responses, rewards, adv))
+    if not groups:
+        raise GradprobeError(f"{p}: no rollouts in the file")
+    return Batch(groups, temperature=temperature, meta={"source": str(p)})
+
+
+def write_rollouts(batch: Batch, path: str | Path) -> None:
+    lines = []
+    for g in batch.groups:
+        obj: dict[str, Any] = {"prompt": g.prompt, "responses": g.responses, "rewards": g.rewards}
+        if g.advantages is not None:
+            obj["advantages"] = g.advantages
+        lines.append(json.dumps(obj))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    if hasattr(tokenizer, "index"):
+        return tokenizer.encode(text, add_bos=True)
+    return list(tokenizer(text)["input_ids"])
+
+
+def _decode(tokenizer, ids: list[int]) -> str:
+    if hasattr(tokenizer, "index"):
+        return tokenizer.decode([i for i in ids if i < len(tokenizer)])
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_batch(stack, num_prompts: int, group_size: int, temperature: float, top_p: float,
+                   max_new_tokens: int, seed: int,
+                   reward_fn: Callable[[str, str], float] = builtin_reward,
+                   prompts: list[str] | None = None) -> Batch:
+    """Sample G responses to each of B built-in prompts and score them."""
+    tok = stack.tokenizer
+    texts = [(prompts or BUILTIN_PROMPTS)[i % len(prompts or BUILTIN_PROMPTS)] for i in range(num_prompts)]
+    prompt_ids = [_prompt_ids(tok, t) for t in texts]
+    width = max(map(len, prompt_ids))
+    pad = tok.pad_token_id
+    rows = [[pad] * (width - len(p)) + p for p in prompt_ids for _ in range(group_size)]
+    input_ids = torch.tensor(rows, device=stack.device)
+    attention = (torch.arange(width, device=stack.device)[None, :] >=
+                 torch.tensor([width - len(p) for p in prompt_ids for _ in range(group_size)],
+                              device=stack.device)[:, None]).long()
+    model = stack.model
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    try:
+        with stack.autocast():
+            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                 temperature=temperature, top_p=top_p, top_k=0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tok.eos_token_id, use_cache=True)
+    finally:
+        model.train(was_training)
+    new = out[:, width:].tolist()
+    groups = []
+    for i, text in enumerate(texts):
+        responses, rewards = [], []
+        for row in new[i * group_size:(i + 1) * group_size]:
+            ids = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+            responses.append(ids)
+            rewards.append(float(reward_fn(text, _decode(tok, ids))))
+        groups.append(Group(prompt_ids[i], responses, rewards))
+    return Batch(groups, temperature=temperature, meta={"source": "generated"})

@@ -1,0 +1,216 @@
+"""The QLoRA stack a probe runs on: base model, 4-bit quantisation, LoRA, autocast, checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import GradprobeError
+from .tokenizer import CharTokenizer
+
+# Architecture presets with random weights: offline runs and benchmarks at real shapes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=len(CharTokenizer()), hidden_size=64, intermediate_size=128,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=512, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
+}
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Stack:
+    """Everything the probe and the checks need about the model under test."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    checkpointing: str
+    names: list[str] = field(default_factory=list)
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def refresh_params(self) -> None:
+        """The trainable parameters in one fixed, named order (the order of named_parameters)."""
+        pairs = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in pairs]
+        self.params = [p for _, p in pairs]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GradprobeError("device 'cuda' was asked for but no CUDA device is visible")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence load-time chatter (progress bars, optional-kernel notices) that buries our output."""
+    import transformers
+
+    names = ("transformers", "bitsandbytes", "peft", "accelerate")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _quant_config(cfg: dict[str, Any]):
+    from transformers import BitsAndBytesConfig
+
+    mode = cfg["quant"]["mode"]
+    if mode == "none":
+        return None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
+                              bnb_4bit_compute_dtype=DTYPES[cfg["quant"]["compute_dtype"]],
+                              bnb_4bit_use_double_quant=False)
+
+
+def _load_pretrained(source: str, cfg: dict[str, Any], device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    quant = _quant_config(cfg)
+    kwargs: dict[str, Any] = dict(trust_remote_code=cfg["model"]["trust_remote_code"])
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(device)}, dtype=torch.float32)
+    else:
+        kwargs.update(dtype=torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GradprobeError(f"cannot load model '{source}': {first}") from exc
+    return model if quant is not None else model.to(device)
+
+
+def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
+    """A preset architecture with seeded random weights, loaded through the same path as real weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**PRESETS[preset])
+    torch.manual_seed(cfg["seed"])
+    init_device = device if device.type == "cuda" else torch.device("cpu")
+    with torch.device(init_device):
+        model = Qwen2ForCausalLM(config)
+    if cfg["quant"]["mode"] == "none":
+        return model.to(device)
+    with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
+        model.to(torch.bfloat16 if preset != "tiny" else torch.float32).save_pretrained(tmp)
+        del model
+        return _load_pretrained(tmp, cfg, device)
+
+
+def _tokenizer(cfg: dict[str, Any]):
+    source = cfg["model"]["name_or_path"]
+    if source is None:
+        return CharTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg["model"]["trust_remote_code"])
+    except (OSError, ValueError) as exc:
+        raise GradprobeError(f"cannot load the tokenizer of '{source}': {str(exc).splitlines()[0]}") from exc
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _add_lora(base, cfg: dict[str, Any]):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    lcfg = cfg["lora"]
+    if lcfg["adapter_path"]:
+        path = Path(lcfg["adapter_path"])
+        if not (path / "adapter_config.json").is_file():
+            raise GradprobeError(f"no adapter_config.json in adapter directory {path}")
+        try:
+            return PeftModel.from_pretrained(base, str(path), is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise GradprobeError(f"cannot load adapter {path}: {str(exc).splitlines()[0]}") from exc
+    lora = LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"],
+                      target_modules=list(lcfg["target_modules"]), task_type="CAUSAL_LM",
+                      init_lora_weights=lcfg["init"] == "zero_b")
+    try:
+        return get_peft_model(base, lora)
+    except ValueError as exc:
+        raise GradprobeError(f"LoRA: {str(exc).splitlines()[0]}") from exc
+
+
+def _keep_trainable_4bit_layout(model) -> None:
+    """On CPU, bitsandbytes repacks 4-bit weights for an inference-only kernel the first time a layer
+    runs in eval mode without grad (as during generation); later training forwards then take that
+    kernel, whose in-place bias add fails under autograd. Keep the trainable layout throughout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _enable_checkpointing(model, mode: str) -> None:
+    if mode == "off":
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    # Reentrant checkpointing only records a graph when some input requires grad.
+    model.enable_input_require_grads()
+
+
+def load_stack(cfg: dict[str, Any]) -> Stack:
+    """Build the model under test as the config says; on CPU or CUDA."""
+    device = resolve_device(cfg["device"])
+    source = cfg["model"]["name_or_path"]
+    looks_local = source is not None and (source.startswith(("/", ".", "~")) or source.count("/") > 1)
+    if looks_local and not Path(source).expanduser().exists():
+        raise GradprobeError(f"model path not found: {source}")
+    with quiet_libraries():
+        torch.manual_seed(cfg["seed"])
+        base = _load_pretrained(source, cfg, device) if source else _random_model(cfg["model"]["preset"], cfg, device)
+        base.config.use_cache = False
+        if cfg["quant"]["mode"] != "none":
+            for p in base.parameters():  # norms and embeddings in fp32, as QLoRA recipes do
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+        _keep_trainable_4bit_layout(base)
+        _enable_checkpointing(base, cfg["checkpointing"])
+        torch.manual_seed(cfg["seed"] + 1)
+        model = _add_lora(base, cfg)
+        model.train()
+    autocast = None if cfg["autocast"] == "off" else DTYPES[cfg["autocast"]]
+    stack = Stack(model=model, tokenizer=_tokenizer(cfg), device=device, autocast_dtype=autocast,
+                  checkpointing=cfg["checkpointing"])
+    stack.refresh_params()
+    if not stack.params:
+        raise GradprobeError("the model has no trainable parameters (is the adapter loaded as trainable?)")
+    return stack
