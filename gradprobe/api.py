@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import GradprobeError
 from .precondition import build_preconditioner
 from .probe import ProbeResult, run_probe
 from .rollouts import Batch, generate_batch, read_rollouts
@@ -35,8 +34,6 @@ def build_batch(stack, cfg: dict[str, Any]) -> Batch:
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
              progress: Callable[[int, int], None] | None = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names."""
-    if cfg["probe"]["mode"] == "exact" and batch.B < 2:
-        raise GradprobeError(f"exact mode needs B >= 2 prompts; the batch has {batch.B}")
     precond = build_preconditioner(cfg, stack.names, stack.params)
     lr = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
     t0 = time.perf_counter()

@@ -130,7 +130,9 @@ def _coerce(key: str, value: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             pass
-    elif want is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    elif want is str and isinstance(value, bool):  # YAML 1.1 reads `off` and `on` as booleans
+        return "on" if value else "off"
+    elif want is str and isinstance(value, (str, int, float)):
         return str(value)
     elif want is list:
         if isinstance(value, str):
@@ -149,6 +151,10 @@ def _check(flat: dict[str, Any]) -> None:
             raise GradprobeError(f"config key '{key}' must be >= 1; got {flat[key]}")
     if flat["batch.group_size"] < 2:
         raise GradprobeError("batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses")
+    units = -(-flat["batch.num_prompts"] // (flat["probe.block_size"] if flat["probe.mode"] == "blocks" else 1))
+    if not flat["batch.rollouts"] and units < 2:
+        raise GradprobeError(f"the U-statistic needs at least 2 units; batch.num_prompts={flat['batch.num_prompts']} "
+                             f"gives {units} in {flat['probe.mode']} mode")
     if not flat["lora.dropout"] >= 0.0 or flat["lora.dropout"] >= 1.0:
         raise GradprobeError(f"lora.dropout must be in [0, 1); got {flat['lora.dropout']}")
     if not flat["batch.temperature"] > 0:

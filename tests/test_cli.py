@@ -1,0 +1,118 @@
+"""The command line as a user meets it: the default run, and one clear line with exit 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gradprobe as gp
+from gradprobe.cli import app
+
+from .conftest import make_cfg
+
+runner = CliRunner()
+
+
+def test_default_delta_h1_runs_and_reports_finite_numbers(tmp_path):
+    out = tmp_path / "r.json"
+    proc = subprocess.run([sys.executable, "-m", "gradprobe", "delta-h1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "deltaH1" in proc.stdout and "Traceback" not in proc.stderr
+    payload = json.loads(out.read_text())
+    assert payload["schema"] == "gradprobe.delta-h1/1" and payload["command"] == "delta-h1"
+    r = payload["result"]
+    for key in ("deltaH1", "U_cross", "se", "se_jackknife", "bars_dot", "diag_sum", "B", "G", "learning_rate",
+                "n_params", "x_sum_norm", "y_sum_norm", "x_nonnull", "y_nonnull", "row_means"):
+        assert key in r, key
+    assert math.isfinite(r["deltaH1"]) and r["deltaH1"] != 0
+    assert math.isfinite(r["x_sum_norm"]) and r["x_sum_norm"] > 0
+    assert math.isfinite(r["y_sum_norm"]) and r["y_sum_norm"] > 0
+    assert r["x_nonnull"] == r["y_nonnull"] == r["n_tensors"]
+    assert len(r["row_means"]) == r["B"] == 8
+
+
+def test_json_to_stdout_is_pure_json(rollouts_file):
+    res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--json", "-", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["result"]["B"] == 6
+
+
+def test_save_rollouts_reproduces_the_batch(tmp_path):
+    saved = tmp_path / "b.jsonl"
+    a = runner.invoke(app, ["delta-h1", "--save-rollouts", str(saved), "--json", "-"])
+    b = runner.invoke(app, ["delta-h1", "--rollouts", str(saved), "--json", "-"])
+    assert a.exit_code == b.exit_code == 0
+    ra, rb = json.loads(a.stdout)["result"], json.loads(b.stdout)["result"]
+    assert rb["U_cross"] == pytest.approx(ra["U_cross"], rel=1e-6)
+
+
+def one_line_error(res, *needles: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write(path, lines: list[str]) -> str:
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_missing_model_path():
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "model.name_or_path=/no/such/model"]),
+                   "model path not found", "/no/such/model")
+
+
+def test_unknown_config_key():
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.microbach_size=2"]),
+                   "unknown config key 'probe.microbach_size'", "probe.microbatch_size")
+
+
+def test_malformed_rollouts_line_is_named(tmp_path):
+    good = json.dumps({"prompt": [1, 5], "responses": [[6, 2], [7]], "rewards": [1.0, 0.0]})
+    path = write(tmp_path / "r.jsonl", [good, '{"prompt": [1, 5], "responses": [[6]', good])
+    one_line_error(runner.invoke(app, ["delta-h1", "--rollouts", path]), f"{path}:2", "not valid JSON")
+    path = write(tmp_path / "s.jsonl", [good, json.dumps({"prompt": [1], "responses": [[3], [4]], "rewards": [1]})])
+    one_line_error(runner.invoke(app, ["delta-h1", "--rollouts", path]), f"{path}:2", "rewards")
+
+
+def test_fewer_than_two_units_in_exact_mode(tmp_path):
+    good = json.dumps({"prompt": [1, 5], "responses": [[6, 2], [7]], "rewards": [1.0, 0.0]})
+    one_line_error(runner.invoke(app, ["delta-h1", "--rollouts", write(tmp_path / "r.jsonl", [good])]),
+                   "at least 2 units")
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "batch.num_prompts=1"]), "at least 2 units")
+
+
+def test_group_size_below_two(tmp_path):
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "batch.group_size=1"]), "G) must be >= 2")
+    line = json.dumps({"prompt": [1, 5], "responses": [[6, 2]], "rewards": [1.0]})
+    one_line_error(runner.invoke(app, ["delta-h1", "--rollouts", write(tmp_path / "r.jsonl", [line, line])]),
+                   ":1:", "G >= 2")
+
+
+def test_optimizer_state_that_does_not_match(tmp_path):
+    stack = gp.load_stack(make_cfg())
+    wrong = [torch.nn.Parameter(torch.zeros(p.shape[0] + (i == 3), *p.shape[1:])) for i, p in enumerate(stack.params)]
+    opt = torch.optim.AdamW(wrong, lr=1e-4)
+    for p in wrong:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    path = tmp_path / "opt.pt"
+    torch.save(opt.state_dict(), path)
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.precondition=adam",
+                                       "--set", f"probe.optimizer_state={path}"]),
+                   "index 3", stack.names[3])
+    short = torch.optim.AdamW(wrong[:5], lr=1e-4)
+    torch.save(short.state_dict(), path)
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.precondition=adam",
+                                       "--set", f"probe.optimizer_state={path}"]), "covers 5 parameters")
+    one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.precondition=adam"]), "needs probe.optimizer_state")
