@@ -85,7 +85,7 @@ class GradReader:
         present = 0
         for p, start, n in zip(self.params, self.offsets, self.sizes):
             if p.grad is not None:
-                out[start:start + n].add_(p.grad.reshape(-1).to(out.device, torch.float32, non_blocking=True))
+                out[start:start + n].add_(p.grad.reshape(-1).to(out.device, torch.float32))
                 present += 1
         return present
 
