@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -70,15 +71,73 @@ class ProbeResult:
         return asdict(self)
 
 
-class GradReader:
-    """Adds the current .grad of every trainable tensor into one flat fp32 buffer."""
+class FlatLayout:
+    """Where each trainable tensor lives in one flat fp32 vector. Every tensor starts on a block boundary,
+    so per-tensor dot products are one blocked reduction and a cumulative sum: a handful of kernels for
+    any number of tensors, and no host synchronisation."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], block: int = 1024):
+        self.block = block
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.offsets: list[int] = []
+        end = 0
+        for n in self.sizes:
+            self.offsets.append(end)
+            end += -(-n // block) * block
+        self.n = end  # padded length; the padding stays zero
+        first = torch.tensor([o // block for o in self.offsets])
+        last = torch.tensor([(o + -(-n // block) * block) // block for o, n in zip(self.offsets, self.sizes)])
+        self._bounds = {"cpu": (first, last)}
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets, self.sizes, self.shapes)]
+
+    def gather(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """One flat fp32 vector at this layout's offsets (zero padding) from per-tensor values."""
+        flat = torch.zeros(self.n, device=device)
+        for view, t in zip(self.views(flat), tensors):
+            view.copy_(t.reshape(view.shape))
+        return flat
+
+    def dots(self, a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-tensor a.b in fp64 [n_tensors]: fp32 products (into tmp when given), fp64 sums."""
+        key = str(a.device)
+        if key not in self._bounds:
+            self._bounds[key] = tuple(t.to(a.device) for t in self._bounds["cpu"])
+        first, last = self._bounds[key]
+        prod = torch.mul(a, b, out=tmp) if tmp is not None else a * b
+        blocks = prod.view(-1, self.block).sum(1, dtype=torch.float64)
+        c = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])
+        return c[last] - c[first]
+
+    def row_dots(self, rows: torch.Tensor, v: torch.Tensor, cols: int = 1 << 20) -> torch.Tensor:
+        """rows[u].v for every row in fp64 [m]: fp32 products, fp64 sums (X[u].sum Y carries the large
+        X[u].Y[u] that the row means subtract again, so fp32 accumulation would be too coarse). Column
+        slabs keep v's slab and the product in cache while every row passes over it."""
+        out = torch.zeros(rows.shape[0], dtype=torch.float64)
+        tmp = torch.empty(min(cols, self.n))
+        for s in range(0, self.n, cols):
+            vs = v[s:s + cols]
+            t = tmp[:vs.numel()]
+            for u in range(rows.shape[0]):
+                out[u] += torch.mul(rows[u, s:s + cols], vs, out=t).sum(dtype=torch.float64)
+        return out
+
+
+class GradReader:
+    """Adds the current .grad of every trainable tensor into one flat fp32 buffer (packed end to end,
+    or at a FlatLayout's offsets)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout | None = None):
         self.params = params
         self.sizes = [p.numel() for p in params]
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        if layout is not None:
+            self.offsets = layout.offsets
+        else:
+            self.offsets = [0]
+            for n in self.sizes:
+                self.offsets.append(self.offsets[-1] + n)
 
     def add(self, out: torch.Tensor) -> int:
         present = 0
@@ -87,6 +146,43 @@ class GradReader:
                 out[start:start + n].add_(p.grad.reshape(-1).to(out.device, torch.float32, non_blocking=True))
                 present += 1
         return present
+
+
+class FlatGrads:
+    """Points every trainable tensor's .grad at its slice of a flat fp32 buffer, so that backward() adds
+    straight into the buffer (AccumulateGrad accumulates in place into an existing .grad): no per-tensor
+    copies, no fresh gradient tensors per backward. Counts the tensors each backward reached."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout):
+        self.params = params
+        self.layout = layout
+        self._views: dict[int, list[torch.Tensor]] = {}
+        self._seen: set[int] = set()
+        self._handles = [p.register_post_accumulate_grad_hook(self._mark) for p in params]
+
+    @staticmethod
+    def usable(params: list[torch.nn.Parameter]) -> bool:
+        return bool(params) and all(p.dtype == torch.float32 and p.device == params[0].device for p in params)
+
+    def _mark(self, p: torch.Tensor) -> None:
+        self._seen.add(id(p))
+
+    def point(self, flat: torch.Tensor) -> None:
+        views = self._views.setdefault(id(flat), self.layout.views(flat))
+        for p, v in zip(self.params, views):
+            p.grad = v
+
+    def take(self) -> int:
+        """Tensors reached since the last call."""
+        n = len(self._seen)
+        self._seen.clear()
+        return n
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for p in self.params:
+            p.grad = None
 
 
 def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
@@ -143,6 +239,8 @@ class _Engine:
         self.backwards = 0
         self.tokens = 0
         self.y_w = [self._y_weights(p) for p in range(batch.B)]
+        self._packed: dict[tuple, tuple[Any, int]] = {}
+        self._wy: dict[tuple, torch.Tensor] = {}
 
     def _y_weights(self, p: int) -> torch.Tensor:
         g = self.batch.groups[p]
@@ -152,11 +250,15 @@ class _Engine:
         return y_weights(adv, lengths, self.norm) / self.unit_sizes[self.unit_of_prompt[p]]
 
     def forward(self, chunk: Chunk) -> torch.Tensor:
-        pairs = [(self.batch.groups[p].prompt, self.batch.groups[p].responses[i])
-                 for p, a, b in chunk for i in range(a, b)]
-        tb = pack(pairs, self.stack.tokenizer.pad_token_id, self.stack.device)
+        key = tuple(chunk)
+        if key not in self._packed:  # packed once: a host-to-device copy synchronises the stream
+            pairs = [(self.batch.groups[p].prompt, self.batch.groups[p].responses[i])
+                     for p, a, b in chunk for i in range(a, b)]
+            self._packed[key] = (pack(pairs, self.stack.tokenizer.pad_token_id, self.stack.device),
+                                 sum(len(q) + len(r) for q, r in pairs))
+        tb, tokens = self._packed[key]
         self.forwards += 1
-        self.tokens += int(tb.attention_mask.sum())
+        self.tokens += tokens
         return sequence_logprobs(self.stack.model, tb, self.batch.temperature, self.stack.autocast())
 
     def prepare(self, chunks: list[Chunk]) -> None:
@@ -168,29 +270,23 @@ class _Engine:
             self.ref_s[p] = torch.cat(parts).detach()
 
     def weights(self, chunk: Chunk, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wx, wy, k = [], [], 0
+        wx, k = [], 0
         for p, a, b in chunk:
             whole = (a, b) == (0, self.group_sizes[p])
             group_s = s[k:k + b - a] if whole else self.ref_s[p]
             wx.append(x_weights(group_s)[a:b] / self.unit_sizes[self.unit_of_prompt[p]])
-            wy.append(self.y_w[p][a:b])
             k += b - a
-        dev = s.device
-        return torch.cat(wx).to(dev, torch.float32), torch.cat(wy).to(dev, torch.float32)
+        key = tuple(chunk)
+        if key not in self._wy:
+            self._wy[key] = torch.cat([self.y_w[p][a:b] for p, a, b in chunk]).to(s.device, torch.float32)
+        return torch.cat(wx).to(s.device, torch.float32), self._wy[key]
 
-    def backward(self, loss: torch.Tensor, retain: bool = False) -> None:
-        self.stack.model.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor, retain: bool = False, zero: bool = True) -> None:
+        """zero=False leaves .grad as it is: backward() then adds into it."""
+        if zero:
+            self.stack.model.zero_grad(set_to_none=True)
         loss.backward(retain_graph=retain)
         self.backwards += 1
-
-
-def _segment_sums(v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return torch.segment_reduce(v, "sum", lengths=lengths)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-tensor fp32 partial dots [n_tensors]; callers sum them in fp64."""
-    return _segment_sums(a * b, lengths)
 
 
 def _group_contributions(names: list[str], per_tensor: torch.Tensor, key: Callable[[str], str]) -> list[dict]:
@@ -225,6 +321,102 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
+class _UnitSink:
+    """Takes each unit's X[u] and raw grad LY[u] from the flat device buffers: the preconditioner, the
+    diagonal dots X[u].Y[u], the running sums, and a host bank of the per-unit gradients.
+
+    The row means need X[u].sum_v Y[v], a sum known only after the last unit, so X[u] and Y[u] wait on
+    the host (2 x n fp32 per unit, never on the device) and meet the final sums in one pass at the end.
+    On CUDA the copy to the host runs on a side stream into pinned double buffers and a worker thread
+    does the host-side work, so the unit loop never waits for the host."""
+
+    def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
+                 pvec: torch.Tensor | None):
+        n = layout.n
+        self.layout = layout
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pvec = pvec  # host, padded
+        self.sums_on_host = not (self.cuda and sums_on_device)
+        self.bank_x = torch.empty(m, n)
+        self.bank_y = torch.empty(m, n)
+        self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64)
+        where = torch.device("cpu") if self.sums_on_host else device
+        self.sx = torch.zeros(n, device=where)
+        self.sy = torch.zeros(n, device=where)  # on the device: raw grad LY; P is applied on the host at the end
+        self._tmp = torch.empty(n)
+        self._last: torch.cuda.Event | None = None
+        if self.cuda:
+            self._stream = torch.cuda.Stream(device)
+            self._staging = [torch.empty(2, n, pin_memory=True) for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._pending: list[Future | None] = [None, None]
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank")
+
+    def wait_free(self) -> None:
+        """Before overwriting the buffers given to the last push(): wait (on the device) for their copy."""
+        if self._last is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last)
+
+    def push(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.sums_on_host:
+            self.sx.add_(x)
+            self.sy.add_(y)
+        if not self.cuda:
+            self._host(u, x, y)
+            return
+        slot = u % 2
+        if self._pending[slot] is not None:
+            self._pending[slot].result()
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        stage = self._staging[slot]
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            stage[0].copy_(x, non_blocking=True)
+            stage[1].copy_(y, non_blocking=True)
+            self._copied[slot].record(self._stream)
+        self._last = self._copied[slot]
+        self._pending[slot] = self._pool.submit(self._drain, u, slot)
+
+    def _drain(self, u: int, slot: int) -> None:
+        self._copied[slot].synchronize()
+        self._host(u, self._staging[slot][0], self._staging[slot][1])
+
+    def _host(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        bx, by = self.bank_x[u], self.bank_y[u]
+        bx.copy_(x)
+        if self.pvec is not None:
+            torch.mul(y, self.pvec, out=by)
+        else:
+            by.copy_(y)
+        self.diag_t[u] = self.layout.dots(bx, by, tmp=self._tmp)
+        if self.sums_on_host:
+            self.sx.add_(bx)
+            self.sy.add_(by)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the host work and bring the sums to the host (P applied there); return X[u].sum Y and
+        Y[u].sum X (fp64)."""
+        if self.cuda:
+            for f in self._pending:
+                if f is not None:
+                    f.result()
+            self._pool.shutdown()
+            if not self.sums_on_host:
+                stage = self._staging[0]  # pinned: a pageable copy of this size runs at a tenth of the speed
+                stage[0].copy_(self.sx, non_blocking=True)
+                stage[1].copy_(self.sy, non_blocking=True)
+                torch.cuda.synchronize(self.device)
+                self.sx, self.sy = stage[0], stage[1]
+                if self.pvec is not None:
+                    self.sy.mul_(self.pvec)
+            self._staging = []
+        out = self.layout.row_dots(self.bank_x, self.sy), self.layout.row_dots(self.bank_y, self.sx)
+        self.bank_x = self.bank_y = self._tmp = torch.empty(0)
+        return out
+
+
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
               learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
     """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
@@ -232,97 +424,105 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
+    layout = FlatLayout(stack.params)
     n = stack.n_params
-    lengths = torch.tensor([p.numel() for p in stack.params], device=acc)
-    reader = GradReader(stack.params)
-    pvec = precond.flat(acc)
+    reader = GradReader(stack.params, layout)
     m = len(units)
     if stack.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()
-
-    sx = torch.zeros(n, device=acc)
-    sy = torch.zeros(n, device=acc)
-    xu = torch.zeros(n, device=acc)
-    yu = torch.zeros(n, device=acc)
-    diag_t = torch.zeros(m, len(stack.params), dtype=torch.float64, device=acc)
-    x_dot_sy = torch.zeros(m, dtype=torch.float64, device=acc)
-    y_dot_sx = torch.zeros(m, dtype=torch.float64, device=acc)
     x_present: list[int] = []
     y_present: list[int] = []
 
-    def unit_grads(u: int, fused: bool) -> None:
-        """X[u] into xu and P grad LY[u] into yu."""
-        xu.zero_()
-        yu.zero_()
-        chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
-        eng.prepare(chunks)
-        for chunk in chunks:
-            s = eng.forward(chunk)
-            wx, wy = eng.weights(chunk, s)
-            eng.backward((s * wx).sum(), retain=fused)
-            x_present.append(reader.add(xu))
-            if not fused:
-                s = eng.forward(chunk)
-            eng.backward((s * wy).sum())
-            y_present.append(reader.add(yu))
-        stack.model.zero_grad(set_to_none=True)
-        if pvec is not None:
-            yu.mul_(pvec)
-
-    def pass_sum(kind: str, out: torch.Tensor) -> None:
-        """The literal schedule's X-pass or Y-pass: sum of per-unit gradients over packed forwards."""
-        chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
-        eng.prepare(chunks)
-        for chunk in chunks:
-            s = eng.forward(chunk)
-            wx, wy = eng.weights(chunk, s)
-            eng.backward((s * (wx if kind == "x" else wy)).sum())
-            (x_present if kind == "x" else y_present).append(reader.add(out))
-        stack.model.zero_grad(set_to_none=True)
-
     schedule = probe_cfg["schedule"]
     if schedule == "literal":
+        pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
+        sx, sy, xu, yu = (torch.zeros(layout.n, device=acc) for _ in range(4))
+        diag_t = torch.zeros(m, len(stack.params), dtype=torch.float64, device=acc)
+        x_dot_sy = torch.zeros(m, dtype=torch.float64, device=acc)
+        y_dot_sx = torch.zeros(m, dtype=torch.float64, device=acc)
+
+        def pass_sum(kind: str, out: torch.Tensor) -> None:
+            """The X-pass or the Y-pass: sum of per-unit gradients over packed forwards."""
+            chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
+            eng.prepare(chunks)
+            for chunk in chunks:
+                s = eng.forward(chunk)
+                wx, wy = eng.weights(chunk, s)
+                eng.backward((s * (wx if kind == "x" else wy)).sum())
+                (x_present if kind == "x" else y_present).append(reader.add(out))
+            stack.model.zero_grad(set_to_none=True)
+
         pass_sum("x", sx)
         pass_sum("y", sy)
         if pvec is not None:
             sy.mul_(pvec)
-        for u in range(m):
-            unit_grads(u, fused=False)
-            diag_t[u] = _dot(xu, yu, lengths).double()
-            x_dot_sy[u] = _dot(xu, sy, lengths).double().sum()
-            y_dot_sx[u] = _dot(yu, sx, lengths).double().sum()
+        for u in range(m):  # the diagonal loop: two fresh forwards and backwards per unit
+            xu.zero_()
+            yu.zero_()
+            chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
+            eng.prepare(chunks)
+            for chunk in chunks:
+                for kind, out in (("x", xu), ("y", yu)):
+                    s = eng.forward(chunk)
+                    w = eng.weights(chunk, s)[kind == "y"]
+                    eng.backward((s * w).sum())
+                    (x_present if kind == "x" else y_present).append(reader.add(out))
+            stack.model.zero_grad(set_to_none=True)
+            if pvec is not None:
+                yu.mul_(pvec)
+            diag_t[u] = layout.dots(xu, yu)
+            x_dot_sy[u] = layout.dots(xu, sy).sum()
+            y_dot_sx[u] = layout.dots(yu, sx).sum()
             if progress:
                 progress(u + 1, m)
+        del xu, yu
     else:
-        pin = acc.type == "cuda"
-        xbank = torch.empty(m, n, pin_memory=pin)
-        ybank = torch.empty(m, n, pin_memory=pin)
-        for u in range(m):
-            unit_grads(u, fused=True)
-            diag_t[u] = _dot(xu, yu, lengths).double()
-            sx.add_(xu)
-            sy.add_(yu)
-            xbank[u].copy_(xu)
-            ybank[u].copy_(yu)
-            if progress:
-                progress(u + 1, m)
-        sx_cpu, sy_cpu, lengths_cpu = sx.cpu(), sy.cpu(), lengths.cpu()
-        for u in range(m):
-            x_dot_sy[u] = _dot(xbank[u], sy_cpu, lengths_cpu).double().sum()
-            y_dot_sx[u] = _dot(ybank[u], sx_cpu, lengths_cpu).double().sum()
-        del xbank, ybank
+        pvec_host = layout.gather(precond.scales, torch.device("cpu")) if precond.scales is not None else None
+        sink = _UnitSink(layout, m, stack.device, acc.type == "cuda", pvec_host)
+        fx = torch.zeros(layout.n, device=stack.device)
+        fy = torch.zeros(layout.n, device=stack.device)
+        grads = FlatGrads(stack.params, layout) if FlatGrads.usable(stack.params) else None
+        try:
+            for u in range(m):  # one forward and two backwards per unit
+                chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
+                eng.prepare(chunks)
+                for k, chunk in enumerate(chunks):
+                    s = eng.forward(chunk)
+                    wx, wy = eng.weights(chunk, s)
+                    if k == 0:
+                        sink.wait_free()
+                        fx.zero_()
+                        fy.zero_()
+                    for buf, w, retain, present in ((fx, wx, True, x_present), (fy, wy, False, y_present)):
+                        if grads is not None:
+                            grads.point(buf)
+                            eng.backward((s * w).sum(), retain=retain, zero=False)
+                            present.append(grads.take())
+                        else:
+                            eng.backward((s * w).sum(), retain=retain)
+                            present.append(reader.add(buf))
+                sink.push(u, fx, fy)
+                if progress:
+                    progress(u + 1, m)
+        finally:
+            if grads is not None:
+                grads.close()
+            stack.model.zero_grad(set_to_none=True)
+        del fx, fy
+        x_dot_sy, y_dot_sx = sink.finish()
+        diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
 
     if stack.device.type == "cuda":
         torch.cuda.synchronize(stack.device)
     seconds = time.perf_counter() - t0
-    sxsy_t = _dot(sx, sy, lengths).double()
+    sxsy_t = layout.dots(sx, sy)
     bars_dot = float(sxsy_t.sum()) / m ** 2
     diag = diag_t.sum(1)
     st = ustat.summarize(bars_dot, diag.cpu(), x_dot_sy.cpu(), y_dot_sx.cpu())
-    per_tensor = -learning_rate * (sxsy_t - diag_t.sum(0)).cpu() / (m * (m - 1))
-    x_norms = _segment_sums(sx * sx, lengths)
-    y_norms = _segment_sums(sy * sy, lengths)
+    per_tensor = -learning_rate * (sxsy_t - diag_t.sum(0).to(sxsy_t.device)).cpu() / (m * (m - 1))
+    x_norms = layout.dots(sx, sx)
+    y_norms = layout.dots(sy, sy)
     peak, peak_kind = _peak_memory(stack.device)
     return ProbeResult(
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
@@ -330,7 +530,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         U_cross_se=st.se, U_cross_se_jackknife=st.se_jackknife,
         bars_dot=bars_dot, diag_sum=st.diag_sum, B=m, G=batch.G, n_prompts=batch.B,
         learning_rate=learning_rate, n_params=n, n_tensors=len(stack.params),
-        x_sum_norm=float(x_norms.double().sum().sqrt()), y_sum_norm=float(y_norms.double().sum().sqrt()),
+        x_sum_norm=float(x_norms.sum().sqrt()), y_sum_norm=float(y_norms.sum().sqrt()),
         x_nonnull=min(x_present), y_nonnull=min(y_present),
         x_nonzero=int((x_norms > 0).sum()), y_nonzero=int((y_norms > 0).sum()),
         row_means=st.row_means,
