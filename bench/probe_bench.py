@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", type=int, default=0, help="also run literal and fused once at this B (agreement)")
     ap.add_argument("--full-checkpointing", default="reentrant,non_reentrant")
     ap.add_argument("--sweep", default="", help="comma-separated B values: step and fused, 1 repeat each")
+    ap.add_argument("--no-checkpointing-rows", action="store_true", help="also time step and fused with it off")
     ap.add_argument("--profile", default="", help="write a torch.profiler table of one fused call here")
     ap.add_argument("--json", default="", help="write all rows here")
     args = ap.parse_args(argv)
@@ -232,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         rows += got
         summary[f"timed/{mode}"] = compare(got)
         print(json.dumps({f"timed/{mode}": summary[f"timed/{mode}"]}), flush=True)
+    if args.no_checkpointing_rows:  # what the second recomputation costs: step and fused with checkpointing off
+        set_checkpointing(stack, "off")
+        got = run_rows(stack, batch_of(args.prompts), ["step", "fused"], args, precond, "timed")
+        rows += got
+        summary["timed/off"] = compare(got)
+        print(json.dumps({"timed/off": summary["timed/off"]}), flush=True)
     if args.profile:
         set_checkpointing(stack, args.checkpointing.split(",")[0])
         profile_fused(stack, batch_of(args.prompts), args, precond, Path(args.profile))
