@@ -111,17 +111,14 @@ class FlatLayout:
         c = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])
         return c[last] - c[first]
 
-    def row_dots(self, rows: torch.Tensor, v: torch.Tensor, cols: int = 1 << 20) -> torch.Tensor:
-        """rows[u].v for every row in fp64 [m]: fp32 products, fp64 sums (X[u].sum Y carries the large
-        X[u].Y[u] that the row means subtract again, so fp32 accumulation would be too coarse). Column
-        slabs keep v's slab and the product in cache while every row passes over it."""
+    def row_dots(self, rows: torch.Tensor, v: torch.Tensor, cols: int = 8192) -> torch.Tensor:
+        """rows[u].v for every row in fp64 [m]: fp32 matrix-vector products over short column slabs,
+        summed in fp64. X[u].sum Y carries the large X[u].Y[u] that the row means subtract again, so one
+        long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too coarse; 8192 columns
+        keep it near 1e-8 at close to memory speed."""
         out = torch.zeros(rows.shape[0], dtype=torch.float64)
-        tmp = torch.empty(min(cols, self.n))
         for s in range(0, self.n, cols):
-            vs = v[s:s + cols]
-            t = tmp[:vs.numel()]
-            for u in range(rows.shape[0]):
-                out[u] += torch.mul(rows[u, s:s + cols], vs, out=t).sum(dtype=torch.float64)
+            out += (rows[:, s:s + cols] @ v[s:s + cols]).double()
         return out
 
 
@@ -327,8 +324,10 @@ class _UnitSink:
 
     The row means need X[u].sum_v Y[v], a sum known only after the last unit, so X[u] and Y[u] wait on
     the host (2 x n fp32 per unit, never on the device) and meet the final sums in one pass at the end.
-    On CUDA the copy to the host runs on a side stream into pinned double buffers and a worker thread
-    does the host-side work, so the unit loop never waits for the host."""
+    With sums on the device, P, the dots and the sums run there and the host only stores; with sums on
+    the host (accumulate_on=cpu) the device holds nothing but the two gradient buffers. On CUDA the copy
+    to the host runs on a side stream into pinned double buffers and a worker thread (with half the
+    CPU threads, so the thread launching kernels keeps a core) does the host side."""
 
     def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
                  pvec: torch.Tensor | None):
@@ -336,22 +335,24 @@ class _UnitSink:
         self.layout = layout
         self.device = device
         self.cuda = device.type == "cuda"
-        self.pvec = pvec  # host, padded
-        self.sums_on_host = not (self.cuda and sums_on_device)
+        self.on_device = self.cuda and sums_on_device
+        where = device if self.on_device else torch.device("cpu")
+        self.pvec = pvec.to(where) if pvec is not None else None  # padded
         self.bank_x = torch.empty(m, n)
         self.bank_y = torch.empty(m, n)
-        self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64)
-        where = torch.device("cpu") if self.sums_on_host else device
+        self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
         self.sx = torch.zeros(n, device=where)
-        self.sy = torch.zeros(n, device=where)  # on the device: raw grad LY; P is applied on the host at the end
-        self._tmp = torch.empty(n)
+        self.sy = torch.zeros(n, device=where)
+        self._tmp = None if self.on_device else torch.empty(n)
         self._last: torch.cuda.Event | None = None
         if self.cuda:
+            threads = max(1, torch.get_num_threads() // 2)
             self._stream = torch.cuda.Stream(device)
             self._staging = [torch.empty(2, n, pin_memory=True) for _ in range(2)]
             self._copied = [torch.cuda.Event() for _ in range(2)]
             self._pending: list[Future | None] = [None, None]
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank")
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
 
     def wait_free(self) -> None:
         """Before overwriting the buffers given to the last push(): wait (on the device) for their copy."""
@@ -359,7 +360,11 @@ class _UnitSink:
             torch.cuda.current_stream(self.device).wait_event(self._last)
 
     def push(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        if not self.sums_on_host:
+        """x = X[u], y = raw grad LY[u]; y may be scaled by P in place."""
+        if self.on_device:
+            if self.pvec is not None:
+                y.mul_(self.pvec)
+            self.diag_t[u] = self.layout.dots(x, y)
             self.sx.add_(x)
             self.sy.add_(y)
         if not self.cuda:
@@ -386,34 +391,35 @@ class _UnitSink:
     def _host(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
         bx, by = self.bank_x[u], self.bank_y[u]
         bx.copy_(x)
+        if self.on_device:
+            by.copy_(y)
+            return
         if self.pvec is not None:
             torch.mul(y, self.pvec, out=by)
         else:
             by.copy_(y)
         self.diag_t[u] = self.layout.dots(bx, by, tmp=self._tmp)
-        if self.sums_on_host:
-            self.sx.add_(bx)
-            self.sy.add_(by)
+        self.sx.add_(bx)
+        self.sy.add_(by)
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for the host work and bring the sums to the host (P applied there); return X[u].sum Y and
-        Y[u].sum X (fp64)."""
+        """Wait for the host work and bring the sums to the host; return X[u].sum Y and Y[u].sum X (fp64)."""
         if self.cuda:
             for f in self._pending:
                 if f is not None:
                     f.result()
             self._pool.shutdown()
-            if not self.sums_on_host:
+            if self.on_device:
                 stage = self._staging[0]  # pinned: a pageable copy of this size runs at a tenth of the speed
                 stage[0].copy_(self.sx, non_blocking=True)
                 stage[1].copy_(self.sy, non_blocking=True)
                 torch.cuda.synchronize(self.device)
                 self.sx, self.sy = stage[0], stage[1]
-                if self.pvec is not None:
-                    self.sy.mul_(self.pvec)
+                self.diag_t = self.diag_t.cpu()
             self._staging = []
         out = self.layout.row_dots(self.bank_x, self.sy), self.layout.row_dots(self.bank_y, self.sx)
-        self.bank_x = self.bank_y = self._tmp = torch.empty(0)
+        self.bank_x = self.bank_y = torch.empty(0)
+        self._tmp = None
         return out
 
 
