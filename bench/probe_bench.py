@@ -87,26 +87,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(stack, fn, warmup: int, repeats: int) -> tuple[list[float], int, Any]:
-    """Wall times of `repeats` calls after `warmup` calls; the largest peak memory over the timed calls."""
+def timed_interleaved(stack, fns: list, warmup: int, repeats: int) -> list[tuple[list[float], int, Any]]:
+    """Wall times of every fn, interleaved (A B C A B C ...) so that a drift in the host's speed falls on
+    all rows alike; the largest peak memory over each fn's timed calls."""
     dev = stack.device
-    out = None
     for _ in range(warmup):
-        fn()
-    times, peak = [], 0
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    peaks = [0] * len(fns)
+    outs: list[Any] = [None] * len(fns)
     for _ in range(repeats):
-        stack.model.zero_grad(set_to_none=True)
-        sync(dev)
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-        if dev.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated(dev))
+        for i, fn in enumerate(fns):
+            stack.model.zero_grad(set_to_none=True)
+            sync(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            outs[i] = fn()
+            sync(dev)
+            times[i].append(time.perf_counter() - t0)
+            if dev.type == "cuda":
+                peaks[i] = max(peaks[i], torch.cuda.max_memory_allocated(dev))
     stack.model.zero_grad(set_to_none=True)
-    return times, peak, out
+    return list(zip(times, peaks, outs))
 
 
 def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device") -> dict[str, Any]:
@@ -118,15 +122,16 @@ def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device")
 def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner, label: str) -> list[dict]:
     results = []
     tokens = sum(len(g.prompt) + len(r) for g in batch.groups for r in g.responses)
+    fns = []
     for row in rows:
         if row == "step":
             pcfg = probe_cfg_for("fused", args.microbatch)
-            fn = lambda pcfg=pcfg: training_step(stack, batch, pcfg)  # noqa: E731
+            fns.append(lambda pcfg=pcfg: training_step(stack, batch, pcfg))
         else:
             schedule, acc = ("fused", "cpu") if row == "fused_cpu" else (row, "device")
             pcfg = probe_cfg_for(schedule, args.microbatch, acc)
-            fn = lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR)  # noqa: E731
-        times, peak, out = timed(stack, fn, args.warmup, args.repeats)
+            fns.append(lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR))
+    for row, (times, peak, out) in zip(rows, timed_interleaved(stack, fns, args.warmup, args.repeats)):
         med = statistics.median(times)
         rec = {"label": label, "row": row, "preset": args.preset, "checkpointing": stack.checkpointing,
                "B": batch.B, "G": batch.G, "microbatch": args.microbatch, "tokens": tokens,
