@@ -11,7 +11,7 @@ torch.cuda.max_memory_allocated, reset before every call.
 
 Rows: step (forward + backward of the Y loss over the whole batch, microbatched like the probe: the
 floor), literal (the seed's Plan A schedule), fused (the default), fused_cpu (fused with
-probe.accumulate_on=cpu).
+probe.accumulate_on=cpu), one_backward (X and Y of the LoRA weights from one backward).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner
             pcfg = probe_cfg_for("fused", args.microbatch)
             fns.append(lambda pcfg=pcfg: training_step(stack, batch, pcfg))
         else:
-            schedule, acc = ("fused", "cpu") if row == "fused_cpu" else (row, "device")
+            schedule, acc = ("fused", "cpu") if row == "fused_cpu" else (row, "device")  # or one_backward
             pcfg = probe_cfg_for(schedule, args.microbatch, acc)
             fns.append(lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR))
     for row, (times, peak, out) in zip(rows, timed_interleaved(stack, fns, args.warmup, args.repeats)):
@@ -150,21 +150,22 @@ def compare(rows: list[dict]) -> dict[str, Any]:
     """The targets of the benchmark, from rows measured side by side."""
     by = {r["row"]: r for r in rows}
     out: dict[str, Any] = {}
-    step, lit, fused = by.get("step"), by.get("literal"), by.get("fused")
-    if fused and lit:
-        out["fused_over_literal"] = fused["median_s"] / lit["median_s"]
-        out["deltaH1_rel_diff"] = abs(fused["deltaH1"] - lit["deltaH1"]) / abs(lit["deltaH1"])
-        out["se_rel_diff"] = abs(fused["se"] - lit["se"]) / abs(lit["se"])
-    if fused and step:
-        out["fused_over_step"] = fused["median_s"] / step["median_s"]
-        if step["peak_bytes"]:
-            budget = step["peak_bytes"] * 1.1 + 3 * 4 * fused["n_params"]
-            out["fused_peak_over_budget"] = fused["peak_bytes"] / budget
-            out["fused_extra_peak_in_trainable_fp32"] = (fused["peak_bytes"] - step["peak_bytes"]) / (
-                4 * fused["n_params"])
-            if "fused_cpu" in by:
-                out["fused_cpu_extra_peak_in_trainable_fp32"] = (by["fused_cpu"]["peak_bytes"] -
-                                                                  step["peak_bytes"]) / (4 * fused["n_params"])
+    step, lit = by.get("step"), by.get("literal")
+    for name in ("fused", "fused_cpu", "one_backward"):
+        row = by.get(name)
+        if row is None:
+            continue
+        if lit:
+            out[f"{name}_over_literal"] = row["median_s"] / lit["median_s"]
+            out[f"{name}_deltaH1_rel_diff"] = abs(row["deltaH1"] - lit["deltaH1"]) / abs(lit["deltaH1"])
+            out[f"{name}_se_rel_diff"] = abs(row["se"] - lit["se"]) / abs(lit["se"])
+        if step:
+            out[f"{name}_over_step"] = row["median_s"] / step["median_s"]
+            if step["peak_bytes"]:
+                budget = step["peak_bytes"] * 1.1 + 3 * 4 * row["n_params"]
+                out[f"{name}_peak_over_budget"] = row["peak_bytes"] / budget
+                out[f"{name}_extra_peak_in_trainable_fp32"] = (row["peak_bytes"] - step["peak_bytes"]) / (
+                    4 * row["n_params"])
     return out
 
 
@@ -205,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precondition", default="adam", choices=["adam", "identity"])
     ap.add_argument("--full", type=int, default=0, help="also run literal and fused once at this B (agreement)")
+    ap.add_argument("--full-rows", default="fused,literal")
     ap.add_argument("--full-checkpointing", default="reentrant,non_reentrant")
     ap.add_argument("--sweep", default="", help="comma-separated B values: step and fused, 1 repeat each")
     ap.add_argument("--no-checkpointing-rows", action="store_true", help="also time step and fused with it off")
+    ap.add_argument("--sweep-rows", default="step,fused")
     ap.add_argument("--profile", default="", help="write a torch.profiler table of one fused call here")
     ap.add_argument("--json", default="", help="write all rows here")
     args = ap.parse_args(argv)
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({f"timed/{mode}": summary[f"timed/{mode}"]}), flush=True)
     if args.no_checkpointing_rows:  # what the second recomputation costs: step and fused with checkpointing off
         set_checkpointing(stack, "off")
-        got = run_rows(stack, batch_of(args.prompts), ["step", "fused"], args, precond, "timed")
+        got = run_rows(stack, batch_of(args.prompts), ["step", "fused", "one_backward"], args, precond, "timed")
         rows += got
         summary["timed/off"] = compare(got)
         print(json.dumps({"timed/off": summary["timed/off"]}), flush=True)
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in [m for m in args.full_checkpointing.split(",") if m and args.full]:
         set_checkpointing(stack, mode)
         once = argparse.Namespace(**{**vars(args), "warmup": 0, "repeats": 1})
-        got = run_rows(stack, batch_of(args.full), ["fused", "literal"], once, precond, "full")
+        got = run_rows(stack, batch_of(args.full), args.full_rows.split(","), once, precond, "full")
         rows += got
         summary[f"full/{mode}"] = compare(got)
         print(json.dumps({f"full/{mode}": summary[f"full/{mode}"]}), flush=True)
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         set_checkpointing(stack, args.checkpointing.split(",")[0])
         once = argparse.Namespace(**{**vars(args), "warmup": 0, "repeats": 1})
         for b in [int(x) for x in args.sweep.split(",")]:
-            rows += run_rows(stack, batch_of(b), ["step", "fused"], once, precond, "sweep")
+            rows += run_rows(stack, batch_of(b), args.sweep_rows.split(","), once, precond, "sweep")
     if args.json:
         Path(args.json).write_text(json.dumps({"header": header, "rows": rows, "summary": summary}, indent=1))
     print(markdown(rows), flush=True)

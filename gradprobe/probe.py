@@ -10,6 +10,7 @@ Dot products are reduced per parameter tensor in fp32 and summed across tensors 
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import ustat
+from . import lora_grads, ustat
 from .errors import GradprobeError
 from .logprobs import pack, sequence_logprobs
 from .losses import advantages, x_weights, y_weights
@@ -488,33 +489,44 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         sink = _UnitSink(layout, m, stack.device, acc.type == "cuda", pvec_host)
         fx = torch.zeros(layout.n, device=stack.device)
         fy = torch.zeros(layout.n, device=stack.device)
-        grads = FlatGrads(stack.params, layout) if FlatGrads.usable(stack.params) else None
-        try:
-            for u in range(m):  # one forward and two backwards per unit
-                chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
-                eng.prepare(chunks)
-                for k, chunk in enumerate(chunks):
-                    s = eng.forward(chunk)
-                    wx, wy = eng.weights(chunk, s)
-                    if k == 0:
-                        sink.wait_free()
-                        fx.zero_()
-                        fy.zero_()
-                    for buf, w, retain, present in ((fx, wx, True, x_present), (fy, wy, False, y_present)):
-                        if grads is not None:
-                            grads.point(buf)
-                            eng.backward((s * w).sum(), retain=retain, zero=False)
-                            present.append(grads.take())
-                        else:
-                            eng.backward((s * w).sum(), retain=retain)
-                            present.append(reader.add(buf))
-                sink.push(u, fx, fy)
-                if progress:
-                    progress(u + 1, m)
-        finally:
-            if grads is not None:
-                grads.close()
-            stack.model.zero_grad(set_to_none=True)
+        one = schedule == "one_backward"
+        with (lora_grads.patch(stack.model, stack.params, layout.views(fx), layout.views(fy)) if one
+              else contextlib.nullcontext()) as streams:
+            if one and streams is None:
+                schedule = "fused"  # a trainable tensor that is not a LoRA linear weight: two backwards
+            grads = FlatGrads(stack.params, layout) if streams is None and FlatGrads.usable(stack.params) else None
+            try:
+                for u in range(m):  # one forward and two backwards per unit (one backward with streams)
+                    chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
+                    eng.prepare(chunks)
+                    for k, chunk in enumerate(chunks):
+                        s = eng.forward(chunk)
+                        wx, wy = eng.weights(chunk, s)
+                        if k == 0:
+                            sink.wait_free()
+                            fx.zero_()
+                            fy.zero_()
+                        if streams is not None:
+                            streams.wx, streams.wy = wx, wy
+                            eng.backward(s.sum(), zero=False)
+                            x_present.append(streams.take())
+                            y_present.append(x_present[-1])
+                            continue
+                        for buf, w, retain, present in ((fx, wx, True, x_present), (fy, wy, False, y_present)):
+                            if grads is not None:
+                                grads.point(buf)
+                                eng.backward((s * w).sum(), retain=retain, zero=False)
+                                present.append(grads.take())
+                            else:
+                                eng.backward((s * w).sum(), retain=retain)
+                                present.append(reader.add(buf))
+                    sink.push(u, fx, fy)
+                    if progress:
+                        progress(u + 1, m)
+            finally:
+                if grads is not None:
+                    grads.close()
+                stack.model.zero_grad(set_to_none=True)
         del fx, fy
         x_dot_sy, y_dot_sx = sink.finish()
         diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
