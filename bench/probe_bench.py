@@ -68,6 +68,16 @@ def set_checkpointing(stack, mode: str) -> None:
     stack.checkpointing = mode
 
 
+def set_precision(stack, precision: str) -> None:
+    """bf16: autocast and bf16 4-bit compute, as loaded. fp32: no autocast, 4-bit weights dequantised to
+    fp32 (a reference for what bf16 rounding does to the estimate)."""
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    stack.autocast_dtype = None if precision == "fp32" else torch.bfloat16
+    for module in stack.model.modules():
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = dtype
+
+
 def training_step(stack, batch: Batch, probe_cfg: dict[str, Any]) -> None:
     """What a trainer does before optimizer.step(): backward of the Y loss over the batch into .grad."""
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precondition", default="adam", choices=["adam", "identity"])
     ap.add_argument("--full", type=int, default=0, help="also run literal and fused once at this B (agreement)")
     ap.add_argument("--full-rows", default="fused,literal")
+    ap.add_argument("--full-precision", default="bf16", help="bf16 and/or fp32 (no autocast, fp32 compute)")
     ap.add_argument("--full-checkpointing", default="reentrant,non_reentrant")
     ap.add_argument("--sweep", default="", help="comma-separated B values: step and fused, 1 repeat each")
     ap.add_argument("--no-checkpointing-rows", action="store_true", help="also time step and fused with it off")
@@ -250,13 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         set_checkpointing(stack, args.checkpointing.split(",")[0])
         profile_fused(stack, batch_of(args.prompts), args, precond, Path(args.profile))
-    for mode in [m for m in args.full_checkpointing.split(",") if m and args.full]:
-        set_checkpointing(stack, mode)
-        once = argparse.Namespace(**{**vars(args), "warmup": 0, "repeats": 1})
-        got = run_rows(stack, batch_of(args.full), args.full_rows.split(","), once, precond, "full")
-        rows += got
-        summary[f"full/{mode}"] = compare(got)
-        print(json.dumps({f"full/{mode}": summary[f"full/{mode}"]}), flush=True)
+    for precision in [p for p in args.full_precision.split(",") if p and args.full]:
+        set_precision(stack, precision)
+        for mode in [m for m in args.full_checkpointing.split(",") if m]:
+            set_checkpointing(stack, mode)
+            once = argparse.Namespace(**{**vars(args), "warmup": 0, "repeats": 1})
+            label = "full" if precision == "bf16" else "full-fp32"
+            got = run_rows(stack, batch_of(args.full), args.full_rows.split(","), once, precond, label)
+            rows += got
+            summary[f"{label}/{mode}"] = compare(got)
+            print(json.dumps({f"{label}/{mode}": summary[f"{label}/{mode}"]}), flush=True)
+        set_precision(stack, "bf16")
     if args.sweep:
         set_checkpointing(stack, args.checkpointing.split(",")[0])
         once = argparse.Namespace(**{**vars(args), "warmup": 0, "repeats": 1})
