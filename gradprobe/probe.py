@@ -1,11 +1,17 @@
 """The delta-H1 probe: per-unit gradients X[u], Y[u] = P grad LY[u] from backward() alone.
 
-Two schedules compute the same estimator:
-  literal  the seed's Plan A: an X-pass and a Y-pass for the sums, then a diagonal loop with two
-           fresh forwards and backwards per unit (about 4 forwards + 4 backwards per unit);
-  fused    one forward and two backwards per unit (retain_graph between them), running sums, and a
-           host-side bank of per-unit gradients for the row means (1 forward + 2 backwards per unit).
-Dot products are reduced per parameter tensor in fp32 and summed across tensors in fp64.
+Three schedules compute the same estimator:
+  literal       the seed's Plan A: an X-pass and a Y-pass for the sums, then a diagonal loop with two
+                fresh forwards and backwards per unit (about 4 forwards + 4 backwards per unit);
+  fused         (default) one forward and two backwards per unit (retain_graph between them);
+  one_backward  one forward and ONE backward per unit: the X and Y gradients of the LoRA weights are
+                formed where the weight gradient is (lora_grads.py); exact in real arithmetic, but its
+                bf16 rounding differs from Plan A's (bench/RESULTS.md), so it is opt-in.
+In fused and one_backward, backward() adds straight into two flat fp32 buffers behind .grad (X[u] and
+grad LY[u]); P, the diagonal dots and the running sums run on the device without a host round trip; the
+per-unit gradients go to a host bank asynchronously, because the row means need X[u].sum_v Y[v] and
+that sum is known only after the last unit (bench/RESULTS.md counts the buffers). Dot products take fp32
+products and fp64 sums.
 """
 
 from __future__ import annotations
