@@ -129,9 +129,7 @@ def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device")
     return cfg["probe"]
 
 
-def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner, label: str) -> list[dict]:
-    results = []
-    tokens = sum(len(g.prompt) + len(r) for g in batch.groups for r in g.responses)
+def row_fns(stack, batch: Batch, rows: list[str], args, precond: Preconditioner) -> list:
     fns = []
     for row in rows:
         if row == "step":
@@ -141,7 +139,20 @@ def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner
             schedule, acc = ("fused", "cpu") if row == "fused_cpu" else (row, "device")  # or one_backward
             pcfg = probe_cfg_for(schedule, args.microbatch, acc)
             fns.append(lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR))
-    for row, (times, peak, out) in zip(rows, timed_interleaved(stack, fns, args.warmup, args.repeats)):
+    return fns
+
+
+def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner, label: str,
+             warm_batch: Batch | None = None) -> list[dict]:
+    """warm_batch: warm every row up once on this (small) batch instead of args.warmup calls on batch."""
+    results = []
+    tokens = sum(len(g.prompt) + len(r) for g in batch.groups for r in g.responses)
+    if warm_batch is not None:
+        for fn in row_fns(stack, warm_batch, rows, args, precond):
+            fn()
+    fns = row_fns(stack, batch, rows, args, precond)
+    warmup = 0 if warm_batch is not None else args.warmup
+    for row, (times, peak, out) in zip(rows, timed_interleaved(stack, fns, warmup, args.repeats)):
         med = statistics.median(times)
         rec = {"label": label, "row": row, "preset": args.preset, "checkpointing": stack.checkpointing,
                "B": batch.B, "G": batch.G, "microbatch": args.microbatch, "tokens": tokens,
@@ -214,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lora-r", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup-prompts", type=int, default=0, help="warm each timed row up once at this B instead")
     ap.add_argument("--precondition", default="adam", choices=["adam", "identity"])
     ap.add_argument("--full", type=int, default=0, help="also run literal and fused once at this B (agreement)")
     ap.add_argument("--full-rows", default="fused,literal")
@@ -248,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     rownames = [r for r in args.rows.split(",") if r]
     for mode in [m for m in args.checkpointing.split(",") if m]:
         set_checkpointing(stack, mode)
-        got = run_rows(stack, batch_of(args.prompts), rownames, args, precond, "timed")
+        warm = batch_of(args.warmup_prompts) if args.warmup_prompts else None
+        got = run_rows(stack, batch_of(args.prompts), rownames, args, precond, "timed", warm)
         rows += got
         summary[f"timed/{mode}"] = compare(got)
         print(json.dumps({f"timed/{mode}": summary[f"timed/{mode}"]}), flush=True)
