@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -117,19 +116,6 @@ def _load_pretrained(source: str, cfg: dict[str, Any], device: torch.device):
     return model if quant is not None else model.to(device)
 
 
-def _nbytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _scratch_dir(need: int) -> str | None:
-    """Memory-backed /dev/shm when it has room, so a preset's save-and-reload round trip (gigabytes at
-    1.5B shapes) stays off the disk; None falls back to the system's temporary directory."""
-    try:
-        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else None
-    except OSError:
-        return None
-
-
 def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
     """A preset architecture with seeded random weights, loaded through the same path as real weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -141,9 +127,8 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
         model = Qwen2ForCausalLM(config)
     if cfg["quant"]["mode"] == "none":
         return model.to(device)
-    model = model.to(torch.bfloat16 if preset != "tiny" else torch.float32)
-    with tempfile.TemporaryDirectory(prefix="gradprobe-", dir=_scratch_dir(2 * _nbytes(model))) as tmp:
-        model.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
+        model.to(torch.bfloat16 if preset != "tiny" else torch.float32).save_pretrained(tmp)
         del model
         return _load_pretrained(tmp, cfg, device)
 
