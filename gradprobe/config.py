@@ -64,7 +64,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "autocast": ("bf16", "fp16", "off"),
     "checkpointing": ("reentrant", "non_reentrant", "off"),
     "probe.mode": ("exact", "blocks"),
-    "probe.schedule": ("fused", "literal"),
+    "probe.schedule": ("fused", "literal", "one_backward"),
     "probe.accumulate_on": ("device", "cpu"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),

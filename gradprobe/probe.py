@@ -1,25 +1,33 @@
 """The delta-H1 probe: per-unit gradients X[u], Y[u] = P grad LY[u] from backward() alone.
 
-Two schedules compute the same estimator:
-  literal  the seed's Plan A: an X-pass and a Y-pass for the sums, then a diagonal loop with two
-           fresh forwards and backwards per unit (about 4 forwards + 4 backwards per unit);
-  fused    one forward and two backwards per unit (retain_graph between them), running sums, and a
-           host-side bank of per-unit gradients for the row means (1 forward + 2 backwards per unit).
-Dot products are reduced per parameter tensor in fp32 and summed across tensors in fp64.
+Three schedules compute the same estimator:
+  literal       the seed's Plan A: an X-pass and a Y-pass for the sums, then a diagonal loop with two
+                fresh forwards and backwards per unit (about 4 forwards + 4 backwards per unit);
+  fused         (default) one forward and two backwards per unit (retain_graph between them);
+  one_backward  one forward and ONE backward per unit: the X and Y gradients of the LoRA weights are
+                formed where the weight gradient is (lora_grads.py); exact in real arithmetic, but its
+                bf16 rounding differs from Plan A's (bench/RESULTS.md), so it is opt-in.
+In fused and one_backward, backward() adds straight into two flat fp32 buffers behind .grad (X[u] and
+grad LY[u]); P, the diagonal dots and the running sums run on the device without a host round trip; the
+per-unit gradients go to a host bank asynchronously, because the row means need X[u].sum_v Y[v] and
+that sum is known only after the last unit (bench/RESULTS.md counts the buffers). Dot products take fp32
+products and fp64 sums.
 """
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from . import ustat
+from . import lora_grads, ustat
 from .errors import GradprobeError
 from .logprobs import pack, sequence_logprobs
 from .losses import advantages, x_weights, y_weights
@@ -71,15 +79,70 @@ class ProbeResult:
         return asdict(self)
 
 
-class GradReader:
-    """Adds the current .grad of every trainable tensor into one flat fp32 buffer."""
+class FlatLayout:
+    """Where each trainable tensor lives in one flat fp32 vector. Every tensor starts on a block boundary,
+    so per-tensor dot products are one blocked reduction and a cumulative sum: a handful of kernels for
+    any number of tensors, and no host synchronisation."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    def __init__(self, params: list[torch.nn.Parameter], block: int = 1024):
+        self.block = block
+        self.shapes = [p.shape for p in params]
+        self.sizes = [p.numel() for p in params]
+        self.offsets: list[int] = []
+        end = 0
+        for n in self.sizes:
+            self.offsets.append(end)
+            end += -(-n // block) * block
+        self.n = end  # padded length; the padding stays zero
+        first = torch.tensor([o // block for o in self.offsets])
+        last = torch.tensor([(o + -(-n // block) * block) // block for o, n in zip(self.offsets, self.sizes)])
+        self._bounds = {"cpu": (first, last)}
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets, self.sizes, self.shapes)]
+
+    def gather(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """One flat fp32 vector at this layout's offsets (zero padding) from per-tensor values."""
+        flat = torch.zeros(self.n, device=device)
+        for view, t in zip(self.views(flat), tensors):
+            view.copy_(t.reshape(view.shape))
+        return flat
+
+    def dots(self, a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-tensor a.b in fp64 [n_tensors]: fp32 products (into tmp when given), fp64 sums."""
+        key = str(a.device)
+        if key not in self._bounds:
+            self._bounds[key] = tuple(t.to(a.device) for t in self._bounds["cpu"])
+        first, last = self._bounds[key]
+        prod = torch.mul(a, b, out=tmp) if tmp is not None else a * b
+        blocks = prod.view(-1, self.block).sum(1, dtype=torch.float64)
+        c = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])
+        return c[last] - c[first]
+
+    def row_dots(self, rows: torch.Tensor, v: torch.Tensor, cols: int = 8192) -> torch.Tensor:
+        """rows[u].v for every row in fp64 [m]: fp32 matrix-vector products over short column slabs,
+        summed in fp64. X[u].sum Y carries the large X[u].Y[u] that the row means subtract again, so one
+        long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too coarse; 8192 columns
+        keep it near 1e-8 at close to memory speed."""
+        out = torch.zeros(rows.shape[0], dtype=torch.float64)
+        for s in range(0, self.n, cols):
+            out += (rows[:, s:s + cols] @ v[s:s + cols]).double()
+        return out
+
+
+class GradReader:
+    """Adds the current .grad of every trainable tensor into one flat fp32 buffer (packed end to end,
+    or at a FlatLayout's offsets)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout | None = None):
         self.params = params
         self.sizes = [p.numel() for p in params]
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        if layout is not None:
+            self.offsets = layout.offsets
+        else:
+            self.offsets = [0]
+            for n in self.sizes:
+                self.offsets.append(self.offsets[-1] + n)
 
     def add(self, out: torch.Tensor) -> int:
         present = 0
@@ -88,6 +151,43 @@ class GradReader:
                 out[start:start + n].add_(p.grad.reshape(-1).to(out.device, torch.float32))
                 present += 1
         return present
+
+
+class FlatGrads:
+    """Points every trainable tensor's .grad at its slice of a flat fp32 buffer, so that backward() adds
+    straight into the buffer (AccumulateGrad accumulates in place into an existing .grad): no per-tensor
+    copies, no fresh gradient tensors per backward. Counts the tensors each backward reached."""
+
+    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout):
+        self.params = params
+        self.layout = layout
+        self._views: dict[int, list[torch.Tensor]] = {}
+        self._seen: set[int] = set()
+        self._handles = [p.register_post_accumulate_grad_hook(self._mark) for p in params]
+
+    @staticmethod
+    def usable(params: list[torch.nn.Parameter]) -> bool:
+        return bool(params) and all(p.dtype == torch.float32 and p.device == params[0].device for p in params)
+
+    def _mark(self, p: torch.Tensor) -> None:
+        self._seen.add(id(p))
+
+    def point(self, flat: torch.Tensor) -> None:
+        views = self._views.setdefault(id(flat), self.layout.views(flat))
+        for p, v in zip(self.params, views):
+            p.grad = v
+
+    def take(self) -> int:
+        """Tensors reached since the last call."""
+        n = len(self._seen)
+        self._seen.clear()
+        return n
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for p in self.params:
+            p.grad = None
 
 
 def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
@@ -144,6 +244,8 @@ class _Engine:
         self.backwards = 0
         self.tokens = 0
         self.y_w = [self._y_weights(p) for p in range(batch.B)]
+        self._packed: dict[tuple, tuple[Any, int]] = {}
+        self._wy: dict[tuple, torch.Tensor] = {}
 
     def _y_weights(self, p: int) -> torch.Tensor:
         g = self.batch.groups[p]
@@ -153,11 +255,15 @@ class _Engine:
         return y_weights(adv, lengths, self.norm) / self.unit_sizes[self.unit_of_prompt[p]]
 
     def forward(self, chunk: Chunk) -> torch.Tensor:
-        pairs = [(self.batch.groups[p].prompt, self.batch.groups[p].responses[i])
-                 for p, a, b in chunk for i in range(a, b)]
-        tb = pack(pairs, self.stack.tokenizer.pad_token_id, self.stack.device)
+        key = tuple(chunk)
+        if key not in self._packed:  # packed once: a host-to-device copy synchronises the stream
+            pairs = [(self.batch.groups[p].prompt, self.batch.groups[p].responses[i])
+                     for p, a, b in chunk for i in range(a, b)]
+            self._packed[key] = (pack(pairs, self.stack.tokenizer.pad_token_id, self.stack.device),
+                                 sum(len(q) + len(r) for q, r in pairs))
+        tb, tokens = self._packed[key]
         self.forwards += 1
-        self.tokens += int(tb.attention_mask.sum())
+        self.tokens += tokens
         return sequence_logprobs(self.stack.model, tb, self.batch.temperature, self.stack.autocast())
 
     def prepare(self, chunks: list[Chunk]) -> None:
@@ -171,29 +277,23 @@ class _Engine:
             self.ref_s[p] = torch.cat(parts).detach()
 
     def weights(self, chunk: Chunk, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wx, wy, k = [], [], 0
+        wx, k = [], 0
         for p, a, b in chunk:
             whole = (a, b) == (0, self.group_sizes[p])
             group_s = s[k:k + b - a] if whole else self.ref_s[p]
             wx.append(x_weights(group_s)[a:b] / self.unit_sizes[self.unit_of_prompt[p]])
-            wy.append(self.y_w[p][a:b])
             k += b - a
-        dev = s.device
-        return torch.cat(wx).to(dev, torch.float32), torch.cat(wy).to(dev, torch.float32)
+        key = tuple(chunk)
+        if key not in self._wy:
+            self._wy[key] = torch.cat([self.y_w[p][a:b] for p, a, b in chunk]).to(s.device, torch.float32)
+        return torch.cat(wx).to(s.device, torch.float32), self._wy[key]
 
-    def backward(self, loss: torch.Tensor, retain: bool = False) -> None:
-        self.stack.model.zero_grad(set_to_none=True)
+    def backward(self, loss: torch.Tensor, retain: bool = False, zero: bool = True) -> None:
+        """zero=False leaves .grad as it is: backward() then adds into it."""
+        if zero:
+            self.stack.model.zero_grad(set_to_none=True)
         loss.backward(retain_graph=retain)
         self.backwards += 1
-
-
-def _segment_sums(v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    return torch.segment_reduce(v, "sum", lengths=lengths)
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Per-tensor fp32 partial dots [n_tensors]; callers sum them in fp64."""
-    return _segment_sums(a * b, lengths)
 
 
 def _group_contributions(names: list[str], per_tensor: torch.Tensor, key: Callable[[str], str]) -> list[dict]:
@@ -228,6 +328,111 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
+class _UnitSink:
+    """Takes each unit's X[u] and raw grad LY[u] from the flat device buffers: the preconditioner, the
+    diagonal dots X[u].Y[u], the running sums, and a host bank of the per-unit gradients.
+
+    The row means need X[u].sum_v Y[v], a sum known only after the last unit, so X[u] and Y[u] wait on
+    the host (2 x n fp32 per unit, never on the device) and meet the final sums in one pass at the end.
+    With sums on the device, P, the dots and the sums run there and the host only stores; with sums on
+    the host (accumulate_on=cpu) the device holds nothing but the two gradient buffers. On CUDA the copy
+    to the host runs on a side stream into pinned double buffers and a worker thread (with half the
+    CPU threads, so the thread launching kernels keeps a core) does the host side."""
+
+    def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
+                 pvec: torch.Tensor | None):
+        n = layout.n
+        self.layout = layout
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.on_device = self.cuda and sums_on_device
+        where = device if self.on_device else torch.device("cpu")
+        self.pvec = pvec.to(where) if pvec is not None else None  # padded
+        self.bank_x = torch.empty(m, n)
+        self.bank_y = torch.empty(m, n)
+        self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
+        self.sx = torch.zeros(n, device=where)
+        self.sy = torch.zeros(n, device=where)
+        self._tmp = None if self.on_device else torch.empty(n)
+        self._last: torch.cuda.Event | None = None
+        if self.cuda:
+            threads = max(1, torch.get_num_threads() // 2)
+            self._stream = torch.cuda.Stream(device)
+            self._staging = [torch.empty(2, n, pin_memory=True) for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._pending: list[Future | None] = [None, None]
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank",
+                                            initializer=torch.set_num_threads, initargs=(threads,))
+
+    def wait_free(self) -> None:
+        """Before overwriting the buffers given to the last push(): wait (on the device) for their copy."""
+        if self._last is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._last)
+
+    def push(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """x = X[u], y = raw grad LY[u]; y may be scaled by P in place."""
+        if self.on_device:
+            if self.pvec is not None:
+                y.mul_(self.pvec)
+            self.diag_t[u] = self.layout.dots(x, y)
+            self.sx.add_(x)
+            self.sy.add_(y)
+        if not self.cuda:
+            self._host(u, x, y)
+            return
+        slot = u % 2
+        if self._pending[slot] is not None:
+            self._pending[slot].result()
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        stage = self._staging[slot]
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(ready)
+            stage[0].copy_(x, non_blocking=True)
+            stage[1].copy_(y, non_blocking=True)
+            self._copied[slot].record(self._stream)
+        self._last = self._copied[slot]
+        self._pending[slot] = self._pool.submit(self._drain, u, slot)
+
+    def _drain(self, u: int, slot: int) -> None:
+        self._copied[slot].synchronize()
+        self._host(u, self._staging[slot][0], self._staging[slot][1])
+
+    def _host(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        bx, by = self.bank_x[u], self.bank_y[u]
+        bx.copy_(x)
+        if self.on_device:
+            by.copy_(y)
+            return
+        if self.pvec is not None:
+            torch.mul(y, self.pvec, out=by)
+        else:
+            by.copy_(y)
+        self.diag_t[u] = self.layout.dots(bx, by, tmp=self._tmp)
+        self.sx.add_(bx)
+        self.sy.add_(by)
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wait for the host work and bring the sums to the host; return X[u].sum Y and Y[u].sum X (fp64)."""
+        if self.cuda:
+            for f in self._pending:
+                if f is not None:
+                    f.result()
+            self._pool.shutdown()
+            if self.on_device:
+                stage = self._staging[0]  # pinned: a pageable copy of this size runs at a tenth of the speed
+                stage[0].copy_(self.sx, non_blocking=True)
+                stage[1].copy_(self.sy, non_blocking=True)
+                torch.cuda.synchronize(self.device)
+                self.sx, self.sy = stage[0], stage[1]
+                self.diag_t = self.diag_t.cpu()
+            self._staging = []
+        out = self.layout.row_dots(self.bank_x, self.sy), self.layout.row_dots(self.bank_y, self.sx)
+        self.bank_x = self.bank_y = torch.empty(0)
+        self._tmp = None
+        return out
+
+
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
               learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
     """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
@@ -235,97 +440,116 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
+    layout = FlatLayout(stack.params)
     n = stack.n_params
-    lengths = torch.tensor([p.numel() for p in stack.params], device=acc)
-    reader = GradReader(stack.params)
-    pvec = precond.flat(acc)
+    reader = GradReader(stack.params, layout)
     m = len(units)
     if stack.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()
-
-    sx = torch.zeros(n, device=acc)
-    sy = torch.zeros(n, device=acc)
-    xu = torch.zeros(n, device=acc)
-    yu = torch.zeros(n, device=acc)
-    diag_t = torch.zeros(m, len(stack.params), dtype=torch.float64, device=acc)
-    x_dot_sy = torch.zeros(m, dtype=torch.float64, device=acc)
-    y_dot_sx = torch.zeros(m, dtype=torch.float64, device=acc)
     x_present: list[int] = []
     y_present: list[int] = []
 
-    def unit_grads(u: int, fused: bool) -> None:
-        """X[u] into xu and P grad LY[u] into yu."""
-        xu.zero_()
-        yu.zero_()
-        chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
-        eng.prepare(chunks)
-        for chunk in chunks:
-            s = eng.forward(chunk)
-            wx, wy = eng.weights(chunk, s)
-            eng.backward((s * wx).sum(), retain=fused)
-            x_present.append(reader.add(xu))
-            if not fused:
-                s = eng.forward(chunk)
-            eng.backward((s * wy).sum())
-            y_present.append(reader.add(yu))
-        stack.model.zero_grad(set_to_none=True)
-        if pvec is not None:
-            yu.mul_(pvec)
-
-    def pass_sum(kind: str, out: torch.Tensor) -> None:
-        """The literal schedule's X-pass or Y-pass: sum of per-unit gradients over packed forwards."""
-        chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
-        eng.prepare(chunks)
-        for chunk in chunks:
-            s = eng.forward(chunk)
-            wx, wy = eng.weights(chunk, s)
-            eng.backward((s * (wx if kind == "x" else wy)).sum())
-            (x_present if kind == "x" else y_present).append(reader.add(out))
-        stack.model.zero_grad(set_to_none=True)
-
     schedule = probe_cfg["schedule"]
     if schedule == "literal":
+        pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
+        sx, sy, xu, yu = (torch.zeros(layout.n, device=acc) for _ in range(4))
+        diag_t = torch.zeros(m, len(stack.params), dtype=torch.float64, device=acc)
+        x_dot_sy = torch.zeros(m, dtype=torch.float64, device=acc)
+        y_dot_sx = torch.zeros(m, dtype=torch.float64, device=acc)
+
+        def pass_sum(kind: str, out: torch.Tensor) -> None:
+            """The X-pass or the Y-pass: sum of per-unit gradients over packed forwards."""
+            chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
+            eng.prepare(chunks)
+            for chunk in chunks:
+                s = eng.forward(chunk)
+                wx, wy = eng.weights(chunk, s)
+                eng.backward((s * (wx if kind == "x" else wy)).sum())
+                (x_present if kind == "x" else y_present).append(reader.add(out))
+            stack.model.zero_grad(set_to_none=True)
+
         pass_sum("x", sx)
         pass_sum("y", sy)
         if pvec is not None:
             sy.mul_(pvec)
-        for u in range(m):
-            unit_grads(u, fused=False)
-            diag_t[u] = _dot(xu, yu, lengths).double()
-            x_dot_sy[u] = _dot(xu, sy, lengths).double().sum()
-            y_dot_sx[u] = _dot(yu, sx, lengths).double().sum()
+        for u in range(m):  # the diagonal loop: two fresh forwards and backwards per unit
+            xu.zero_()
+            yu.zero_()
+            chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
+            eng.prepare(chunks)
+            for chunk in chunks:
+                for kind, out in (("x", xu), ("y", yu)):
+                    s = eng.forward(chunk)
+                    w = eng.weights(chunk, s)[kind == "y"]
+                    eng.backward((s * w).sum())
+                    (x_present if kind == "x" else y_present).append(reader.add(out))
+            stack.model.zero_grad(set_to_none=True)
+            if pvec is not None:
+                yu.mul_(pvec)
+            diag_t[u] = layout.dots(xu, yu)
+            x_dot_sy[u] = layout.dots(xu, sy).sum()
+            y_dot_sx[u] = layout.dots(yu, sx).sum()
             if progress:
                 progress(u + 1, m)
+        del xu, yu
     else:
-        pin = acc.type == "cuda"
-        xbank = torch.empty(m, n, pin_memory=pin)
-        ybank = torch.empty(m, n, pin_memory=pin)
-        for u in range(m):
-            unit_grads(u, fused=True)
-            diag_t[u] = _dot(xu, yu, lengths).double()
-            sx.add_(xu)
-            sy.add_(yu)
-            xbank[u].copy_(xu)
-            ybank[u].copy_(yu)
-            if progress:
-                progress(u + 1, m)
-        sx_cpu, sy_cpu, lengths_cpu = sx.cpu(), sy.cpu(), lengths.cpu()
-        for u in range(m):
-            x_dot_sy[u] = _dot(xbank[u], sy_cpu, lengths_cpu).double().sum()
-            y_dot_sx[u] = _dot(ybank[u], sx_cpu, lengths_cpu).double().sum()
-        del xbank, ybank
+        pvec_host = layout.gather(precond.scales, torch.device("cpu")) if precond.scales is not None else None
+        sink = _UnitSink(layout, m, stack.device, acc.type == "cuda", pvec_host)
+        fx = torch.zeros(layout.n, device=stack.device)
+        fy = torch.zeros(layout.n, device=stack.device)
+        one = schedule == "one_backward"
+        with (lora_grads.patch(stack.model, stack.params, layout.views(fx), layout.views(fy)) if one
+              else contextlib.nullcontext()) as streams:
+            if one and streams is None:
+                schedule = "fused"  # a trainable tensor that is not a LoRA linear weight: two backwards
+            grads = FlatGrads(stack.params, layout) if streams is None and FlatGrads.usable(stack.params) else None
+            try:
+                for u in range(m):  # one forward and two backwards per unit (one backward with streams)
+                    chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
+                    eng.prepare(chunks)
+                    for k, chunk in enumerate(chunks):
+                        s = eng.forward(chunk)
+                        wx, wy = eng.weights(chunk, s)
+                        if k == 0:
+                            sink.wait_free()
+                            fx.zero_()
+                            fy.zero_()
+                        if streams is not None:
+                            streams.wx, streams.wy = wx, wy
+                            eng.backward(s.sum(), zero=False)
+                            x_present.append(streams.take())
+                            y_present.append(x_present[-1])
+                            continue
+                        for buf, w, retain, present in ((fx, wx, True, x_present), (fy, wy, False, y_present)):
+                            if grads is not None:
+                                grads.point(buf)
+                                eng.backward((s * w).sum(), retain=retain, zero=False)
+                                present.append(grads.take())
+                            else:
+                                eng.backward((s * w).sum(), retain=retain)
+                                present.append(reader.add(buf))
+                    sink.push(u, fx, fy)
+                    if progress:
+                        progress(u + 1, m)
+            finally:
+                if grads is not None:
+                    grads.close()
+                stack.model.zero_grad(set_to_none=True)
+        del fx, fy
+        x_dot_sy, y_dot_sx = sink.finish()
+        diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
 
     if stack.device.type == "cuda":
         torch.cuda.synchronize(stack.device)
     seconds = time.perf_counter() - t0
-    sxsy_t = _dot(sx, sy, lengths).double()
+    sxsy_t = layout.dots(sx, sy)
     bars_dot = float(sxsy_t.sum()) / m ** 2
     diag = diag_t.sum(1)
     st = ustat.summarize(bars_dot, diag.cpu(), x_dot_sy.cpu(), y_dot_sx.cpu())
-    per_tensor = -learning_rate * (sxsy_t - diag_t.sum(0)).cpu() / (m * (m - 1))
-    x_norms = _segment_sums(sx * sx, lengths)
-    y_norms = _segment_sums(sy * sy, lengths)
+    per_tensor = -learning_rate * (sxsy_t - diag_t.sum(0).to(sxsy_t.device)).cpu() / (m * (m - 1))
+    x_norms = layout.dots(sx, sx)
+    y_norms = layout.dots(sy, sy)
     peak, peak_kind = _peak_memory(stack.device)
     return ProbeResult(
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
@@ -333,7 +557,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         U_cross_se=st.se, U_cross_se_jackknife=st.se_jackknife,
         bars_dot=bars_dot, diag_sum=st.diag_sum, B=m, G=batch.G, n_prompts=batch.B,
         learning_rate=learning_rate, n_params=n, n_tensors=len(stack.params),
-        x_sum_norm=float(x_norms.double().sum().sqrt()), y_sum_norm=float(y_norms.double().sum().sqrt()),
+        x_sum_norm=float(x_norms.sum().sqrt()), y_sum_norm=float(y_norms.sum().sqrt()),
         x_nonnull=min(x_present), y_nonnull=min(y_present),
         x_nonzero=int((x_norms > 0).sum()), y_nonzero=int((y_norms > 0).sum()),
         row_means=st.row_means,
