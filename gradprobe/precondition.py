@@ -5,6 +5,7 @@ A parameter without Adam state is an error, never a silent zero: v = 0 gives P =
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,9 +87,12 @@ def _resolve_order(groups: list[dict[str, Any]], names: list[str], no_decay: set
             raise GradprobeError("the trainer's parameter order needs the model (its no-decay parameter names)")
         return named, "named_parameters order"
     trainer = trainer_order(names, no_decay)
+    if trainer == named:
+        return named, "named_parameters order, which is the Trainer's here"
     n_decay = len(names) - sum(n in no_decay for n in names)
     sizes = [len(g["params"]) for g in groups]
-    if order == "trainer" or (trainer != named and sizes == [n_decay, len(names) - n_decay]):
+    trainer_made = len(groups) == 2 and float(groups[1].get("weight_decay", -1.0)) == 0.0
+    if order == "trainer" or sizes == [n_decay, len(names) - n_decay] or trainer_made:
         return trainer, "trainer order: weight-decay group, then no-decay group"
     return named, "named_parameters order"
 
@@ -112,9 +116,10 @@ def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[t
                     source: str = "optimizer state", no_decay: set[str] | None = None,
                     order: str = "auto") -> Preconditioner:
     """Map an Adam/AdamW state_dict onto the trainable parameters: by name when the state carries
-    names (optimizers built from named_parameters); else by index, in the order the transformers
-    Trainer built its parameter groups when the group sizes say so (or order='trainer'), else in
-    named_parameters order. Every shape is checked; the first mismatch is named."""
+    names (optimizers built from named_parameters); else by index: in the order the transformers
+    Trainer built its parameter groups (decay, then no-decay) when the state looks Trainer-made (its
+    group sizes match that split, or two groups with no weight decay in the second) or order='trainer';
+    else in named_parameters order. Every shape is checked; the first mismatch is named."""
     groups = state_dict["param_groups"]
     slots = [(i, g) for g in groups for i in g["params"]]
     saved_names = [n for g in groups for n in g.get("param_names", [])]
@@ -179,5 +184,38 @@ def build_preconditioner(cfg: dict[str, Any], names: list[str], params: list[tor
                              "file); or set probe.precondition=identity")
     path = pcfg["optimizer_state"]
     no_decay = no_decay_names(model) if model is not None else None
-    return from_adam_state(load_state_dict(path), names, params, source=str(path), no_decay=no_decay,
-                           order=pcfg["optimizer_order"])
+    other = _other_adapter(Path(path), model)
+    try:
+        precond = from_adam_state(load_state_dict(path), names, params, source=str(path), no_decay=no_decay,
+                                  order=pcfg["optimizer_order"])
+    except GradprobeError as exc:
+        raise GradprobeError(f"{exc}; {other}" if other else str(exc)) from None
+    if other:  # equal shapes can still be another adapter's state (e.g. k_proj's moments on v_proj)
+        raise GradprobeError(f"{path} does not belong to the model's adapter: {other}")
+    return precond
+
+
+ADAPTER_LAYOUT_KEYS = ("r", "target_modules", "bias", "modules_to_save", "rank_pattern", "layers_to_transform")
+
+
+def _other_adapter(optimizer_file: Path, model: torch.nn.Module | None) -> str | None:
+    """When the optimizer state sits beside an adapter_config.json (a Trainer checkpoint), the ways that
+    adapter's layout differs from the model's active adapter; None when it matches or cannot be told."""
+    sibling = optimizer_file.parent / "adapter_config.json"
+    configs = getattr(model, "peft_config", None)
+    if not sibling.is_file() or not isinstance(configs, dict):
+        return None
+    try:
+        saved = json.loads(sibling.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    active = configs.get(getattr(model, "active_adapter", "default"))
+    if active is None or not isinstance(saved, dict):
+        return None
+
+    def norm(value: Any) -> Any:
+        return sorted(value) if isinstance(value, (list, set, tuple)) else (value or None)
+
+    diff = [f"{k} {norm(saved.get(k))} there, {norm(getattr(active, k, None))} here" for k in ADAPTER_LAYOUT_KEYS
+            if k in saved and norm(saved.get(k)) != norm(getattr(active, k, None))]
+    return f"{sibling} describes another adapter ({'; '.join(diff)})" if diff else None
