@@ -112,6 +112,32 @@ def _second_moment(st: dict[str, Any], group: dict[str, Any], where: str) -> tor
     raise GradprobeError(f"{where}: no Adam state (exp_avg_sq); use probe.precondition=identity to probe without it")
 
 
+def _check_layout(slots: list, owner: list[int | None], state: dict, names: list[str],
+                  params: list[torch.nn.Parameter], source: str, how: str) -> None:
+    """Counts and every shape, before any arithmetic; one line naming the first index and parameter that
+    disagree (the usual cause: the state belongs to another adapter, of other rank or target modules)."""
+    first = None
+    for k, (index, _) in enumerate(slots):
+        j = owner[k]
+        if j is None:
+            first = f"optimizer index {index} has no parameter"
+            break
+        st = state.get(index) or {}
+        v = next((st[key] for key in ("max_exp_avg_sq", "exp_avg_sq", "state2") if key in st), None)
+        if v is not None and tuple(v.shape) != tuple(params[j].shape):
+            first = (f"optimizer index {index} has shape {tuple(v.shape)} but parameter '{names[j]}' has shape "
+                     f"{tuple(params[j].shape)}")
+            break
+    if first is None and len(slots) < len(params):
+        unowned = sorted(set(range(len(params))) - {j for j in owner if j is not None})
+        first = f"parameter '{names[unowned[0]]}' has no optimizer index"
+    if first is None and len(slots) == len(params):
+        return
+    count = (f": it covers {len(slots)} parameters but the model has {len(params)} trainable ones"
+             if len(slots) != len(params) else "")
+    raise GradprobeError(f"{source} does not match the model{count} ({how}); first mismatch: {first}")
+
+
 def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
                     source: str = "optimizer state", no_decay: set[str] | None = None,
                     order: str = "auto") -> Preconditioner:
@@ -135,36 +161,22 @@ def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[t
         pos, how = _resolve_order(groups, names, no_decay, order)
         owner = [pos[k] if k < len(pos) else None for k in range(len(slots))]
     state = state_dict["state"] if isinstance(state_dict["state"], dict) else {}
-    scales: list[torch.Tensor | None] = [None] * len(params)
+    _check_layout(slots, owner, state, names, params, source, how)
+    scales: list[torch.Tensor] = [torch.empty(0)] * len(params)
     for k, (index, group) in enumerate(slots):
         j = owner[k]
-        st = state.get(index)
-        where = f"{source}: optimizer index {index}"
-        if j is None:
-            raise GradprobeError(f"{source} does not match the model: it holds {len(slots)} parameters, the model "
-                                 f"{len(params)} trainable ones; optimizer index {index} has no parameter "
-                                 f"(another adapter: other rank or target modules?)")
-        name, p = names[j], params[j]
+        name, st = names[j], state.get(index)
+        where = f"{source}: optimizer index {index} ('{name}')"
         if st is None:
-            raise GradprobeError(f"{where} ('{name}') has no Adam state; "
-                                 f"use probe.precondition=identity to probe without it")
-        v = _second_moment(st, group, f"{where} ('{name}')")
-        if tuple(v.shape) != tuple(p.shape):
-            raise GradprobeError(f"{source} does not match the model ({len(slots)} optimizer entries, {len(params)} "
-                                 f"trainable parameters, {how}): optimizer index {index} has shape {tuple(v.shape)} "
-                                 f"but parameter '{name}' has shape {tuple(p.shape)}")
+            raise GradprobeError(f"{where} has no Adam state; use probe.precondition=identity to probe without it")
+        v = _second_moment(st, group, where)
         step = float(st.get("step", 0))
         if step < 1:
-            raise GradprobeError(f"{where} ('{name}') has step {step}; Adam state needs step >= 1")
+            raise GradprobeError(f"{where} has step {step}; Adam state needs step >= 1")
         beta2 = float(group.get("betas", (0.9, 0.999))[1])
         eps = float(group.get("eps", 1e-8))
         v_hat = v.double() / (1.0 - beta2 ** step)
         scales[j] = (1.0 / (v_hat.sqrt() + eps)).float()
-    if len(slots) < len(params):
-        j = next(j for j, s in enumerate(scales) if s is None)
-        raise GradprobeError(f"{source} does not match the model: it holds {len(slots)} parameters, the model "
-                             f"{len(params)} trainable ones; trainable parameter '{names[j]}' has no optimizer index "
-                             f"(another adapter: other rank or target modules?)")
     lrs = {float(g["lr"]) for g in groups if "lr" in g and g["params"]}
     lr = lrs.pop() if len(lrs) == 1 else None
     return Preconditioner(scales, learning_rate=lr, source=f"{source} ({how})")
