@@ -162,6 +162,10 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any],
         rate, rate_source = _one_rate(opt_rates, str(opt_path)), f"{opt_path} (param_groups lr; no scheduler.pt)"
     else:
         rate, rate_source = None, "none in the checkpoint"
+    if rate is not None and not rate > 0 and cfg["probe"]["learning_rate"] is None:
+        raise GradprobeError(f"the next step's learning rate in {rate_source.split(' (')[0]} is {rate:g} (a finished "
+                             f"schedule?): every deltaH1 would be 0; set probe.learning_rate to probe a step of that "
+                             f"size")
 
     global_step = None
     state_json = (d or opt_path.parent) / "trainer_state.json"
