@@ -97,18 +97,34 @@ def _resolve_order(groups: list[dict[str, Any]], names: list[str], no_decay: set
     return named, "named_parameters order"
 
 
+BNB_STATE = "__bnb_optimizer_quant_state__"  # where bitsandbytes optimizers' state_dict puts state1/state2
+
+
+def _dequantize_8bit(st: dict[str, Any], where: str) -> torch.Tensor:
+    """A bitsandbytes 8-bit blockwise second moment (adamw_8bit, paged_adamw_8bit) as the optimizer itself
+    reads it: v = qmap2[state2] * absmax2[block], blocks of consecutive values."""
+    q, absmax, code = st["state2"], st.get("absmax2"), st.get("qmap2")
+    if absmax is None or code is None:
+        raise GradprobeError(f"{where} holds 8-bit bitsandbytes state without absmax2/qmap2 (not blockwise); "
+                             f"only 32-bit and blockwise 8-bit Adam states are supported")
+    n = q.numel()
+    block = next((b for b in (64, 128, 256, 512, 1024, 2048, 4096) if -(-n // b) == absmax.numel()), None)
+    if block is None:
+        raise GradprobeError(f"{where}: 8-bit state of {n} values with {absmax.numel()} blocks fits no block size")
+    v = code.float()[q.reshape(-1).long()] * absmax.float().repeat_interleave(block)[:n]
+    return v.reshape(q.shape)
+
+
 def _second_moment(st: dict[str, Any], group: dict[str, Any], where: str) -> torch.Tensor:
-    """exp_avg_sq of torch Adam/AdamW (max_exp_avg_sq under amsgrad), or state2 of a 32-bit
-    bitsandbytes Adam; 8-bit states are quantised and refused rather than guessed at."""
+    """exp_avg_sq of torch Adam/AdamW (max_exp_avg_sq under amsgrad), or state2 of a bitsandbytes Adam
+    (32-bit as is, 8-bit blockwise dequantised)."""
+    st = {**st, **st.get(BNB_STATE, {})}
     if group.get("amsgrad") and "max_exp_avg_sq" in st:
         return st["max_exp_avg_sq"]
     if "exp_avg_sq" in st:
         return st["exp_avg_sq"]
     if "state2" in st:
-        if st["state2"].dtype == torch.uint8:
-            raise GradprobeError(f"{where} holds 8-bit (quantised) bitsandbytes optimizer state; only 32-bit Adam "
-                                 f"state is supported (e.g. optim=adamw_torch or paged_adamw_32bit)")
-        return st["state2"]
+        return _dequantize_8bit(st, where) if st["state2"].dtype == torch.uint8 else st["state2"]
     raise GradprobeError(f"{where}: no Adam state (exp_avg_sq); use probe.precondition=identity to probe without it")
 
 
@@ -123,6 +139,7 @@ def _check_layout(slots: list, owner: list[int | None], state: dict, names: list
             first = f"optimizer index {index} has no parameter"
             break
         st = state.get(index) or {}
+        st = {**st, **st.get(BNB_STATE, {})}
         v = next((st[key] for key in ("max_exp_avg_sq", "exp_avg_sq", "state2") if key in st), None)
         if v is not None and tuple(v.shape) != tuple(params[j].shape):
             first = (f"optimizer index {index} has shape {tuple(v.shape)} but parameter '{names[j]}' has shape "

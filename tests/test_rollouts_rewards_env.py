@@ -111,3 +111,58 @@ def test_env_reports_versions_and_backend():
     text = CliRunner().invoke(app, ["env"])
     assert text.exit_code == 0
     assert f"torch         {torch.__version__}" in text.stdout and "bnb backend" in text.stdout
+
+
+def test_bitsandbytes_32bit_adam_state_gives_torch_adams_preconditioner():
+    """QLoRA recipes often train with optim=paged_adamw_32bit: bitsandbytes saves exp_avg_sq as state2."""
+    import bitsandbytes as bnb
+
+    from gradprobe.precondition import from_adam_state
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 16), (16,)]
+    a = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ref = torch.optim.AdamW(a, lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    opt = bnb.optim.AdamW32bit(b, lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+    for _ in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    names = ["w", "bias"]
+    want = from_adam_state(ref.state_dict(), names, a).scales
+    got = from_adam_state(opt.state_dict(), names, b).scales
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=0)
+
+
+def test_bitsandbytes_8bit_adam_state_is_dequantised():
+    """paged_adamw_8bit (the QLoRA paper's optimizer) keeps its moments in 8 bits: P comes from the same
+    dequantised values the optimizer's kernel reads, and stays within quantisation error of 32-bit Adam."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from gradprobe.precondition import from_adam_state
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (70, 130)  # 9100 values: blocks of 256, the last one partial
+    a = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    b = torch.nn.Parameter(a.detach().clone())
+    ref = torch.optim.AdamW([a], lr=1e-3)
+    opt = bnb.optim.AdamW8bit([b], lr=1e-3)
+    for _ in range(5):
+        g = torch.randn(shape, generator=gen)
+        a.grad, b.grad = g.clone(), g.clone()
+        ref.step()
+        opt.step()
+    sd = opt.state_dict()
+    got = from_adam_state(sd, ["w"], [b]).scales[0]
+    q = sd["state"][0]["__bnb_optimizer_quant_state__"]
+    v = bnbf.dequantize_blockwise(q["state2"], absmax=q["absmax2"], code=q["qmap2"], blocksize=256).reshape(shape)
+    step = float(sd["state"][0]["step"])
+    torch.testing.assert_close(got, 1 / ((v.double() / (1 - 0.999 ** step)).sqrt() + 1e-8).float(), rtol=1e-6, atol=0)
+    want = from_adam_state(ref.state_dict(), ["w"], [a]).scales[0]
+    rel = ((got - want).abs() / want).flatten()
+    assert rel.median() < 0.02 and rel.max() < 0.2
