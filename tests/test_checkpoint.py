@@ -116,6 +116,22 @@ def test_checkpoint_preconditioner_and_lr_match_the_trainer(run, loaded):
         torch.testing.assert_close(p.detach(), run["params"][name].float(), rtol=0, atol=0)
 
 
+def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):
+    plain = tmp_path / "adapter"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run["a"] / name, plain / name)
+    with pytest.raises(GradprobeError, match="no optimizer.pt in .* pass --optimizer-state FILE"):
+        load_checkpoint(plain, load_config())
+    cfg, info = load_checkpoint(plain, load_config(overrides=SMALL), optimizer_state=run["a"] / "optimizer.pt")
+    assert cfg["lora"]["adapter_path"] == str(plain) and cfg["model"]["name_or_path"] == str(run["base"])
+    assert info.learning_rate == pytest.approx(run["next_lr"][0], rel=1e-12)  # scheduler.pt beside optimizer.pt
+    stack = load_stack(cfg)
+    assert stack.names == loaded[2].names
+    for name, scale in zip(stack.names, preconditioner(stack, cfg).scales):
+        torch.testing.assert_close(scale.double(), run["expected"][name], rtol=1e-6, atol=0)
+
+
 def test_delta_h1_cli_on_checkpoint(run, tmp_path):
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["delta-h1", "--checkpoint", str(run["a"]), "--quiet", "--json", str(out),
