@@ -14,7 +14,6 @@ from gradprobe.config import load_config
 from gradprobe.errors import GradprobeError
 from gradprobe.rewards import load_reward
 from gradprobe.rollouts import _decode, builtin_reward, read_rollouts, write_rollouts
-from gradprobe.stack import load_stack
 from gradprobe.tokenizer import CharTokenizer
 
 SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]
@@ -22,8 +21,9 @@ PLUGIN = "def score(prompt, response):\n    return float(len(response)) + 0.5 * 
 
 
 @pytest.fixture(scope="module")
-def stack():
-    return load_stack(load_config(overrides=SMALL))
+def stack(fp32_stacks):
+    """The suite's shared tiny nf4 stack (conftest); batch and probe settings come from each test's config."""
+    return fp32_stacks["reentrant"]
 
 
 def test_reward_plugin_scores_generated_responses(stack, tmp_path):
