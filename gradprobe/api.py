@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .precondition import build_preconditioner
+from .precondition import Preconditioner, build_preconditioner
 from .probe import ProbeResult, run_probe
+from .rewards import load_reward
 from .rollouts import Batch, generate_batch, read_rollouts
 
 DEFAULT_LEARNING_RATE = 1e-5
@@ -28,13 +29,19 @@ def build_batch(stack, cfg: dict[str, Any]) -> Batch:
     if bcfg["rollouts"]:
         return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
     return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
-                          bcfg["max_new_tokens"], seed=cfg["seed"])
+                          bcfg["max_new_tokens"], seed=cfg["seed"], reward_fn=load_reward(bcfg["reward"]))
+
+
+def preconditioner(stack, cfg: dict[str, Any]) -> Preconditioner:
+    """P for this stack as the config says (the optimizer state mapped in the order its trainer used)."""
+    return build_preconditioner(cfg, stack.names, stack.params, model=stack.model)
 
 
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
-             progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Run the probe with the preconditioner and learning rate the config names."""
-    precond = build_preconditioner(cfg, stack.names, stack.params)
+             progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None) -> ProbeResult:
+    """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
+    earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling)."""
+    precond = precond if precond is not None else preconditioner(stack, cfg)
     lr = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
     t0 = time.perf_counter()
     result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress)

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 1.0,
         "top_p": 1.0,
         "max_new_tokens": 16,
+        "reward": "builtin",
     },
     "probe": {
         "mode": "exact",
@@ -51,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "normalization": "dr_grpo",
         "precondition": "identity",
         "optimizer_state": None,
+        "optimizer_order": "auto",
         "learning_rate": None,
     },
 }
@@ -68,6 +70,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.accumulate_on": ("device", "cpu"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
+    "probe.optimizer_order": ("auto", "trainer", "named"),
 }
 
 # Keys whose default is None: the type a value must have when one is given.
@@ -161,6 +164,9 @@ def _check(flat: dict[str, Any]) -> None:
         raise GradprobeError(f"batch.temperature must be > 0; got {flat['batch.temperature']}")
     if not 0 < flat["batch.top_p"] <= 1:
         raise GradprobeError(f"batch.top_p must be in (0, 1]; got {flat['batch.top_p']}")
+    reward = flat["batch.reward"]
+    if reward != "builtin" and not (reward.count(":") >= 1 and all(reward.rsplit(":", 1))):
+        raise GradprobeError(f"batch.reward must be 'builtin' or 'module:function'; got {reward!r}")
     lr = flat["probe.learning_rate"]
     if lr is not None and not lr > 0:
         raise GradprobeError(f"probe.learning_rate must be > 0; got {lr}")

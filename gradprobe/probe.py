@@ -251,7 +251,7 @@ class _Engine:
         g = self.batch.groups[p]
         adv = torch.tensor(g.advantages, dtype=torch.float64) if g.advantages is not None else \
             advantages(torch.tensor(g.rewards, dtype=torch.float64))
-        lengths = torch.tensor([len(r) for r in g.responses])
+        lengths = torch.tensor(g.loss_lengths())
         return y_weights(adv, lengths, self.norm) / self.unit_sizes[self.unit_of_prompt[p]]
 
     def forward(self, chunk: Chunk) -> torch.Tensor:

@@ -30,6 +30,18 @@ def delta_h1_payload(result: ProbeResult, cfg: dict[str, Any]) -> dict[str, Any]
     return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg, "result": result.to_dict()}
 
 
+def render_checkpoint(out: Console, info: Any) -> None:
+    """One block on what was read from the training run (a CheckpointInfo), or nothing."""
+    if info is None:
+        return
+    step = f"step {info.global_step}" if info.global_step is not None else f"Adam step {info.adam_step}"
+    where = info.path or info.optimizer_state
+    out.print(f"checkpoint {where}: {step}; next learning rate {fmt(info.learning_rate)} from "
+              f"{info.learning_rate_source}; base {info.base_model} (from {info.base_model_source})", soft_wrap=True)
+    for note in info.notes:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
 def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int = 8) -> None:
     t = Table(title="gradprobe delta-h1", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")

@@ -1,9 +1,11 @@
 """The batch a probe runs on: prompts with G responses and rewards, generated or read from JSONL.
 
-JSONL format, one object per prompt (one line each):
+JSONL format (docs/rollouts.md), one object per prompt (one line each):
     {"prompt": "text" | [ids], "responses": ["text" | [ids], ...], "rewards": [float, ...]}
-optional: "advantages": [float, ...] (used instead of group-centred rewards).
-Token-id responses are the generated tokens only (EOS included when it was generated).
+optional: "advantages": [float, ...] (used instead of group-centred rewards) and "lengths": [int, ...]
+(the per-response lengths the trainer normalised its loss by, instead of the responses' token counts).
+Token-id responses are the generated tokens only (EOS included when it was generated). Text is
+tokenised with the model's tokenizer without adding special tokens: write them as text ("<|im_end|>").
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class Group:
     responses: list[list[int]]
     rewards: list[float]
     advantages: list[float] | None = None
+    lengths: list[int] | None = None  # loss-normalisation lengths, when they are not the token counts
+
+    def loss_lengths(self) -> list[int]:
+        return self.lengths if self.lengths is not None else [len(r) for r in self.responses]
 
 
 @dataclass
@@ -114,22 +120,34 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
         n = len(responses)
         rewards = _floats(obj["rewards"], n, "rewards", where)
         adv = _floats(obj["advantages"], n, "advantages", where) if "advantages" in obj else None
+        lengths = obj.get("lengths")
+        if lengths is not None and not (isinstance(lengths, list) and len(lengths) == n and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in lengths)):
+            raise GradprobeError(f"{where}: 'lengths' must be a list of {n} positive integers, one per response")
         if vocab_size is not None:
             top = max([*prompt, *(t for r in responses for t in r)])
             if top >= vocab_size:
                 raise GradprobeError(f"{where}: token id {top} is outside the model's vocabulary ({vocab_size})")
-        groups.append(Group(prompt, responses, rewards, adv))
+        groups.append(Group(prompt, responses, rewards, adv, lengths))
     if not groups:
         raise GradprobeError(f"{p}: no rollouts in the file")
     return Batch(groups, temperature=temperature, meta={"source": str(p)})
 
 
-def write_rollouts(batch: Batch, path: str | Path) -> None:
+def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
+    """Token ids; or text (special tokens kept as text, so reading it back gives the same ids
+    with a tokenizer that round-trips, such as the built-in one) when a tokenizer is given."""
+    def out(ids: list[int]) -> list[int] | str:
+        return ids if tokenizer is None else _decode(tokenizer, ids, keep_special=True)
+
     lines = []
     for g in batch.groups:
-        obj: dict[str, Any] = {"prompt": g.prompt, "responses": g.responses, "rewards": g.rewards}
+        obj: dict[str, Any] = {"prompt": out(g.prompt), "responses": [out(r) for r in g.responses],
+                               "rewards": g.rewards}
         if g.advantages is not None:
             obj["advantages"] = g.advantages
+        if g.lengths is not None:
+            obj["lengths"] = g.lengths
         lines.append(json.dumps(obj))
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -140,10 +158,10 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
-def _decode(tokenizer, ids: list[int]) -> str:
+def _decode(tokenizer, ids: list[int], keep_special: bool = False) -> str:
     if hasattr(tokenizer, "index"):
-        return tokenizer.decode([i for i in ids if i < len(tokenizer)])
-    return tokenizer.decode(ids, skip_special_tokens=True)
+        return tokenizer.decode([i for i in ids if i < len(tokenizer)], skip_special=not keep_special)
+    return tokenizer.decode(ids, skip_special_tokens=not keep_special)
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:?!+-=*"
 
@@ -19,10 +21,13 @@ class CharTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        unknown = sorted({c for c in text.lower() if c not in self.index})
+        """Special tokens written as text ("<eos>") become their ids, as in Hugging Face tokenizers."""
+        parts = re.split(f"({'|'.join(map(re.escape, self.specials))})", text)
+        plain = "".join(parts[0::2])
+        unknown = sorted({c for c in plain.lower() if c not in self.index})
         if unknown:
             raise ValueError(f"characters outside the built-in alphabet: {''.join(unknown)!r}")
-        ids = [self.index[c] for c in text.lower()]
+        ids = [self.index[c] for i, part in enumerate(parts) for c in ([part] if i % 2 else part.lower())]
         return [self.bos_token_id, *ids] if add_bos else ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:

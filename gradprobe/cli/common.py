@@ -32,6 +32,15 @@ RolloutsOpt = Annotated[Path | None, typer.Option("--rollouts", help="Teacher-fo
                                                      "instead of generating (same as --set batch.rollouts=PATH).",
                                                      show_default=False)]
 
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--checkpoint", help="Probe the step this run is about to take: a checkpoint directory written by the "
+    "transformers Trainer (adapter, optimizer.pt, scheduler.pt, trainer_state.json), or a PEFT adapter directory "
+    "with --optimizer-state. The base model comes from adapter_config.json unless model.name_or_path is set.",
+    show_default=False)]
+OptimizerStateOpt = Annotated[Path | None, typer.Option(
+    "--optimizer-state", help="Adam/AdamW optimizer state_dict file (torch.save); a scheduler.pt beside it gives "
+    "the learning rate.", show_default=False)]
+
 
 def consoles(quiet: bool, json_to_stdout: bool) -> tuple[Console, Console]:
     """stdout for the report, stderr for progress and errors; plain when NO_COLOR is set or not a TTY."""
@@ -47,6 +56,15 @@ def make_config(config: Path | None, overrides: list[str] | None, seed: int | No
     if rollouts is not None:
         sets.append(f"batch.rollouts={rollouts}")
     return load_config(config, sets, seed)
+
+
+def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None):
+    """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None)."""
+    if checkpoint is None and optimizer_state is None:
+        return cfg, None
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, cfg, optimizer_state)
 
 
 def _clean(value: Any) -> Any:

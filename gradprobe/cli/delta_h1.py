@@ -9,13 +9,16 @@ from typing import Annotated
 import typer
 
 from .common import (
+    CheckpointOpt,
     ConfigOpt,
     DebugOpt,
     JsonOpt,
+    OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
     SeedOpt,
     SetOpt,
+    apply_checkpoint,
     consoles,
     guarded,
     make_config,
@@ -30,6 +33,8 @@ EPILOG = """Examples:
   gradprobe delta-h1 --set probe.schedule=literal --set probe.microbatch_size=2
 
   gradprobe delta-h1 --config configs/qwen2.5-1.5b-qlora.yaml --rollouts batch.jsonl --json result.json
+
+  gradprobe delta-h1 --checkpoint outputs/checkpoint-500 --rollouts batch.jsonl
 """
 
 
@@ -38,6 +43,8 @@ def command(
     set_: SetOpt = None,
     seed: SeedOpt = None,
     rollouts: RolloutsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    optimizer_state: OptimizerStateOpt = None,
     save_rollouts: Annotated[Path | None, typer.Option("--save-rollouts", help="Write the batch used as JSONL.",
                                                           show_default=False)] = None,
     json_: JsonOpt = None,
@@ -48,24 +55,29 @@ def command(
     out, err = consoles(quiet, json_ == "-")
 
     def body() -> int:
-        from ..api import build_batch, delta_h1  # heavy imports (torch) only when the command runs
-        from ..report import delta_h1_payload, render_delta_h1
+        from ..api import build_batch, delta_h1, preconditioner  # heavy imports (torch) only when the command runs
+        from ..report import delta_h1_payload, render_checkpoint, render_delta_h1
         from ..rollouts import write_rollouts
         from ..stack import load_stack
 
-        cfg = make_config(config, set_, seed, rollouts)
+        cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
         t0 = time.perf_counter()
         stack = load_stack(cfg)
+        precond = preconditioner(stack, cfg)  # a mismatched optimizer state fails here, before sampling
         t1 = time.perf_counter()
         batch = build_batch(stack, cfg)
         t2 = time.perf_counter()
         if save_rollouts is not None:
             write_rollouts(batch, save_rollouts)
         with progress_bar(err, not quiet, "probing units") as progress:
-            result = delta_h1(stack, batch, cfg, progress=progress)
+            result = delta_h1(stack, batch, cfg, progress=progress, precond=precond)
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
+        render_checkpoint(out, ckpt)
         render_delta_h1(out, result, cfg)
-        write_json(delta_h1_payload(result, cfg), json_)
+        payload = delta_h1_payload(result, cfg)
+        if ckpt is not None:
+            payload["checkpoint"] = ckpt.to_dict()
+        write_json(payload, json_)
         return 0
 
     guarded(debug, err, body)

@@ -1,0 +1,236 @@
+"""A real training run, probed: the transformers Trainer trains the tiny 4-bit LoRA stack on CPU and
+writes checkpoints; gradprobe must read back the optimizer's exact preconditioner and the learning rate
+the next step really uses, run delta-h1 on it, and refuse an optimizer state of another adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gradprobe.api import build_batch, delta_h1, preconditioner
+from gradprobe.checkpoint import load_checkpoint
+from gradprobe.cli import app
+from gradprobe.config import load_config
+from gradprobe.errors import GradprobeError
+from gradprobe.export import save_preset
+from gradprobe.precondition import no_decay_names, trainer_order
+from gradprobe.rollouts import read_rollouts, write_rollouts
+from gradprobe.stack import load_stack, quiet_libraries
+
+SAVE_AT, MAX_STEPS = 3, 4  # the checkpoint is taken at step 3 and training goes on, so step 4's lr is observed
+SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]
+SMALL_ARGS = [a for s in SMALL for a in ("--set", s)]
+
+
+def _train(base_dir, out_dir, lora_kwargs, max_steps, save_steps, record=None):
+    """What a user's script does: 4-bit base, PEFT LoRA, transformers Trainer with AdamW and linear warmup/decay."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=quant, device_map={"": "cpu"},
+                                                dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(16):
+        ids = torch.randint(3, 49, (12,), generator=gen).tolist()
+        data.append({"input_ids": ids, "labels": ids, "attention_mask": [1] * len(ids)})
+
+    class Record(TrainerCallback):
+        """Reads the live optimizer: its state at the save, and the lr the step after the save uses."""
+
+        def on_save(self, args, state, control, optimizer=None, model=None, **kw):
+            if record is None or state.global_step != SAVE_AT:
+                return
+            names = {id(p): n for n, p in model.named_parameters()}
+            record["expected"], record["params"] = {}, {}
+            for group in optimizer.param_groups:
+                beta2, eps = group["betas"][1], group["eps"]
+                for p in group["params"]:
+                    st = optimizer.state[p]
+                    v_hat = st["exp_avg_sq"].double() / (1 - beta2 ** float(st["step"]))
+                    record["expected"][names[id(p)]] = 1.0 / (v_hat.sqrt() + eps)
+                    record["params"][names[id(p)]] = p.detach().clone()
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+            if record is not None and state.global_step == SAVE_AT:  # the step after the save (0-based count)
+                record["next_lr"] = [g["lr"] for g in optimizer.param_groups]
+
+    args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
+                             save_steps=save_steps, per_device_train_batch_size=4, learning_rate=1e-3,
+                             lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01, optim="adamw_torch",
+                             logging_steps=1, disable_tqdm=True, seed=0, save_only_model=False)
+    with quiet_libraries():
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    base = save_preset("tiny", root / "base", seed=0)
+    record: dict = {}
+    # bias="lora_only" makes the q/k/v biases trainable: the Trainer puts them in its no-decay group, so the
+    # optimizer's index order differs from named_parameters order and the mapping is really tested.
+    _train(base, root / "a", dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"],
+                                  bias="lora_only"), MAX_STEPS, SAVE_AT, record)
+    _train(base, root / "b", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 1, 1)
+    # two adapters whose tensors have the same shapes: only their configs tell them apart
+    _train(base, root / "k", dict(r=4, lora_alpha=8, target_modules=["k_proj"]), 1, 1)
+    _train(base, root / "v", dict(r=4, lora_alpha=8, target_modules=["v_proj"]), 1, 1)
+    return {"base": base, "a": root / "a" / f"checkpoint-{SAVE_AT}", "b": root / "b" / "checkpoint-1",
+            "k": root / "k" / "checkpoint-1", "v": root / "v" / "checkpoint-1", **record}
+
+
+@pytest.fixture(scope="module")
+def loaded(run):
+    cfg, info = load_checkpoint(run["a"], load_config(overrides=SMALL))
+    return cfg, info, load_stack(cfg)
+
+
+def test_checkpoint_preconditioner_and_lr_match_the_trainer(run, loaded):
+    cfg, info, stack = loaded
+    assert cfg["model"]["name_or_path"] == str(run["base"])  # from adapter_config.json
+    assert info.global_step == SAVE_AT and info.adam_step == SAVE_AT
+    # the lr the trainer used for the step after the checkpoint (linear decay: half the peak here)
+    assert len(set(run["next_lr"])) == 1
+    assert info.learning_rate == pytest.approx(run["next_lr"][0], rel=1e-12)
+    assert info.learning_rate == pytest.approx(5e-4, rel=1e-12)
+    assert "scheduler.pt" in info.learning_rate_source
+
+    assert set(stack.names) == set(run["expected"])
+    # the test means something only if the Trainer's order differs from named_parameters order
+    assert trainer_order(stack.names, no_decay_names(stack.model)) != list(range(len(stack.names)))
+    precond = preconditioner(stack, cfg)
+    assert "trainer order" in precond.source
+    for name, p, scale in zip(stack.names, stack.params, precond.scales):
+        torch.testing.assert_close(scale.double(), run["expected"][name], rtol=1e-6, atol=0)
+        # the checkpoint's adapter, not a fresh one (gradprobe keeps every trainable tensor in fp32)
+        torch.testing.assert_close(p.detach(), run["params"][name].float(), rtol=0, atol=0)
+
+
+def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):
+    plain = tmp_path / "adapter"
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(run["a"] / name, plain / name)
+    with pytest.raises(GradprobeError, match="no optimizer.pt in .* pass --optimizer-state FILE"):
+        load_checkpoint(plain, load_config())
+    cfg, info = load_checkpoint(plain, load_config(overrides=SMALL), optimizer_state=run["a"] / "optimizer.pt")
+    assert cfg["lora"]["adapter_path"] == str(plain) and cfg["model"]["name_or_path"] == str(run["base"])
+    assert info.learning_rate == pytest.approx(run["next_lr"][0], rel=1e-12)  # scheduler.pt beside optimizer.pt
+    stack = load_stack(cfg)
+    assert stack.names == loaded[2].names
+    for name, scale in zip(stack.names, preconditioner(stack, cfg).scales):
+        torch.testing.assert_close(scale.double(), run["expected"][name], rtol=1e-6, atol=0)
+
+
+def test_delta_h1_cli_on_checkpoint(run, tmp_path):
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["delta-h1", "--checkpoint", str(run["a"]), "--quiet", "--json", str(out),
+                                   *SMALL_ARGS])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["result"]["learning_rate"] == pytest.approx(run["next_lr"][0], rel=1e-12)
+    assert "optimizer.pt" in payload["result"]["precondition"]
+    assert payload["checkpoint"]["global_step"] == SAVE_AT
+    assert math.isfinite(payload["result"]["deltaH1"]) and payload["result"]["deltaH1"] != 0
+
+
+def test_optimizer_state_of_another_adapter_is_refused(run):
+    res = CliRunner().invoke(app, ["delta-h1", "--checkpoint", str(run["a"]), "--optimizer-state",
+                                   str(run["b"] / "optimizer.pt"), "--quiet", *SMALL_ARGS])
+    assert res.exit_code == 2, res.output
+    msg = res.stderr.strip()
+    assert len(msg.splitlines()) == 1 and "Traceback" not in res.output
+    # the first trainable parameter is layer 0's q_proj lora_A: rank 8 here, rank 4 in the other run
+    assert "optimizer index 0 has shape (4, 64)" in msg
+    assert "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight' has shape (8, 64)" in msg
+
+
+def test_checkpoint_with_foreign_optimizer_file_is_refused(run, loaded, tmp_path):
+    """A checkpoint directory whose optimizer.pt came from a run with other target modules."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run["a"], mixed)
+    shutil.copy(run["b"] / "optimizer.pt", mixed / "optimizer.pt")
+    cfg, _ = load_checkpoint(mixed, load_config(overrides=SMALL))
+    with pytest.raises(GradprobeError, match=r"optimizer index 0 has shape \(4, 64\) but parameter '.*q_proj"):
+        preconditioner(loaded[2], cfg)
+
+
+def test_same_shapes_from_another_adapter_are_refused(run):
+    cfg, _ = load_checkpoint(run["k"], load_config(overrides=SMALL), optimizer_state=run["v"] / "optimizer.pt")
+    stack = load_stack(cfg)
+    with pytest.raises(GradprobeError, match=r"does not belong to the model's adapter: .*target_modules \['v_proj'\] "
+                                             r"there, \['k_proj'\] here"):
+        preconditioner(stack, cfg)
+
+
+def test_text_rollouts_give_the_same_delta_h1_as_token_ids(loaded, tmp_path):
+    """Through the checkpoint's Hugging Face tokenizer: text prompts and responses, special tokens as text."""
+    cfg, _, stack = loaded
+    batch = build_batch(stack, cfg)
+    ids_file, text_file = tmp_path / "ids.jsonl", tmp_path / "text.jsonl"
+    write_rollouts(batch, ids_file)
+    write_rollouts(batch, text_file, tokenizer=stack.tokenizer)
+    first = json.loads(text_file.read_text().splitlines()[0])
+    assert isinstance(first["prompt"], str) and all(isinstance(r, str) for r in first["responses"])
+    vocab = stack.model.get_input_embeddings().num_embeddings
+    from_ids = read_rollouts(ids_file, stack.tokenizer, vocab)
+    from_text = read_rollouts(text_file, stack.tokenizer, vocab)
+    assert [g.prompt for g in from_text.groups] == [g.prompt for g in from_ids.groups]
+    assert [g.responses for g in from_text.groups] == [g.responses for g in from_ids.groups]
+    a = delta_h1(stack, from_ids, cfg)
+    b = delta_h1(stack, from_text, cfg)
+    assert a.deltaH1 != 0 and b.deltaH1 == pytest.approx(a.deltaH1, rel=1e-9, abs=0)
+    assert b.se == pytest.approx(a.se, rel=1e-9, abs=0)
+
+
+def test_damaged_and_unsafe_files_are_refused(run, tmp_path):
+    cfg = load_config()
+    broken = tmp_path / "broken"
+    shutil.copytree(run["a"], broken)
+    data = (broken / "optimizer.pt").read_bytes()
+    (broken / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GradprobeError, match="cannot read optimizer state .*truncated"):
+        load_checkpoint(broken, cfg)
+    (broken / "optimizer.pt").unlink()
+    with pytest.raises(GradprobeError, match="no optimizer.pt .*--optimizer-state"):
+        load_checkpoint(broken, cfg)
+    data = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(data[:-64])
+    with pytest.raises(GradprobeError, match="cannot read adapter weights .*truncated"):
+        load_checkpoint(broken, cfg, optimizer_state=run["a"] / "optimizer.pt")
+    # a pickle that would construct an arbitrary object is refused by weights_only loading
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"state": {}, "param_groups": [], "extra": _NotATensor()}, unsafe)
+    with pytest.raises(GradprobeError, match="weights_only"):
+        load_checkpoint(run["a"], cfg, optimizer_state=unsafe)
+
+
+class _NotATensor:
+    pass
+
+
+def test_no_decay_names_match_the_trainer():
+    """Our order reproduction uses the Trainer's own rule, LayerNorm modules included (GPT-2 style ln_1)."""
+    from transformers import Trainer
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = torch.nn.LayerNorm(4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.final_norm = torch.nn.Parameter(torch.ones(4))
+
+    model = torch.nn.Sequential(Block(), Block())
+    expected = {n for n, _ in model.named_parameters()} - set(Trainer.get_decay_parameter_names(None, model))
+    assert no_decay_names(model) == expected
+    assert {"0.ln_1.weight", "0.proj.bias", "1.final_norm"} <= expected and "0.proj.weight" not in expected
