@@ -15,7 +15,8 @@ import torch
 
 from .facts import Facts
 from .measure import Measurement, measure
-from .model_state import adapters_trainable, checkpointing_as, input_grads_enabled
+from .model_state import adapters_trainable, checkpointing_as, input_grads_enabled, lora_b_zero
+from .subject import param_names
 
 
 @dataclass
@@ -83,7 +84,7 @@ def _grad_on() -> Iterator[bool]:
 
 def _factors(f: Facts) -> list[tuple[str, str, Callable[[], contextlib.AbstractContextManager] | None, str]]:
     """(id, change, context, where it goes): 'model' contexts wrap the whole re-run and yield whether they
-    could switch; 'loss' contexts wrap only the call of the loss function."""
+    could switch; 'loss' contexts wrap only the call of the loss function; 'params' swaps the list."""
     s = f.subject
     trace = f.m.trace
     out = []
@@ -100,10 +101,13 @@ def _factors(f: Facts) -> list[tuple[str, str, Callable[[], contextlib.AbstractC
     if trace.autocast not in (None, "off"):
         out.append(("autocast=off", "autocast switched off", s.autocast_off, "loss"))
     a = f.adapters
-    frozen = any(not p.requires_grad for p in s.params)
-    if frozen or a["disabled_layers"] or a["merged_layers"] or a["trainable_adapter_tensors"] < a["adapter_tensors"]:
+    if a["disabled_layers"] or a["trainable_adapter_tensors"] < a["adapter_tensors"]:
         out.append(("adapters_trainable", "adapter layers enabled and their weights set to require grad",
-                    lambda: adapters_trainable(s.model, s.params), "model"))
+                    lambda: adapters_trainable(s.model), "model"))
+    idn = f.identity
+    if idn.not_in_model or idn.trainable_not_in_list:
+        out.append(("params=model_trainable", "the list replaced by the model's current trainable parameters",
+                    contextlib.nullcontext, "params"))
     if trace.grad_enabled is False or trace.inference_mode or trace.calls == 0:
         out.append(("grad_mode=on", "grad mode forced on (torch.enable_grad, inference_mode off) around the loss",
                     _grad_on, "loss"))
@@ -124,8 +128,18 @@ def run(f: Facts) -> list[DiffRun]:
             r.note = "cannot be switched from outside this loss function"
             runs.append(r)
             continue
+        n, expected = f.n, f.expected_zero
         if where == "loss":
             m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, wrap=make)
+        elif where == "params":
+            params = [p for p in s.model.parameters() if p.requires_grad]
+            if not params:
+                r.note = "the model has no trainable parameters"
+                runs.append(r)
+                continue
+            zero_a = lora_b_zero(s.model)
+            n, expected = len(params), {i for i, nm in enumerate(param_names(s.model, params)) if nm in zero_a}
+            m = measure(s.model, params, s.loss_fn, losses=(f.m.primary,), strict=False)
         else:
             with make() as applied:
                 if not applied:
@@ -137,8 +151,8 @@ def run(f: Facts) -> list[DiffRun]:
         if factor == "autocast=off" and m.trace.autocast not in (None, "off"):
             r.applied = False
             r.note = f"the loss code enters autocast itself (the forward still ran in {m.trace.autocast})"
-        r.after = summary(m, f.n)
-        after = symptoms(m, f.n, f.expected_zero)
+        r.after = summary(m, n)
+        after = symptoms(m, n, expected)
         r.resolved = sorted(base - after)
         r.remaining = sorted(base & after)
         runs.append(r)

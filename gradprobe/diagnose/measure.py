@@ -171,8 +171,12 @@ def info(value: Any) -> TensorInfo:
 
 
 def as_loss(tensors: dict[str, Any], key: str) -> Any:
+    """S is reduced by us, not by the user's code: record that sum even when the caller disabled grad."""
     value = tensors[key]
-    return value.sum() if key == "S" and isinstance(value, torch.Tensor) else value
+    if key == "S" and isinstance(value, torch.Tensor):
+        with torch.enable_grad():
+            return value.sum()
+    return value
 
 
 def primary_key(tensors: dict[str, Any]) -> str:

@@ -185,10 +185,11 @@ def adapter_state(model: torch.nn.Module) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def adapters_trainable(model: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[bool]:
-    """Enable every adapter layer and make the adapter weights and the probe's parameters require grad."""
+def adapters_trainable(model: torch.nn.Module) -> Iterator[bool]:
+    """Enable every adapter layer and make the active adapters' weights require grad."""
     layers = _tuner_layers(model)
-    targets = [p for _, p in adapter_params(model)] + [p for p in params if p.is_leaf and p.is_floating_point()]
+    active = {a for m in layers for a in getattr(m, "active_adapters", [])}
+    targets = [p for n, p in adapter_params(model) if not active or any(f".{a}." in n for a in active)]
     saved_flags = [(m, m._disable_adapters) for m in layers if hasattr(m, "_disable_adapters")]
     saved_grad = [(p, p.requires_grad) for p in targets]
     try:

@@ -161,11 +161,11 @@ def _causes(f: Facts) -> list[Cause]:
         if idn.not_in_optimizer:
             parts.append(f"{len(idn.not_in_optimizer)} tensors of the list are not in the optimizer's param_groups")
         out.append(Cause("param_identity_mismatch",
-                         "; ".join(parts) + f". backward() fills the model's parameters, but the list sees "
-                                            f"{_count(bw, n)}.",
+                         "; ".join(parts) + f". Through this list backward() shows {_count(bw, n)} gradients.",
                          {"in_model": f"{idn.in_model}/{n}", "not_in_model": len(idn.not_in_model),
                           "trainable_not_in_list": len(idn.trainable_not_in_list),
-                          "not_in_optimizer": len(idn.not_in_optimizer), "backward_fills_list": _count(bw, n)}))
+                          "not_in_optimizer": len(idn.not_in_optimizer), "backward_fills_list": _count(bw, n)},
+                         [r.factor for r in runs if r.factor == "params=model_trainable" and r.fixes_all]))
 
     if f.ckpt["mode"] == "reentrant" and f.ckpt["active"] and t.inputs_require_grad is False and bw is not None \
             and f.unexplained(bw):
@@ -270,18 +270,23 @@ def _probe_path(f: Facts) -> tuple[bool, str]:
                      f"{', '.join(parts)}.")
 
 
+def _outcome(r: DiffRun) -> str:
+    """What the change did to the symptom it removed, in the API that showed the symptom."""
+    a, n = r.after, r.after.get("params")
+    parts = []
+    if "no_graph" in r.resolved:
+        parts.append("the loss gets a graph")
+    if "autograd_grad_gap" in r.resolved:
+        parts.append(f"autograd.grad returns {a.get('autograd_grad_nonnull')}/{n}")
+    if "backward_missing" in r.resolved or "no_graph" in r.resolved:
+        parts.append(f"backward() fills {a.get('backward_nonnull')}/{n} ({a.get('backward_nonzero')} non-zero)")
+    return " and ".join(parts) or "the symptom goes away"
+
+
 def _confirmation(c: Cause, runs: list[DiffRun]) -> str:
-    if not runs:
-        return ""
     tried = [r for r in runs if r.applied]
     if c.confirmed_by:
-        detail = []
-        for r in runs:
-            if r.factor in c.confirmed_by:
-                after = r.after
-                got = after.get("autograd_grad_nonnull", after.get("backward_nonnull"))
-                api = "autograd.grad" if "autograd_grad_nonnull" in after else "backward()"
-                detail.append(f"with {r.change}, {api} returns {got}/{after.get('params')}")
+        detail = [f"with {r.change}, {_outcome(r)}" for r in runs if r.factor in c.confirmed_by]
         others = [r.factor for r in tried if r.factor not in c.confirmed_by]
         tail = f"; changing {', '.join(others)} alone does not" if others else ""
         return f" Confirmed by the differential run: {'; '.join(detail)}{tail}."
