@@ -110,7 +110,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         if model is None or loss_fn is None:
             raise GradprobeError("diagnose() needs model= and loss_fn= (or stack= and batch=)")
         base, state, source = None, optimizer_state, "optimizer state_dict"
-    if params is None and base is not None:
+    if params is None and base is not None and base.params:
         plist, psource, note = base.params, base.params_source, ""
     elif params is None:
         plist, psource, note = default_params(model)
