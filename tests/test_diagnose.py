@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import gradprobe as gp
-from gradprobe.diagnose import diagnose
-from gradprobe.diagnose.model_state import checkpointing_state, short_name
+from gradprobe import diagnose
+from gradprobe.checks.model_state import checkpointing_state, short_name
 from gradprobe.logprobs import pack, sequence_logprobs
 from gradprobe.rollouts import Batch, Group
 

@@ -57,11 +57,13 @@ def command(
 
     def body() -> int:
         from ..api import build_batch  # heavy imports (torch) only when the command runs
-        from ..diagnose import diagnose
-        from ..diagnose.render import payload, render
+        from ..checks import diagnose
+        from ..checks.core import load_optimizer_state
+        from ..checks.render import payload, render
         from ..stack import load_stack
 
         cfg = make_config(config, set_, seed, rollouts)
+        state, source = load_optimizer_state(cfg)  # a bad path fails now, not after the model load
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         t1 = time.perf_counter()
@@ -69,7 +71,8 @@ def command(
         t2 = time.perf_counter()
         if not quiet and err.is_terminal:
             err.print(f"[dim]stack {t1 - t0:.1f} s, batch {t2 - t1:.1f} s; running checks[/]")
-        result = diagnose(stack=stack, batch=batch, cfg=cfg)
+        result = diagnose(stack=stack, batch=batch, cfg=cfg, optimizer_state=state,
+                          optimizer_source=source or "optimizer state_dict")
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
         code = result.exit_code(fail_on.value)
         render(out, result, code, fail_on.value)

@@ -1,4 +1,4 @@
-"""Gradient-flow diagnosis: checks, a differential experiment and a root-cause verdict (`gradprobe diagnose`)."""
+"""Gradient-flow checks, the differential experiment and the root-cause verdict behind `gradprobe diagnose`."""
 
 from .check import FAIL, PASS, WARN, Check
 from .core import SCHEMA, DiagnoseResult, diagnose

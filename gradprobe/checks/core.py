@@ -15,8 +15,7 @@ import torch
 
 from ..errors import GradprobeError
 from ..rollouts import Batch
-from . import checks as checks_mod
-from . import differential
+from . import battery, differential
 from .check import FAIL, SEVERITY, WARN, Check
 from .facts import gather
 from .measure import measure
@@ -70,7 +69,8 @@ def _subject_from_stack(stack, batch: Batch, cfg: dict[str, Any] | None) -> Subj
                    expect_4bit=(cfg["quant"]["mode"] != "none") if cfg else None)
 
 
-def _optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+def load_optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+    """The optimizer state_dict the config names (precondition=adam), with its path; (None, '') otherwise."""
     if not cfg or cfg["probe"]["precondition"] != "adam":
         return None, ""
     path = cfg["probe"]["optimizer_state"]
@@ -83,8 +83,9 @@ def _optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | None,
 
 def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | None = None,
              loss_fn: Callable[[], Any] | None = None, *, optimizer: torch.optim.Optimizer | None = None,
-             optimizer_state: dict[str, Any] | None = None, batch: Batch | None = None, stack=None,
-             cfg: dict[str, Any] | None = None, run_differential: bool = True) -> DiagnoseResult:
+             optimizer_state: dict[str, Any] | None = None, optimizer_source: str = "optimizer state_dict",
+             batch: Batch | None = None, stack=None, cfg: dict[str, Any] | None = None,
+             run_differential: bool = True) -> DiagnoseResult:
     """Run every gradient-flow check and name the root cause.
 
     Point it at your own code:  diagnose(model, params, loss_fn, optimizer=opt)
@@ -93,6 +94,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
       loss_fn    () -> S [n] per-sequence log-probs, a scalar loss, or {"S": ..., "LX": ..., "LY": ...};
                  called several times, each call must build a fresh graph
       optimizer  its param_groups and Adam state are checked against params
+      optimizer_state  or a saved optimizer state_dict (mapped by param_names or index, as the probe does)
       batch      optional gradprobe Batch, for the generated-length checks
     Or at a stack gradprobe built:  diagnose(stack=stack, batch=batch, cfg=cfg)
     (params=, loss_fn= and optimizer= still override the stack's, e.g. to test your own list).
@@ -104,12 +106,12 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
             raise GradprobeError("diagnose(stack=...) needs batch= (or loss_fn=)")
         base = _subject_from_stack(stack, batch, cfg) if batch is not None else None
         model = stack.model
-        state, source = (optimizer_state, "optimizer state_dict") if optimizer_state is not None else \
-            _optimizer_state(cfg)
+        state, source = (optimizer_state, optimizer_source) if optimizer_state is not None else \
+            load_optimizer_state(cfg)
     else:
         if model is None or loss_fn is None:
             raise GradprobeError("diagnose() needs model= and loss_fn= (or stack= and batch=)")
-        base, state, source = None, optimizer_state, "optimizer state_dict"
+        base, state, source = None, optimizer_state, optimizer_source
     if params is None and base is not None and base.params:
         plist, psource, note = base.params, base.params_source, ""
     elif params is None:
@@ -136,7 +138,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
     finally:
         for p, g in saved_grads:
             p.grad = g
-    checks = checks_mod.run_all(facts)
+    checks = battery.run_all(facts)
     verdict = decide(facts)
     measured = {"loss": m.primary, "groups": subject.measured_groups, "params_note": note} if note else \
         {"loss": m.primary, "groups": subject.measured_groups}
