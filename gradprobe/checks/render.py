@@ -54,7 +54,8 @@ def render(out: Console, result: DiagnoseResult, exit_code: int, fail_on: str = 
                 continue
             keys = [k for k in ("autograd_grad_nonnull", "backward_nonnull", "backward_nonzero", "requires_grad",
                                 "forward_grad_enabled", "forward_autocast") if k in r.before or k in r.after]
-            changed = [k for k in keys if r.before.get(k) != r.after.get(k)] or keys[:1]
+            always = [k for k in ("autograd_grad_nonnull", "backward_nonnull") if k in r.before]
+            changed = always + [k for k in keys if k not in always and r.before.get(k) != r.after.get(k)]
             moves = ", ".join(f"{k} {r.before.get(k)} → {r.after.get(k)}" for k in changed)
             if "loss_error" in r.after:
                 moves += f"; the loss failed: {r.after['loss_error']}"

@@ -230,8 +230,8 @@ def _causes(f: Facts) -> list[Cause]:
         if f.ckpt["mode"] == "reentrant" and f.ckpt["active"]:
             fixers = _fixers(runs, "autograd_grad_gap")
             out.append(Cause("reentrant_checkpointing_hides_params",
-                             f"torch.autograd.grad returns None for {gap} of {n} parameters ({ag.nonnull}/{n} "
-                             f"non-None) while backward() fills {bw.nonnull}/{n}: reentrant activation checkpointing "
+                             f"torch.autograd.grad returns None for {gap} of {n} parameters while backward() "
+                             f"fills {bw.nonnull}/{n}: reentrant activation checkpointing "
                              f"(use_reentrant={f.ckpt['use_reentrant']}, {f.ckpt['layers_checkpointed']} of "
                              f"{f.ckpt['layers']} layers) runs each block's forward without recording a graph and "
                              f"writes the block's parameter gradients from a nested backward on recomputation, which "
