@@ -325,3 +325,27 @@ def test_zero_lora_b_gives_expected_zeros_not_a_bug(healthy):
     assert result.check("probe_path").status == "pass"
     assert result.check("coverage").evidence["Y backward"] == f"{n}/{n} (non-zero {n // 2})"
     assert result.verdict.expected_zeros and "lora_B is zero" in result.verdict.expected_zeros[0]
+
+
+def test_any_module_and_loss_dict_frozen_tensor_in_list():
+    """Not only QLoRA stacks: a plain module, a loss dict, a list holding a frozen tensor, a fresh optimizer."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+
+    def loss_fn():
+        s = torch.log_softmax(net(x), -1)[:, 0]
+        return {"S": s, "LY": (s * torch.linspace(-1, 1, 6)).sum()}
+
+    fresh = diagnose(net, loss_fn=loss_fn, optimizer=torch.optim.AdamW(net.parameters()))
+    assert fresh.verdict.root_cause == "missing_optimizer_state"
+    assert fresh.check("optimizer_state").evidence["note"] == "the optimizer has not taken a step yet"
+    assert fresh.check("probe_path").status == "pass"
+
+    net[0].weight.requires_grad_(False)
+    result = diagnose(net, list(net.parameters()), loss_fn)
+    assert result.verdict.root_cause == "param_identity_mismatch"
+    assert result.check("strict_autograd_grad").evidence["error"] == \
+        "One of the differentiated Tensors does not require grad"
+    assert result.check("strict_autograd_grad").evidence["unused_names"] == ["0.weight"]
+    assert diff(result, "params=model_trainable").after["backward_nonnull"] == 3

@@ -93,7 +93,7 @@ def param_identity(f: Facts) -> Check:
             ev["optimizer_extra"] = idn.optimizer_extra
     fix = ("Build the parameter list (and the optimizer) from the model you run, after every wrapper: "
            "[p for n, p in model.named_parameters() if p.requires_grad].")
-    if idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer:
+    if idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer or idn.frozen_not_adapter:
         return Check("param_identity", "parameter identity", FAIL, ev, fix)
     if idn.frozen_in_list or idn.duplicates or idn.optimizer_extra:
         return Check("param_identity", "parameter identity", WARN, ev,
@@ -306,6 +306,8 @@ def optimizer_state(f: Facts) -> Check:
         return Check("optimizer_state", "preconditioner coverage", WARN, ev,
                      "The preconditioner needs Adam/AdamW state; probe with precondition=identity.")
     if o.error or o.missing:
+        if o.never_stepped:
+            ev["note"] = "the optimizer has not taken a step yet"
         if o.missing:
             ev["missing"] = f"{len(o.missing)}/{n}"
             ev["missing_names"] = _model_names(o.missing)

@@ -105,7 +105,7 @@ def _factors(f: Facts) -> list[tuple[str, str, Callable[[], contextlib.AbstractC
         out.append(("adapters_trainable", "adapter layers enabled and their weights set to require grad",
                     lambda: adapters_trainable(s.model), "model"))
     idn = f.identity
-    if idn.not_in_model or idn.trainable_not_in_list:
+    if idn.not_in_model or idn.trainable_not_in_list or idn.frozen_not_adapter:
         out.append(("params=model_trainable", "the list replaced by the model's current trainable parameters",
                     contextlib.nullcontext, "params"))
     if trace.grad_enabled is False or trace.inference_mode or trace.calls == 0:

@@ -11,7 +11,14 @@ from ..errors import GradprobeError
 from ..losses import advantages
 from ..precondition import from_adam_state
 from .measure import GradStats, Measurement
-from .model_state import adapter_state, checkpointing_state, lora_b_zero, quantized_layers, short_name
+from .model_state import (
+    adapter_params,
+    adapter_state,
+    checkpointing_state,
+    lora_b_zero,
+    quantized_layers,
+    short_name,
+)
 from .subject import Subject
 
 ADAM_LIKE = ("Adam", "AdamW", "PagedAdamW", "AdamW8bit", "PagedAdamW8bit", "Adam8bit", "PagedAdam")
@@ -22,6 +29,7 @@ class Identity:
     in_model: int
     not_in_model: list[int]  # indices into the probe's list
     frozen_in_list: list[int]
+    frozen_not_adapter: list[int]  # frozen tensors of the list that are not adapter weights
     duplicates: int
     model_trainable: int
     trainable_not_in_list: list[str]  # model names
@@ -38,6 +46,7 @@ class OptimizerCoverage:
     missing: list[str] = field(default_factory=list)  # parameter names without Adam state
     zero_v: list[str] = field(default_factory=list)  # state present but exp_avg_sq all zero: P = 1/eps
     error: str | None = None  # a state_dict that cannot be mapped at all
+    never_stepped: bool = False  # an optimizer object with no state at all
     not_adam: str | None = None
 
 
@@ -94,10 +103,13 @@ def _identity(s: Subject) -> Identity:
     named = list(s.model.named_parameters())
     model_ids = {id(p) for _, p in named}
     list_ids = [id(p) for p in s.params]
+    adapter_ids = {id(p) for _, p in adapter_params(s.model)}
+    frozen = [k for k, p in enumerate(s.params) if id(p) in model_ids and not p.requires_grad]
     ident = Identity(
         in_model=sum(i in model_ids for i in list_ids),
         not_in_model=[k for k, i in enumerate(list_ids) if i not in model_ids],
-        frozen_in_list=[k for k, p in enumerate(s.params) if id(p) in model_ids and not p.requires_grad],
+        frozen_in_list=frozen,
+        frozen_not_adapter=[k for k in frozen if list_ids[k] not in adapter_ids],
         duplicates=len(list_ids) - len(set(list_ids)),
         model_trainable=sum(p.requires_grad for _, p in named),
         trainable_not_in_list=[n for n, p in named if p.requires_grad and id(p) not in set(list_ids)],
@@ -113,7 +125,7 @@ def _identity(s: Subject) -> Identity:
 def _optimizer(s: Subject, names: list[str]) -> OptimizerCoverage:
     if s.optimizer is not None:
         opt = s.optimizer
-        cov = OptimizerCoverage(given=True, source=type(opt).__name__)
+        cov = OptimizerCoverage(given=True, source=type(opt).__name__, never_stepped=not opt.state)
         any_v = False
         for name, p in zip(names, s.params):
             st = opt.state.get(p) if p in opt.state else None
@@ -125,7 +137,7 @@ def _optimizer(s: Subject, names: list[str]) -> OptimizerCoverage:
             cov.covered += 1
             if not bool(v.any()):
                 cov.zero_v.append(name)
-        if not any_v and type(opt).__name__ not in ADAM_LIKE and opt.state:
+        if not any_v and type(opt).__name__ not in ADAM_LIKE:
             cov.not_adam = type(opt).__name__
             cov.missing = []
         return cov

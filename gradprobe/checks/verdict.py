@@ -148,7 +148,7 @@ def _causes(f: Facts) -> list[Cause]:
                          _fixers(runs, "backward_missing") + _fixers(runs, "no_graph")))
 
     idn = f.identity
-    if idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer:
+    if idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer or idn.frozen_not_adapter:
         parts = []
         if idn.not_in_model:
             parts.append(f"{len(idn.not_in_model)} of the {n} tensors in the list are not parameters of the model "
@@ -158,13 +158,17 @@ def _causes(f: Facts) -> list[Cause]:
                          f"are missing from the list" + (f" (it holds {len(idn.frozen_in_list)} frozen base tensors "
                                                          f"instead: captured before the PEFT wrapper?)"
                                                          if idn.frozen_in_list else ""))
+        elif idn.frozen_not_adapter:
+            parts.append(f"{len(idn.frozen_not_adapter)} of the {n} tensors in the list are frozen "
+                         f"(requires_grad=False): {', '.join(f.label(idn.frozen_not_adapter, 4))}")
         if idn.not_in_optimizer:
             parts.append(f"{len(idn.not_in_optimizer)} tensors of the list are not in the optimizer's param_groups")
         out.append(Cause("param_identity_mismatch",
                          "; ".join(parts) + f". Through this list backward() shows {_count(bw, n)} gradients.",
                          {"in_model": f"{idn.in_model}/{n}", "not_in_model": len(idn.not_in_model),
                           "trainable_not_in_list": len(idn.trainable_not_in_list),
-                          "not_in_optimizer": len(idn.not_in_optimizer), "backward_fills_list": _count(bw, n)},
+                          "frozen_in_list": len(idn.frozen_in_list), "not_in_optimizer": len(idn.not_in_optimizer),
+                          "backward_fills_list": _count(bw, n)},
                          [r.factor for r in runs if r.factor == "params=model_trainable" and r.fixes_all]))
 
     if f.ckpt["mode"] == "reentrant" and f.ckpt["active"] and t.inputs_require_grad is False and bw is not None \
@@ -199,8 +203,9 @@ def _causes(f: Facts) -> list[Cause]:
 
     o = f.optimizer
     if o.given and (o.missing or o.error) and not o.not_adam:
+        fresh = " (it has not taken a step yet)" if o.covered == 0 and o.never_stepped else ""
         out.append(Cause("missing_optimizer_state",
-                         f"The optimizer state ({o.source}) has Adam moments for {o.covered} of {n} parameters"
+                         f"The optimizer state ({o.source}) has Adam moments for {o.covered} of {n} parameters{fresh}"
                          + (f"; {len(o.missing)} have none" if o.missing else "")
                          + (f": {o.error}" if o.error and not o.missing else "")
                          + ". A missing v would give P = 1/eps ≈ 1e8 for those parameters.",
