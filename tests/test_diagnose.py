@@ -146,6 +146,25 @@ def test_user_grads_and_flags_are_put_back(reentrant):
 
 # ---------------------------------------------------------------- one injected fault per root cause
 
+def test_reentrant_without_input_grads_starves_backward_too(reentrant):
+    """Without enable_input_require_grads, reentrant blocks record nothing: backward() gets nothing either."""
+    stack, batch, cfg = reentrant
+    emb = stack.model.get_input_embeddings()
+    saved = dict(emb._forward_hooks)
+    emb._forward_hooks.clear()  # the fault: no input of the checkpointed blocks requires grad
+    try:
+        result = run_fault(stack, batch, cfg)
+    finally:
+        emb._forward_hooks.update(saved)
+    n = len(stack.params)
+    assert result.verdict.root_cause == "checkpoint_inputs_no_grad"
+    assert result.check("input_grads").status == "fail" and result.check("probe_path").status == "fail"
+    for factor in ("inputs_require_grad", "checkpointing=non_reentrant"):
+        run = diff(result, factor)
+        assert run.fixes_all and run.before["backward_nonnull"] == 0 and run.after["backward_nonnull"] == n
+    assert not diff(result, "autocast=off").resolved
+
+
 def test_adapter_loaded_without_is_trainable(healthy, tmp_path):
     from peft import PeftModel
 

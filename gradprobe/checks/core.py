@@ -129,8 +129,6 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
     saved_grads = [(p, p.grad) for p in {id(p): p for p in [*model.parameters(), *plist]}.values()]
     try:
         m = measure(model, plist, subject.loss_fn)
-        if m.loss_error:
-            raise GradprobeError(f"loss_fn failed: {m.loss_error}")
         t1 = time.perf_counter()
         facts = gather(subject, m, caller_grad, caller_inf)
         facts.differential = differential.run(facts) if run_differential else []

@@ -130,7 +130,8 @@ def run(f: Facts) -> list[DiffRun]:
             continue
         n, expected = f.n, f.expected_zero
         if where == "loss":
-            m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, wrap=make)
+            m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, wrap=make,
+                        capture=True)
         elif where == "params":
             params = [p for p in s.model.parameters() if p.requires_grad]
             if not params:
@@ -139,14 +140,14 @@ def run(f: Facts) -> list[DiffRun]:
                 continue
             zero_a = lora_b_zero(s.model)
             n, expected = len(params), {i for i, nm in enumerate(param_names(s.model, params)) if nm in zero_a}
-            m = measure(s.model, params, s.loss_fn, losses=(f.m.primary,), strict=False)
+            m = measure(s.model, params, s.loss_fn, losses=(f.m.primary,), strict=False, capture=True)
         else:
             with make() as applied:
                 if not applied:
                     r.note = "this model offers no way to switch it"
                     runs.append(r)
                     continue
-                m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False)
+                m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, capture=True)
         r.applied = True
         if factor == "autocast=off" and m.trace.autocast not in (None, "off"):
             r.applied = False

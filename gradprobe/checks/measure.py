@@ -269,15 +269,19 @@ def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -
 
 def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callable[[], Any],
             losses: tuple[str, ...] = ("LY", "LX", "S"), strict: bool = True,
-            wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Measurement:
-    """Build the loss once under `wrap()` and measure gradient coverage through both APIs."""
+            wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+            capture: bool = False) -> Measurement:
+    """Build the loss once under `wrap()` and measure gradient coverage through both APIs.
+    capture=True records an exception of the loss code as the outcome (a changed factor may break it)."""
     with traced(model) as trace:
         try:
             with wrap():
                 out = normalize(loss_fn())
         except GradprobeError:
             raise
-        except Exception as exc:  # the user's loss code or a library failing under a changed factor
+        except Exception as exc:
+            if not capture:
+                raise
             return Measurement(trace, {}, "LY", loss_error=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
     tensors = {k: info(out.get(k)) for k in LOSS_KEYS}
     m = Measurement(trace, tensors, primary_key(out))
