@@ -23,8 +23,10 @@ from .common import (
 )
 
 EPILOG = """Exit codes: 0 no check failed, 1 a check failed (or warned, with --fail-on warn), 2 bad input.
-On the embedded default the strict autograd.grad check fails on purpose (reentrant checkpointing, the
-seed's bug): exit 1, with the verdict saying that the backward() probe path is healthy.
+
+The embedded default exits 1 on purpose: reentrant checkpointing breaks autograd.grad there.
+
+The verdict then also says whether the backward() probe path (delta-h1) is healthy.
 
 Examples:
 
