@@ -191,7 +191,8 @@ def generation(f: Facts) -> Check:
 def grad_mode(f: Facts) -> Check:
     t = f.m.trace
     ev = {"grad_enabled_at_forward": t.grad_enabled, "inference_mode_at_forward": t.inference_mode,
-          "forward_calls": t.calls, "caller_grad_enabled": f.caller_grad_enabled}
+          "forward_calls": t.calls, "caller_grad_enabled": f.caller_grad_enabled,
+          "caller_inference_mode": f.caller_inference_mode}
     if t.calls == 0:
         return Check("grad_mode", "grad mode at loss time", FAIL, ev,
                      "The model's forward never ran inside the loss function: build S from a fresh forward.")

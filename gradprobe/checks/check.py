@@ -23,7 +23,3 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def worst(statuses: list[str]) -> str:
-    return max(statuses, key=SEVERITY.__getitem__, default=PASS)

@@ -60,7 +60,6 @@ class GradStats:
     zero: list[int] = field(default_factory=list)  # indices whose gradient is all zero
     bad: list[int] = field(default_factory=list)  # indices with NaN/Inf
     error: str | None = None
-    side_effect: int = 0  # autograd.grad only: .grad fields it wrote anyway
 
 
 @dataclass
@@ -229,7 +228,6 @@ def via_autograd(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) 
             error = str(exc).strip().splitlines()[0]
     st = _summarize(grads)
     st.error = error
-    st.side_effect = sum(p.grad is not None for p in params)
     clear_grads(model, params)
     return st
 

@@ -33,7 +33,7 @@ def payload(result: DiagnoseResult, cfg: dict[str, Any] | None, exit_code: int) 
     return {"schema": SCHEMA, "command": "diagnose", "config": cfg, "exit_code": exit_code, **result.to_dict()}
 
 
-def render(out: Console, result: DiagnoseResult, exit_code: int, fail_on: str = "fail") -> None:
+def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
     t = Table(title="gradprobe diagnose", title_justify="left", show_lines=True)
     t.add_column("check", style="bold", ratio=1)
     t.add_column("status", no_wrap=True)

@@ -109,8 +109,8 @@ def _causes(f: Facts) -> list[Cause]:
     out: list[Cause] = []
 
     if t.calls and (t.grad_enabled is False or t.inference_mode):
-        where = "diagnose was called inside a no-grad block" if not f.caller_grad_enabled else \
-            "the no-grad block is inside the loss code"
+        where = "diagnose was called inside a no-grad block" if not f.caller_grad_enabled or \
+            f.caller_inference_mode else "the no-grad block is inside the loss code"
         out.append(Cause("grad_disabled",
                          f"The model's forward ran with gradient recording off (grad enabled: {t.grad_enabled}, "
                          f"inference mode: {t.inference_mode}); {where}. S has no graph, so no gradient can reach "

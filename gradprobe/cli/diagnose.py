@@ -77,7 +77,7 @@ def command(
                           optimizer_source=source or "optimizer state_dict")
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
         code = result.exit_code(fail_on.value)
-        render(out, result, code, fail_on.value)
+        render(out, result, code)
         write_json(payload(result, cfg, code), json_)
         return code
 
