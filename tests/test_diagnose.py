@@ -294,6 +294,18 @@ def test_every_response_empty(healthy):
     assert result.verdict.causes[0].evidence["backward_nonzero"] == 0
 
 
+def test_identical_rewards_mean_no_learning_signal(healthy):
+    stack, batch, cfg = healthy
+    flat = Batch([Group(g.prompt, g.responses, [0.5] * len(g.responses)) for g in batch.groups])
+    result = run_fault(stack, flat, cfg)
+    assert result.verdict.root_cause == "no_learning_signal"
+    assert result.check("generation").status == "warn"
+    assert result.check("probe_path").status == "pass" and result.exit_code() == 0  # expected zeros, not a bug
+    assert result.differential == []
+    assert result.check("coverage").evidence["Y backward"].endswith("(non-zero 0)")
+    assert result.check("coverage").evidence["X backward"].endswith(f"(non-zero {len(stack.params)})")
+
+
 def test_optimizer_state_missing_for_some_params(healthy, tmp_path):
     stack, batch, cfg = healthy
     with restored(stack):

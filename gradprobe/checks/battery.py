@@ -144,7 +144,7 @@ def probe_path(f: Facts) -> Check:
         if st is None:
             continue
         measured = True
-        miss = f.unexplained(st)
+        miss = f.unexplained(st, loss)
         bad.extend(miss)
         nonfinite += st.nonfinite
         ev[label] = f"{st.nonnull}/{n} filled, ‖{label}‖ = {st.norm:.3g}"
@@ -153,7 +153,7 @@ def probe_path(f: Facts) -> Check:
     if not measured:
         st = f.stats(f.m.primary, "backward")
         if st is not None:
-            bad.extend(f.unexplained(st))
+            bad.extend(f.unexplained(st, f.m.primary))
             nonfinite += st.nonfinite
             ev[f.m.primary] = f"{st.nonnull}/{n} filled, norm {st.norm:.3g}"
     if f.expected_zero:

@@ -116,7 +116,7 @@ def _factors(f: Facts) -> list[tuple[str, str, Callable[[], contextlib.AbstractC
 
 def run(f: Facts) -> list[DiffRun]:
     """One re-measurement per applicable factor, only when the baseline shows a gradient symptom."""
-    base = symptoms(f.m, f.n, f.expected_zero)
+    base = symptoms(f.m, f.n, f.expected(f.m.primary))
     if not (base & {"no_graph", "backward_missing", "autograd_grad_gap", "loss_error"}):
         return []
     s = f.subject
@@ -128,7 +128,7 @@ def run(f: Facts) -> list[DiffRun]:
             r.note = "cannot be switched from outside this loss function"
             runs.append(r)
             continue
-        n, expected = f.n, f.expected_zero
+        n, expected = f.n, f.expected(f.m.primary)
         if where == "loss":
             m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, wrap=make,
                         capture=True)

@@ -88,11 +88,18 @@ class Facts:
     def stats(self, loss: str, api: str) -> GradStats | None:
         return self.m.get(loss, api)
 
-    def unexplained(self, st: GradStats | None) -> list[int]:
+    def expected(self, loss: str) -> set[int]:
+        """Indices whose exactly-zero gradient is explained: lora_A behind a zero lora_B; for Y, all of them
+        when every measured group has identical rewards (zero advantages)."""
+        if loss == "LY" and self.generation.measured_flat:
+            return set(range(self.n))
+        return self.expected_zero
+
+    def unexplained(self, st: GradStats | None, loss: str = "") -> list[int]:
         """Indices with no gradient, or an exactly zero one that nothing explains."""
         if st is None:
             return []
-        return sorted(set(st.missing) | (set(st.zero) - self.expected_zero))
+        return sorted(set(st.missing) | (set(st.zero) - self.expected(loss)))
 
     def label(self, idx: list[int], limit: int | None = None) -> list[str]:
         out = [self.short[i] for i in idx]

@@ -100,159 +100,202 @@ def _count(st, n: int) -> str:
     return f"{st.nonnull}/{n}" if st is not None else "n/a"
 
 
-def _causes(f: Facts) -> list[Cause]:
-    m, n, runs = f.m, f.n, f.differential
-    t = m.trace
-    prim = m.tensors[m.primary]
-    bw = m.get(m.primary, "backward")
-    ag = m.get(m.primary, "autograd.grad")
-    out: list[Cause] = []
+def _grad_disabled(f: Facts) -> Cause | None:
+    t, n, prim = f.m.trace, f.n, f.m.tensors[f.m.primary]
+    if not (t.calls and (t.grad_enabled is False or t.inference_mode)):
+        return None
+    where = "diagnose was called inside a no-grad block" if not f.caller_grad_enabled or \
+        f.caller_inference_mode else "the no-grad block is inside the loss code"
+    return Cause("grad_disabled",
+                 f"The model's forward ran with gradient recording off (grad enabled: {t.grad_enabled}, inference "
+                 f"mode: {t.inference_mode}); {where}. S has no graph, so no gradient can reach the {n} parameters.",
+                 {"grad_enabled_at_forward": t.grad_enabled, "inference_mode_at_forward": t.inference_mode,
+                  "S_requires_grad": prim.requires_grad, "caller_grad_enabled": f.caller_grad_enabled},
+                 _fixers(f.differential, "no_graph"))
 
-    if t.calls and (t.grad_enabled is False or t.inference_mode):
-        where = "diagnose was called inside a no-grad block" if not f.caller_grad_enabled or \
-            f.caller_inference_mode else "the no-grad block is inside the loss code"
-        out.append(Cause("grad_disabled",
-                         f"The model's forward ran with gradient recording off (grad enabled: {t.grad_enabled}, "
-                         f"inference mode: {t.inference_mode}); {where}. S has no graph, so no gradient can reach "
-                         f"the {n} parameters.",
-                         {"grad_enabled_at_forward": t.grad_enabled, "inference_mode_at_forward": t.inference_mode,
-                          "S_requires_grad": prim.requires_grad, "caller_grad_enabled": f.caller_grad_enabled},
-                         _fixers(runs, "no_graph")))
-    elif not (prim.requires_grad and prim.grad_fn is not None) and (t.logits_require_grad or t.calls == 0):
-        how = "the loss function returned a Python number" if prim.python_number else \
-            ("the model's forward never ran inside the loss function" if t.calls == 0 else
-             "the logits carry a graph but S does not")
-        out.append(Cause("graph_detached",
-                         f"{m.primary} has no graph (requires_grad={prim.requires_grad}, grad_fn={prim.grad_fn}) "
-                         f"although grad mode was on: {how}. Something between the logits and S cuts the graph "
-                         f"(.detach(), .item()/float() round trip, torch.tensor(list)).",
-                         {"logits_require_grad": t.logits_require_grad, f"{m.primary}_requires_grad":
-                          prim.requires_grad, "grad_fn": prim.grad_fn, "python_number": prim.python_number},
-                         _fixers(runs, "no_graph")))
 
+def _graph_detached(f: Facts) -> Cause | None:
+    t, key = f.m.trace, f.m.primary
+    prim = f.m.tensors[key]
+    grad_on = t.grad_enabled is not False and not t.inference_mode
+    if prim.requires_grad and prim.grad_fn is not None or not grad_on or not (t.logits_require_grad or t.calls == 0):
+        return None
+    how = "the loss function returned a Python number" if prim.python_number else \
+        ("the model's forward never ran inside the loss function" if t.calls == 0 else
+         "the logits carry a graph but S does not")
+    return Cause("graph_detached",
+                 f"{key} has no graph (requires_grad={prim.requires_grad}, grad_fn={prim.grad_fn}) although grad mode "
+                 f"was on: {how}. Something between the logits and S cuts the graph (.detach(), .item()/float() round "
+                 f"trip, torch.tensor(list)).",
+                 {"logits_require_grad": t.logits_require_grad, f"{key}_requires_grad": prim.requires_grad,
+                  "grad_fn": prim.grad_fn, "python_number": prim.python_number},
+                 _fixers(f.differential, "no_graph"))
+
+
+def _adapter_disabled(f: Facts) -> Cause | None:
     a = f.adapters
-    if a["adapter_layers"] and (a["disabled_layers"] or a["merged_layers"]):
-        out.append(Cause("adapter_disabled",
-                         f"{a['disabled_layers']} of {a['adapter_layers']} adapter layers are disabled and "
-                         f"{a['merged_layers']} merged: their LoRA weights do not take part in the forward.",
-                         {"disabled_layers": a["disabled_layers"], "merged_layers": a["merged_layers"]},
-                         _fixers(runs, "backward_missing") + _fixers(runs, "no_graph")))
-    frozen_list = [i for i, p in enumerate(f.subject.params) if not p.requires_grad]
-    if a["adapter_tensors"] and a["trainable_adapter_tensors"] < a["adapter_tensors"]:
-        out.append(Cause("adapter_not_trainable",
-                         f"{a['adapter_tensors'] - a['trainable_adapter_tensors']} of {a['adapter_tensors']} adapter "
-                         f"weights have requires_grad=False (an adapter loaded without is_trainable=True), so "
-                         f"backward() fills {_count(bw, n)} and autograd.grad refuses them.",
-                         {"trainable_adapter_tensors": f"{a['trainable_adapter_tensors']}/{a['adapter_tensors']}",
-                          "frozen_in_list": len(frozen_list), "backward_fills": _count(bw, n)},
-                         _fixers(runs, "backward_missing") + _fixers(runs, "no_graph")))
+    if not (a["adapter_layers"] and (a["disabled_layers"] or a["merged_layers"])):
+        return None
+    return Cause("adapter_disabled",
+                 f"{a['disabled_layers']} of {a['adapter_layers']} adapter layers are disabled and "
+                 f"{a['merged_layers']} merged: their LoRA weights do not take part in the forward.",
+                 {"disabled_layers": a["disabled_layers"], "merged_layers": a["merged_layers"]},
+                 _fixers(f.differential, "backward_missing") + _fixers(f.differential, "no_graph"))
 
-    idn = f.identity
-    if idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer or idn.frozen_not_adapter:
-        parts = []
-        if idn.not_in_model:
-            parts.append(f"{len(idn.not_in_model)} of the {n} tensors in the list are not parameters of the model "
-                         f"(stale copies, or a model rebuilt after the list was taken)")
-        if idn.trainable_not_in_list:
-            parts.append(f"{len(idn.trainable_not_in_list)} of the model's {idn.model_trainable} trainable tensors "
-                         f"are missing from the list" + (f" (it holds {len(idn.frozen_in_list)} frozen base tensors "
-                                                         f"instead: captured before the PEFT wrapper?)"
-                                                         if idn.frozen_in_list else ""))
-        elif idn.frozen_not_adapter:
-            parts.append(f"{len(idn.frozen_not_adapter)} of the {n} tensors in the list are frozen "
-                         f"(requires_grad=False): {', '.join(f.label(idn.frozen_not_adapter, 4))}")
-        if idn.not_in_optimizer:
-            parts.append(f"{len(idn.not_in_optimizer)} tensors of the list are not in the optimizer's param_groups")
-        out.append(Cause("param_identity_mismatch",
-                         "; ".join(parts) + f". Through this list backward() shows {_count(bw, n)} gradients.",
-                         {"in_model": f"{idn.in_model}/{n}", "not_in_model": len(idn.not_in_model),
-                          "trainable_not_in_list": len(idn.trainable_not_in_list),
-                          "frozen_in_list": len(idn.frozen_in_list), "not_in_optimizer": len(idn.not_in_optimizer),
-                          "backward_fills_list": _count(bw, n)},
-                         [r.factor for r in runs if r.factor == "params=model_trainable" and r.fixes_all]))
 
-    if f.ckpt["mode"] == "reentrant" and f.ckpt["active"] and t.inputs_require_grad is False and bw is not None \
-            and f.unexplained(bw):
-        out.append(Cause("checkpoint_inputs_no_grad",
-                         f"Reentrant checkpointing is live and no input of the checkpointed blocks requires grad, "
-                         f"so their recomputation records no graph: backward() fills {_count(bw, n)}.",
-                         {"inputs_require_grad": False, "backward_fills": _count(bw, n)},
-                         _fixers(runs, "backward_missing")))
+def _adapter_not_trainable(f: Facts) -> Cause | None:
+    a, n, bw = f.adapters, f.n, f.m.get(f.m.primary, "backward")
+    if not (a["adapter_tensors"] and a["trainable_adapter_tensors"] < a["adapter_tensors"]):
+        return None
+    return Cause("adapter_not_trainable",
+                 f"{a['adapter_tensors'] - a['trainable_adapter_tensors']} of {a['adapter_tensors']} adapter weights "
+                 f"have requires_grad=False (an adapter loaded without is_trainable=True), so backward() fills "
+                 f"{_count(bw, n)} and autograd.grad refuses them.",
+                 {"trainable_adapter_tensors": f"{a['trainable_adapter_tensors']}/{a['adapter_tensors']}",
+                  "frozen_in_list": len(f.identity.frozen_in_list), "backward_fills": _count(bw, n)},
+                 _fixers(f.differential, "backward_missing") + _fixers(f.differential, "no_graph"))
 
-    g = f.generation
-    bw_zero = bw is not None and bw.nonnull > 0 and bw.nonzero == 0
-    if g.given and g.rows and (g.empty_rows == g.rows or (g.empty_rows and bw_zero)):
-        out.append(Cause("empty_generation",
-                         f"{g.empty_rows} of {g.rows} responses are empty (mean generated length "
-                         f"{g.mean_length:.2f}): S sums over no token, so every gradient is exactly zero "
-                         f"(backward() non-zero: {bw.nonzero if bw else 'n/a'}/{n}).",
-                         {"empty_rows": f"{g.empty_rows}/{g.rows}", "mean_length": round(g.mean_length, 2),
-                          "backward_nonzero": bw.nonzero if bw else None}))
 
-    nonfinite_grads = sum(st.nonfinite for st in m.stats.values())
+def _param_identity(f: Facts) -> Cause | None:
+    idn, n, bw = f.identity, f.n, f.m.get(f.m.primary, "backward")
+    if not (idn.not_in_model or idn.trainable_not_in_list or idn.not_in_optimizer or idn.frozen_not_adapter):
+        return None
+    parts = []
+    if idn.not_in_model:
+        parts.append(f"{len(idn.not_in_model)} of the {n} tensors in the list are not parameters of the model "
+                     f"(stale copies, or a model rebuilt after the list was taken)")
+    if idn.trainable_not_in_list:
+        parts.append(f"{len(idn.trainable_not_in_list)} of the model's {idn.model_trainable} trainable tensors are "
+                     f"missing from the list" + (f" (it holds {len(idn.frozen_in_list)} frozen base tensors instead: "
+                                                 f"captured before the PEFT wrapper?)" if idn.frozen_in_list else ""))
+    elif idn.frozen_not_adapter:
+        parts.append(f"{len(idn.frozen_not_adapter)} of the {n} tensors in the list are frozen (requires_grad=False): "
+                     f"{', '.join(f.label(idn.frozen_not_adapter, 4))}")
+    if idn.not_in_optimizer:
+        parts.append(f"{len(idn.not_in_optimizer)} tensors of the list are not in the optimizer's param_groups")
+    return Cause("param_identity_mismatch",
+                 "; ".join(parts) + f". Through this list backward() shows {_count(bw, n)} gradients.",
+                 {"in_model": f"{idn.in_model}/{n}", "not_in_model": len(idn.not_in_model),
+                  "trainable_not_in_list": len(idn.trainable_not_in_list), "frozen_in_list": len(idn.frozen_in_list),
+                  "not_in_optimizer": len(idn.not_in_optimizer), "backward_fills_list": _count(bw, n)},
+                 [r.factor for r in f.differential if r.factor == "params=model_trainable" and r.fixes_all])
+
+
+def _checkpoint_inputs(f: Facts) -> Cause | None:
+    n, bw = f.n, f.m.get(f.m.primary, "backward")
+    live_reentrant = f.ckpt["mode"] == "reentrant" and f.ckpt["active"]
+    starved = bw is not None and f.unexplained(bw, f.m.primary)
+    if not (live_reentrant and f.m.trace.inputs_require_grad is False and starved):
+        return None
+    return Cause("checkpoint_inputs_no_grad",
+                 f"Reentrant checkpointing is live and no input of the checkpointed blocks requires grad, so their "
+                 f"recomputation records no graph: backward() fills {_count(bw, n)}.",
+                 {"inputs_require_grad": False, "backward_fills": _count(bw, n)},
+                 _fixers(f.differential, "backward_missing"))
+
+
+def _empty_generation(f: Facts) -> Cause | None:
+    g, n, bw = f.generation, f.n, f.m.get(f.m.primary, "backward")
+    all_zero = bw is not None and bw.nonnull > 0 and bw.nonzero == 0
+    if not (g.given and g.rows and (g.empty_rows == g.rows or (g.empty_rows and all_zero))):
+        return None
+    nonzero = bw.nonzero if bw else None
+    return Cause("empty_generation",
+                 f"{g.empty_rows} of {g.rows} responses are empty (mean generated length {g.mean_length:.2f}): S sums "
+                 f"over no token, so every gradient is exactly zero (backward() non-zero: {nonzero}/{n}).",
+                 {"empty_rows": f"{g.empty_rows}/{g.rows}", "mean_length": round(g.mean_length, 2),
+                  "backward_nonzero": nonzero})
+
+
+def _nonfinite(f: Facts) -> Cause | None:
+    m, n, bw = f.m, f.n, f.m.get(f.m.primary, "backward")
+    bad_grads = sum(st.nonfinite for st in m.stats.values())
     finite_losses = all(ti.finite for ti in m.tensors.values() if ti.present)
-    if f.nonfinite_params or nonfinite_grads or not finite_losses:
-        names = f.label(f.nonfinite_params, 4)
-        out.append(Cause("nonfinite_gradients",
-                         (f"{len(f.nonfinite_params)} parameter tensor(s) hold NaN/Inf ({', '.join(names)}); "
-                          if f.nonfinite_params else "") +
-                         f"the loss is {'finite' if finite_losses else 'NaN/Inf'} and backward() returns non-finite "
-                         f"gradients for {bw.nonfinite if bw else 'n/a'}/{n} tensors.",
-                         {"nonfinite_weights": len(f.nonfinite_params), "nonfinite_weight_names": names,
-                          "finite_loss": finite_losses, "nonfinite_grads": bw.nonfinite if bw else None}))
+    if not (f.nonfinite_params or bad_grads or not finite_losses):
+        return None
+    names = f.label(f.nonfinite_params, 4)
+    where = f"{len(f.nonfinite_params)} parameter tensor(s) hold NaN/Inf ({', '.join(names)}); " \
+        if f.nonfinite_params else ""
+    return Cause("nonfinite_gradients",
+                 f"{where}the loss is {'finite' if finite_losses else 'NaN/Inf'} and backward() returns non-finite "
+                 f"gradients for {bw.nonfinite if bw else 'n/a'}/{n} tensors.",
+                 {"nonfinite_weights": len(f.nonfinite_params), "nonfinite_weight_names": names,
+                  "finite_loss": finite_losses, "nonfinite_grads": bw.nonfinite if bw else None})
 
-    o = f.optimizer
-    if o.given and (o.missing or o.error) and not o.not_adam:
-        fresh = " (it has not taken a step yet)" if o.covered == 0 and o.never_stepped else ""
-        out.append(Cause("missing_optimizer_state",
-                         f"The optimizer state ({o.source}) has Adam moments for {o.covered} of {n} parameters{fresh}"
-                         + (f"; {len(o.missing)} have none" if o.missing else "")
-                         + (f": {o.error}" if o.error and not o.missing else "")
-                         + ". A missing v would give P = 1/eps ≈ 1e8 for those parameters.",
-                         {"covered": f"{o.covered}/{n}", "missing": len(o.missing),
-                          "missing_names": [x for x in f.label([f.names.index(nm) for nm in o.missing
-                                                                if nm in f.names], 4)]}))
 
-    ly = m.get("LY", "backward")
-    if g.given and g.measured_flat and ly is not None and ly.nonzero == 0 and not any(
-            c.id == "empty_generation" for c in out):
-        out.append(Cause("no_learning_signal",
-                         f"Every group in the batch has identical rewards ({g.flat_groups}/{g.groups}), so every "
-                         f"advantage and every Y gradient is exactly zero; deltaH1 = 0 is then the right answer.",
-                         {"flat_reward_groups": f"{g.flat_groups}/{g.groups}"}))
+def _optimizer_state(f: Facts) -> Cause | None:
+    o, n = f.optimizer, f.n
+    if not (o.given and (o.missing or o.error) and not o.not_adam):
+        return None
+    fresh = " (it has not taken a step yet)" if o.covered == 0 and o.never_stepped else ""
+    missing = [f.names.index(nm) for nm in o.missing if nm in f.names]
+    return Cause("missing_optimizer_state",
+                 f"The optimizer state ({o.source}) has Adam moments for {o.covered} of {n} parameters{fresh}"
+                 + (f"; {len(o.missing)} have none" if o.missing else "")
+                 + (f": {o.error}" if o.error and not o.missing else "")
+                 + ". A missing v would give P = 1/eps ≈ 1e8 for those parameters.",
+                 {"covered": f"{o.covered}/{n}", "missing": len(o.missing), "missing_names": f.label(missing, 4)})
 
-    explained = {"grad_disabled", "graph_detached", "adapter_disabled", "adapter_not_trainable",
-                 "param_identity_mismatch", "checkpoint_inputs_no_grad", "empty_generation", "no_learning_signal"}
-    if bw is not None and f.unexplained(bw) and not explained & {c.id for c in out}:
-        missing = f.unexplained(bw)
-        out.append(Cause("unexplained_missing_gradients",
-                         f"backward() leaves {len(missing)}/{n} tensors without a non-zero gradient and no check "
-                         f"explains it: {', '.join(f.label(missing, 4))}.",
-                         {"missing": len(missing), "names": f.label(missing, 8)}, _fixers(runs, "backward_missing")))
 
-    if ag is not None and bw is not None and ag.nonnull < bw.nonnull:
-        gap = bw.nonnull - ag.nonnull
-        if f.ckpt["mode"] == "reentrant" and f.ckpt["active"]:
-            fixers = _fixers(runs, "autograd_grad_gap")
-            out.append(Cause("reentrant_checkpointing_hides_params",
-                             f"torch.autograd.grad returns None for {gap} of {n} parameters while backward() "
-                             f"fills {bw.nonnull}/{n}: reentrant activation checkpointing "
-                             f"(use_reentrant={f.ckpt['use_reentrant']}, {f.ckpt['layers_checkpointed']} of "
-                             f"{f.ckpt['layers']} layers) runs each block's forward without recording a graph and "
-                             f"writes the block's parameter gradients from a nested backward on recomputation, which "
-                             f"autograd.grad never sees.",
-                             {"autograd_grad_nonnull": f"{ag.nonnull}/{n}", "backward_nonnull": f"{bw.nonnull}/{n}",
-                              "checkpointing": "reentrant", "strict_error": m.strict_error}, fixers))
-        else:
-            out.append(Cause("autograd_grad_mismatch",
-                             f"torch.autograd.grad returns {ag.nonnull}/{n} while backward() fills {bw.nonnull}/{n}; "
-                             f"checkpointing is {f.ckpt['mode']}, so the cause is not identified.",
-                             {"autograd_grad_nonnull": f"{ag.nonnull}/{n}", "backward_nonnull": f"{bw.nonnull}/{n}"},
-                             _fixers(runs, "autograd_grad_gap")))
+def _no_learning_signal(f: Facts) -> Cause | None:
+    g, ly = f.generation, f.m.get("LY", "backward")
+    if not (g.given and g.measured_flat and ly is not None and ly.nonzero == 0 and g.empty_rows < g.rows):
+        return None
+    return Cause("no_learning_signal",
+                 f"Every group in the batch has identical rewards ({g.flat_groups}/{g.groups}), so every advantage "
+                 f"and every Y gradient is exactly zero; deltaH1 = 0 is then the right answer.",
+                 {"flat_reward_groups": f"{g.flat_groups}/{g.groups}"})
 
-    for c in out:
+
+def _autograd_gap(f: Facts) -> Cause | None:
+    n, m = f.n, f.m
+    bw, ag = m.get(m.primary, "backward"), m.get(m.primary, "autograd.grad")
+    if not (ag is not None and bw is not None and ag.nonnull < bw.nonnull):
+        return None
+    counts = {"autograd_grad_nonnull": f"{ag.nonnull}/{n}", "backward_nonnull": f"{bw.nonnull}/{n}"}
+    fixers = _fixers(f.differential, "autograd_grad_gap")
+    c = f.ckpt
+    if not (c["mode"] == "reentrant" and c["active"]):
+        return Cause("autograd_grad_mismatch",
+                     f"torch.autograd.grad returns {ag.nonnull}/{n} while backward() fills {bw.nonnull}/{n}; "
+                     f"checkpointing is {c['mode']}, so the cause is not identified.", counts, fixers)
+    return Cause("reentrant_checkpointing_hides_params",
+                 f"torch.autograd.grad returns None for {bw.nonnull - ag.nonnull} of {n} parameters while backward() "
+                 f"fills {bw.nonnull}/{n}: reentrant activation checkpointing (use_reentrant={c['use_reentrant']}, "
+                 f"{c['layers_checkpointed']} of {c['layers']} layers) runs each block's forward without recording a "
+                 f"graph and writes the block's parameter gradients from a nested backward on recomputation, which "
+                 f"autograd.grad never sees.",
+                 {**counts, "checkpointing": "reentrant", "strict_error": m.strict_error}, fixers)
+
+
+RULES = [_grad_disabled, _graph_detached, _adapter_disabled, _adapter_not_trainable, _param_identity,
+         _checkpoint_inputs, _empty_generation, _nonfinite, _optimizer_state, _no_learning_signal, _autograd_gap]
+
+# Causes that account for missing backward() gradients; without one of them the gap is reported as unexplained.
+EXPLAINS_MISSING = {"grad_disabled", "graph_detached", "adapter_disabled", "adapter_not_trainable",
+                    "param_identity_mismatch", "checkpoint_inputs_no_grad", "empty_generation", "no_learning_signal"}
+
+
+def _unexplained(f: Facts, found: list[Cause]) -> Cause | None:
+    bw = f.m.get(f.m.primary, "backward")
+    missing = f.unexplained(bw, f.m.primary)
+    if not missing or EXPLAINS_MISSING & {c.id for c in found}:
+        return None
+    return Cause("unexplained_missing_gradients",
+                 f"backward() leaves {len(missing)}/{f.n} tensors without a non-zero gradient and no check explains "
+                 f"it: {', '.join(f.label(missing, 4))}.",
+                 {"missing": len(missing), "names": f.label(missing, 8)},
+                 _fixers(f.differential, "backward_missing"))
+
+
+def _causes(f: Facts) -> list[Cause]:
+    """Every rule that holds, in order of impact, each with its fix."""
+    found = [c for rule in RULES if (c := rule(f)) is not None]
+    extra = _unexplained(f, found)
+    found += [extra] if extra else []
+    for c in found:
         c.fix = FIXES[c.id]
-    return sorted(out, key=lambda c: IMPACT.index(c.id))
+    return sorted(found, key=lambda c: IMPACT.index(c.id))
 
 
 def _probe_path(f: Facts) -> tuple[bool, str]:
@@ -262,12 +305,12 @@ def _probe_path(f: Facts) -> tuple[bool, str]:
         st = f.stats(loss, "backward")
         if st is None:
             continue
-        ok = not f.unexplained(st) and not st.nonfinite and st.error is None
+        ok = not f.unexplained(st, loss) and not st.nonfinite and st.error is None
         healthy &= ok
         parts.append(f"{label} {st.nonnull}/{n} filled ({st.nonzero}/{n} non-zero)")
     if not parts:
         st = f.stats(f.m.primary, "backward")
-        healthy = st is not None and not f.unexplained(st) and not st.nonfinite
+        healthy = st is not None and not f.unexplained(st, f.m.primary) and not st.nonfinite
         parts.append(f"{f.m.primary} {_count(st, n)} filled")
     healthy &= f.identity.not_in_model == [] and not f.identity.trainable_not_in_list
     what = "healthy" if healthy else "affected too"
