@@ -1,6 +1,7 @@
 """gradprobe: gradient-flow diagnosis and first-order entropy-change probes for QLoRA RL fine-tuning."""
 
 from .api import build_batch, delta_h1
+from .checks import diagnose
 from .config import load_config
 from .errors import CheckFailed, GradprobeError
 from .probe import ProbeResult
@@ -8,5 +9,5 @@ from .rollouts import Batch, Group, read_rollouts, write_rollouts
 from .stack import Stack, load_stack
 
 __all__ = ["Batch", "CheckFailed", "GradprobeError", "Group", "ProbeResult", "Stack", "build_batch",
-           "delta_h1", "load_config", "load_stack", "read_rollouts", "write_rollouts"]
+           "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts", "write_rollouts"]
 __version__ = "0.1.0"

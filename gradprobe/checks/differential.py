@@ -1,0 +1,160 @@
+"""The differential experiment: re-run the failing measurement with one factor changed at a time.
+
+A symptom that disappears when exactly one factor changes names that factor as its cause; every
+change is undone before the next run, so each run differs from the baseline in one factor only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .facts import Facts
+from .measure import Measurement, measure
+from .model_state import adapters_trainable, checkpointing_as, input_grads_enabled, lora_b_zero
+from .subject import param_names
+
+
+@dataclass
+class DiffRun:
+    factor: str  # stable id, e.g. "checkpointing=non_reentrant"
+    change: str  # the change in words
+    applied: bool
+    note: str = ""
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    resolved: list[str] = field(default_factory=list)  # baseline symptoms gone after the change
+    remaining: list[str] = field(default_factory=list)
+
+    @property
+    def fixes_all(self) -> bool:
+        return self.applied and bool(self.resolved) and not self.remaining
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["fixes_all"] = self.fixes_all
+        return out
+
+
+def symptoms(m: Measurement, n: int, expected_zero: set[int]) -> set[str]:
+    """What is wrong with the primary loss's gradients in one measurement."""
+    if m.loss_error:
+        return {"loss_error"}
+    out = set()
+    t = m.tensors[m.primary]
+    if not (t.requires_grad and t.grad_fn is not None):
+        out.add("no_graph")
+    bw = m.get(m.primary, "backward")
+    ag = m.get(m.primary, "autograd.grad")
+    if bw is not None and (bw.missing or set(bw.zero) - expected_zero):
+        out.add("backward_missing")
+    if bw is not None and bw.nonfinite:
+        out.add("nonfinite")
+    if ag is not None and bw is not None and ag.nonnull < bw.nonnull:
+        out.add("autograd_grad_gap")
+    return out
+
+
+def summary(m: Measurement, n: int) -> dict[str, Any]:
+    if m.loss_error:
+        return {"loss_error": m.loss_error}
+    t = m.tensors[m.primary]
+    bw = m.get(m.primary, "backward")
+    ag = m.get(m.primary, "autograd.grad")
+    out: dict[str, Any] = {"loss": m.primary, "requires_grad": t.requires_grad,
+                           "forward_grad_enabled": m.trace.grad_enabled, "forward_autocast": m.trace.autocast}
+    if bw is not None:
+        out["backward_nonnull"] = bw.nonnull
+        out["backward_nonzero"] = bw.nonzero
+    if ag is not None:
+        out["autograd_grad_nonnull"] = ag.nonnull
+    out["params"] = n
+    return out
+
+
+@contextlib.contextmanager
+def _grad_on() -> Iterator[bool]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield True
+
+
+def _factors(f: Facts) -> list[tuple[str, str, Callable[[], contextlib.AbstractContextManager] | None, str]]:
+    """(id, change, context, where it goes): 'model' contexts wrap the whole re-run and yield whether they
+    could switch; 'loss' contexts wrap only the call of the loss function; 'params' swaps the list."""
+    s = f.subject
+    trace = f.m.trace
+    out = []
+    mode = f.ckpt["mode"]
+    if f.ckpt["layers_checkpointed"] and mode != "non_reentrant":
+        out.append(("checkpointing=non_reentrant", "activation checkpointing switched to use_reentrant=False",
+                    lambda: checkpointing_as(s.model, "non_reentrant"), "model"))
+    if f.ckpt["layers_checkpointed"]:
+        out.append(("checkpointing=off", "activation checkpointing switched off",
+                    lambda: checkpointing_as(s.model, "off"), "model"))
+    if mode == "reentrant" and trace.inputs_require_grad is False:
+        out.append(("inputs_require_grad", "input embeddings made to require grad (enable_input_require_grads)",
+                    lambda: input_grads_enabled(s.model), "model"))
+    if trace.autocast not in (None, "off"):
+        out.append(("autocast=off", "autocast switched off", s.autocast_off, "loss"))
+    a = f.adapters
+    if a["disabled_layers"] or a["trainable_adapter_tensors"] < a["adapter_tensors"]:
+        out.append(("adapters_trainable", "adapter layers enabled and their weights set to require grad",
+                    lambda: adapters_trainable(s.model), "model"))
+    idn = f.identity
+    if idn.not_in_model or idn.trainable_not_in_list or idn.frozen_not_adapter:
+        out.append(("params=model_trainable", "the list replaced by the model's current trainable parameters",
+                    contextlib.nullcontext, "params"))
+    if trace.grad_enabled is False or trace.inference_mode or trace.calls == 0:
+        out.append(("grad_mode=on", "grad mode forced on (torch.enable_grad, inference_mode off) around the loss",
+                    _grad_on, "loss"))
+    return out
+
+
+def run(f: Facts) -> list[DiffRun]:
+    """One re-measurement per applicable factor, only when the baseline shows a gradient symptom."""
+    base = symptoms(f.m, f.n, f.expected(f.m.primary))
+    if not (base & {"no_graph", "backward_missing", "autograd_grad_gap", "loss_error"}):
+        return []
+    s = f.subject
+    before = summary(f.m, f.n)
+    runs = []
+    for factor, change, make, where in _factors(f):
+        r = DiffRun(factor=factor, change=change, applied=False, before=before)
+        if make is None:
+            r.note = "cannot be switched from outside this loss function"
+            runs.append(r)
+            continue
+        n, expected = f.n, f.expected(f.m.primary)
+        if where == "loss":
+            m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, wrap=make,
+                        capture=True)
+        elif where == "params":
+            params = [p for p in s.model.parameters() if p.requires_grad]
+            if not params:
+                r.note = "the model has no trainable parameters"
+                runs.append(r)
+                continue
+            zero_a = lora_b_zero(s.model)
+            n, expected = len(params), {i for i, nm in enumerate(param_names(s.model, params)) if nm in zero_a}
+            m = measure(s.model, params, s.loss_fn, losses=(f.m.primary,), strict=False, capture=True)
+        else:
+            with make() as applied:
+                if not applied:
+                    r.note = "this model offers no way to switch it"
+                    runs.append(r)
+                    continue
+                m = measure(s.model, s.params, s.loss_fn, losses=(f.m.primary,), strict=False, capture=True)
+        r.applied = True
+        if factor == "autocast=off" and m.trace.autocast not in (None, "off"):
+            r.applied = False
+            r.note = f"the loss code enters autocast itself (the forward still ran in {m.trace.autocast})"
+        r.after = summary(m, n)
+        after = symptoms(m, n, expected)
+        r.resolved = sorted(base - after)
+        r.remaining = sorted(base & after)
+        runs.append(r)
+    return runs

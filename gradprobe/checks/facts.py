@@ -1,0 +1,202 @@
+"""Everything the checks and the verdict read, gathered once: the baseline measurement and the model's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import GradprobeError
+from ..losses import advantages
+from ..precondition import from_adam_state
+from .measure import GradStats, Measurement
+from .model_state import (
+    adapter_params,
+    adapter_state,
+    checkpointing_state,
+    lora_b_zero,
+    quantized_layers,
+    short_name,
+)
+from .subject import Subject
+
+ADAM_LIKE = ("Adam", "AdamW", "PagedAdamW", "AdamW8bit", "PagedAdamW8bit", "Adam8bit", "PagedAdam")
+
+
+@dataclass
+class Identity:
+    in_model: int
+    not_in_model: list[int]  # indices into the probe's list
+    frozen_in_list: list[int]
+    frozen_not_adapter: list[int]  # frozen tensors of the list that are not adapter weights
+    duplicates: int
+    model_trainable: int
+    trainable_not_in_list: list[str]  # model names
+    optimizer_given: bool = False
+    not_in_optimizer: list[int] = field(default_factory=list)
+    optimizer_extra: int = 0
+
+
+@dataclass
+class OptimizerCoverage:
+    given: bool
+    source: str = ""
+    covered: int = 0
+    missing: list[str] = field(default_factory=list)  # parameter names without Adam state
+    zero_v: list[str] = field(default_factory=list)  # state present but exp_avg_sq all zero: P = 1/eps
+    error: str | None = None  # a state_dict that cannot be mapped at all
+    never_stepped: bool = False  # an optimizer object with no state at all
+    not_adam: str | None = None
+
+
+@dataclass
+class Generation:
+    given: bool
+    rows: int = 0
+    empty_rows: int = 0
+    mean_length: float = 0.0
+    max_length: int = 0
+    groups: int = 0
+    flat_groups: int = 0  # groups whose advantages are all zero: their Y is exactly zero
+    measured_groups: list[int] = field(default_factory=list)
+    measured_flat: bool = False  # every measured group is flat
+
+
+@dataclass
+class Facts:
+    subject: Subject
+    m: Measurement
+    names: list[str]
+    short: list[str]
+    ckpt: dict[str, Any]
+    adapters: dict[str, Any]
+    quant: dict[str, Any]
+    identity: Identity
+    optimizer: OptimizerCoverage
+    generation: Generation
+    expected_zero: set[int]  # indices whose zero gradient is explained (lora_A with lora_B = 0)
+    nonfinite_params: list[int]
+    caller_grad_enabled: bool
+    caller_inference_mode: bool
+    differential: list[Any] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def stats(self, loss: str, api: str) -> GradStats | None:
+        return self.m.get(loss, api)
+
+    def expected(self, loss: str) -> set[int]:
+        """Indices whose exactly-zero gradient is explained: lora_A behind a zero lora_B; for Y, all of them
+        when every measured group has identical rewards (zero advantages)."""
+        if loss == "LY" and self.generation.measured_flat:
+            return set(range(self.n))
+        return self.expected_zero
+
+    def unexplained(self, st: GradStats | None, loss: str = "") -> list[int]:
+        """Indices with no gradient, or an exactly zero one that nothing explains."""
+        if st is None:
+            return []
+        return sorted(set(st.missing) | (set(st.zero) - self.expected(loss)))
+
+    def label(self, idx: list[int], limit: int | None = None) -> list[str]:
+        out = [self.short[i] for i in idx]
+        return out if limit is None else out[:limit]
+
+
+def _identity(s: Subject) -> Identity:
+    named = list(s.model.named_parameters())
+    model_ids = {id(p) for _, p in named}
+    list_ids = [id(p) for p in s.params]
+    adapter_ids = {id(p) for _, p in adapter_params(s.model)}
+    frozen = [k for k, p in enumerate(s.params) if id(p) in model_ids and not p.requires_grad]
+    ident = Identity(
+        in_model=sum(i in model_ids for i in list_ids),
+        not_in_model=[k for k, i in enumerate(list_ids) if i not in model_ids],
+        frozen_in_list=frozen,
+        frozen_not_adapter=[k for k in frozen if list_ids[k] not in adapter_ids],
+        duplicates=len(list_ids) - len(set(list_ids)),
+        model_trainable=sum(p.requires_grad for _, p in named),
+        trainable_not_in_list=[n for n, p in named if p.requires_grad and id(p) not in set(list_ids)],
+    )
+    if s.optimizer is not None:
+        opt_ids = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
+        ident.optimizer_given = True
+        ident.not_in_optimizer = [k for k, i in enumerate(list_ids) if i not in opt_ids]
+        ident.optimizer_extra = len(opt_ids - set(list_ids))
+    return ident
+
+
+def _optimizer(s: Subject, names: list[str]) -> OptimizerCoverage:
+    if s.optimizer is not None:
+        opt = s.optimizer
+        cov = OptimizerCoverage(given=True, source=type(opt).__name__, never_stepped=not opt.state)
+        any_v = False
+        for name, p in zip(names, s.params):
+            st = opt.state.get(p) if p in opt.state else None
+            v = st.get("exp_avg_sq") if st else None
+            if v is None:
+                cov.missing.append(name)
+                continue
+            any_v = True
+            cov.covered += 1
+            if not bool(v.any()):
+                cov.zero_v.append(name)
+        if not any_v and type(opt).__name__ not in ADAM_LIKE:
+            cov.not_adam = type(opt).__name__
+            cov.missing = []
+        return cov
+    if s.optimizer_state is not None:
+        cov = OptimizerCoverage(given=True, source=s.optimizer_source or "optimizer state_dict")
+        try:
+            pre = from_adam_state(s.optimizer_state, names, list(s.params), source=cov.source)
+        except GradprobeError as exc:
+            cov.error = str(exc)
+            cov.missing = _missing_by_index(s.optimizer_state, names)
+            return cov
+        cov.covered = len(pre.scales or [])
+        eps_scale = [n for n, sc in zip(names, pre.scales or []) if bool((sc > 1e7).all())]
+        cov.zero_v = eps_scale
+        return cov
+    return OptimizerCoverage(given=False)
+
+
+def _missing_by_index(state: dict[str, Any], names: list[str]) -> list[str]:
+    """Which parameters lack Adam state when the state_dict maps by index (for the evidence)."""
+    order = [i for g in state.get("param_groups", []) for i in g.get("params", [])]
+    if len(order) != len(names):
+        return []
+    entries = state.get("state", {})
+    return [n for n, i in zip(names, order) if not (isinstance(entries.get(i), dict) and "exp_avg_sq" in entries[i])]
+
+
+def _generation(s: Subject) -> Generation:
+    b = s.batch
+    if b is None:
+        return Generation(given=False)
+    lengths = [n for grp in b.lengths() for n in grp]
+    flat = []
+    for g in b.groups:
+        adv = g.advantages if g.advantages is not None else \
+            advantages(torch.tensor(g.rewards, dtype=torch.float64)).tolist()
+        flat.append(all(a == 0 for a in adv))
+    measured = s.measured_groups or []
+    return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths),
+                      mean_length=sum(lengths) / max(len(lengths), 1), max_length=max(lengths, default=0),
+                      groups=b.B, flat_groups=sum(flat), measured_groups=list(measured),
+                      measured_flat=bool(measured) and all(flat[i] for i in measured))
+
+
+def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool) -> Facts:
+    names = s.names
+    nonfinite = [i for i, p in enumerate(s.params)
+                 if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    zero_a = lora_b_zero(s.model)
+    expected = {i for i, n in enumerate(names) if n in zero_a}
+    return Facts(subject=s, m=m, names=names, short=[short_name(n) for n in names],
+                 ckpt=checkpointing_state(s.model), adapters=adapter_state(s.model), quant=quantized_layers(s.model),
+                 identity=_identity(s), optimizer=_optimizer(s, names), generation=_generation(s),
+                 expected_zero=expected, nonfinite_params=nonfinite,
+                 caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference)

@@ -1,0 +1,117 @@
+"""What is being diagnosed: a model, the parameter list a probe would read, a loss-building callable.
+
+Two ways in: a stack and batch gradprobe built (the CLI), or a user's own model, parameter list,
+optimizer and loss function (their bug may live in their code, so nothing of ours is assumed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import GradprobeError
+from ..logprobs import pack, sequence_logprobs
+from ..losses import advantages, x_weights, y_weights
+from ..rollouts import Batch
+from .model_state import adapter_params
+
+
+@dataclass
+class Subject:
+    model: torch.nn.Module
+    params: list[torch.Tensor]
+    names: list[str]
+    loss_fn: Callable[[], Any]
+    optimizer: torch.optim.Optimizer | None = None
+    optimizer_state: dict[str, Any] | None = None  # an optimizer state_dict (e.g. from a file)
+    optimizer_source: str = ""
+    batch: Batch | None = None
+    measured_groups: list[int] | None = None  # the groups the gradient checks run on
+    autocast_off: Callable[[], contextlib.AbstractContextManager] | None = None
+    expect_4bit: bool | None = None
+    params_note: str = ""
+    params_source: str = "given"
+
+
+def param_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
+    """The model's name for each parameter object; a placeholder where the object is not in the model."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id.get(id(p), f"params[{i}] (not a parameter of the model)") for i, p in enumerate(params)]
+
+
+def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str]:
+    """The trainable parameters; when none are, the adapter weights (so the checks can say why)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if trainable:
+        return trainable, "the model's trainable parameters", ""
+    adapters = [p for _, p in adapter_params(model)]
+    if adapters:
+        return adapters, "the model's adapter weights", (f"the model has no trainable parameters; checking its "
+                                                         f"{len(adapters)} adapter tensors instead")
+    raise GradprobeError("the model has no trainable parameters and no adapter weights to check; pass params=")
+
+
+def _informative(group) -> bool:
+    adv = group.advantages if group.advantages is not None else \
+        advantages(torch.tensor(group.rewards, dtype=torch.float64)).tolist()
+    return any(a != 0 for a in adv) and any(len(r) > 0 for r in group.responses)
+
+
+def pick_groups(batch: Batch, rows: int) -> list[int]:
+    """Whole groups filling at most `rows` sequences (at least one group), preferring groups that can carry
+    a gradient (some non-empty response, rewards that differ): the checks ask whether gradients *flow*."""
+    order = [i for i, g in enumerate(batch.groups) if _informative(g)] or list(range(batch.B))
+    chosen: list[int] = []
+    used = 0
+    for i in order:
+        n = len(batch.groups[i].responses)
+        if chosen and used + n > rows:
+            break
+        chosen.append(i)
+        used += n
+    return chosen
+
+
+def batch_loss_fn(stack, batch: Batch, groups: list[int], normalization: str) -> Callable[[], dict[str, Any]]:
+    """S, LX and LY of DESIGN.md over `groups`, built exactly as the probe builds them."""
+    pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
+    tb = pack(pairs, stack.tokenizer.pad_token_id, stack.device)
+    sizes = [len(batch.groups[p].responses) for p in groups]
+    wy_parts = []
+    for p in groups:
+        g = batch.groups[p]
+        adv = torch.tensor(g.advantages, dtype=torch.float64) if g.advantages is not None else \
+            advantages(torch.tensor(g.rewards, dtype=torch.float64))
+        wy_parts.append(y_weights(adv, torch.tensor([len(r) for r in g.responses]), normalization))
+    wy = torch.cat(wy_parts).to(stack.device, torch.float32)
+
+    def loss_fn() -> dict[str, Any]:
+        s = sequence_logprobs(stack.model, tb, batch.temperature, stack.autocast())
+        wx = torch.cat([x_weights(part) for part in s.split(sizes)]).to(s.device, torch.float32)
+        return {"S": s, "LX": (s * wx).sum(), "LY": (s * wy).sum()}
+
+    return loss_fn
+
+
+def stack_autocast_off(stack) -> Callable[[], contextlib.AbstractContextManager]:
+    @contextlib.contextmanager
+    def off() -> Iterator[None]:
+        saved = stack.autocast_dtype
+        stack.autocast_dtype = None
+        try:
+            yield
+        finally:
+            stack.autocast_dtype = saved
+
+    return off
+
+
+def user_autocast_off(params: list[torch.Tensor]) -> Callable[[], contextlib.AbstractContextManager]:
+    """Works when the caller's code relies on an outer autocast; a loss function that enters autocast
+    itself overrides it (the trace then shows autocast still on and the factor is reported as not applied)."""
+    device = params[0].device.type if params else "cpu"
+    return lambda: torch.autocast(device, enabled=False)

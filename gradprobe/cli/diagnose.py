@@ -1,0 +1,84 @@
+"""`gradprobe diagnose`: gradient-flow checks, a differential experiment and a root-cause verdict."""
+
+from __future__ import annotations
+
+import time
+from enum import Enum
+from typing import Annotated
+
+import typer
+
+from .common import (
+    ConfigOpt,
+    DebugOpt,
+    JsonOpt,
+    QuietOpt,
+    RolloutsOpt,
+    SeedOpt,
+    SetOpt,
+    consoles,
+    guarded,
+    make_config,
+    write_json,
+)
+
+EPILOG = """Exit codes: 0 no check failed, 1 a check failed (or warned, with --fail-on warn), 2 bad input.
+
+The embedded default exits 1 on purpose: reentrant checkpointing breaks autograd.grad there.
+
+The verdict then also says whether the backward() probe path (delta-h1) is healthy.
+
+Examples:
+
+  gradprobe diagnose
+
+  gradprobe diagnose --set checkpointing=non_reentrant
+
+  gradprobe diagnose --config configs/qwen2.5-1.5b-qlora.yaml --rollouts batch.jsonl --json report.json
+"""
+
+
+class FailOn(str, Enum):
+    fail = "fail"
+    warn = "warn"
+
+
+def command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seed: SeedOpt = None,
+    rollouts: RolloutsOpt = None,
+    fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 on any FAIL (default) or on any WARN too.",
+                                            case_sensitive=False)] = FailOn.fail,
+    json_: JsonOpt = None,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find why gradients do not flow: strict autograd.grad, S alive, parameter identity, coverage, the stack."""
+    out, err = consoles(quiet, json_ == "-")
+
+    def body() -> int:
+        from ..api import build_batch  # heavy imports (torch) only when the command runs
+        from ..checks import diagnose
+        from ..checks.core import load_optimizer_state
+        from ..checks.render import payload, render
+        from ..stack import load_stack
+
+        cfg = make_config(config, set_, seed, rollouts)
+        state, source = load_optimizer_state(cfg)  # a bad path fails now, not after the model load
+        t0 = time.perf_counter()
+        stack = load_stack(cfg)
+        t1 = time.perf_counter()
+        batch = build_batch(stack, cfg)
+        t2 = time.perf_counter()
+        if not quiet and err.is_terminal:
+            err.print(f"[dim]stack {t1 - t0:.1f} s, batch {t2 - t1:.1f} s; running checks[/]")
+        result = diagnose(stack=stack, batch=batch, cfg=cfg, optimizer_state=state,
+                          optimizer_source=source or "optimizer state_dict")
+        result.timings.update(stack=t1 - t0, batch=t2 - t1)
+        code = result.exit_code(fail_on.value)
+        render(out, result, code)
+        write_json(payload(result, cfg, code), json_)
+        return code
+
+    guarded(debug, err, body)
