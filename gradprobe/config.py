@@ -53,11 +53,21 @@ DEFAULTS: dict[str, Any] = {
         "optimizer_state": None,
         "learning_rate": None,
     },
+    "validate": {
+        "method": "auto",
+        "points": 7,
+        "step_min": 1.0e-5,
+        "step_max": 1.0e-2,
+        "eval_num_prompts": 8,
+        "eval_group_size": 8,
+        "is_samples": 256,
+        "max_enumerate": 20000,
+    },
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
-    "model.preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b"),
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
@@ -68,6 +78,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.accumulate_on": ("device", "cpu"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
+    "validate.method": ("auto", "exact", "importance"),
 }
 
 # Keys whose default is None: the type a value must have when one is given.
