@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "points": 7,
         "step_min": 1.0e-5,
         "step_max": 1.0e-2,
-        "eval_num_prompts": 8,
+        "eval_num_prompts": 32,
         "eval_group_size": 8,
         "is_samples": 256,
         "max_enumerate": 20000,

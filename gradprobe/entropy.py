@@ -17,6 +17,7 @@ numbers); H(theta') ~ sum_i w_i (-log pi_theta'(y_i)) / sum_i w_i, w_i = pi_thet
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -106,7 +107,8 @@ def sample_responses(stack, prompts: list[list[int]], n: int, temperature: float
             break
         tb = pack([(rows[i][0], rows[i][1] + [pad]) for i in live], pad, stack.device)
         # the appended pad is a placeholder: the logits at the column before it predict the next token
-        with stack.autocast():
+        with stack.autocast(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # checkpointing warns that no input needs grad
             out = stack.model(input_ids=tb.input_ids[:, :-1], attention_mask=tb.attention_mask[:, :-1],
                               position_ids=tb.position_ids[:, :-1], logits_to_keep=1, use_cache=False)
         z = out.logits[:, -1].float()
@@ -127,7 +129,9 @@ def score(stack, prompt: list[int], responses: list[list[int]], temperature: flo
     out = []
     for a in range(0, len(responses), microbatch):
         tb = pack([(prompt, r) for r in responses[a:a + microbatch]], stack.tokenizer.pad_token_id, stack.device)
-        out.append(sequence_logprobs(stack.model, tb, temperature, stack.autocast()).double().cpu())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # checkpointing warns that no input needs grad
+            out.append(sequence_logprobs(stack.model, tb, temperature, stack.autocast()).double().cpu())
     return torch.cat(out)
 
 
@@ -138,13 +142,15 @@ class ISEstimate:
     ess: float  # smallest effective sample size over prompts (n when theta' = theta)
 
 
-def is_delta_entropy(logq: list[torch.Tensor], logp: list[torch.Tensor]) -> ISEstimate:
+def is_delta_entropy(logq: list[torch.Tensor], logp: list[torch.Tensor],
+                     weights: list[float] | None = None) -> ISEstimate:
     """Self-normalised IS estimate of H(theta') - H(theta) from samples of theta, per prompt then averaged.
 
     logq[k], logp[k]: log pi_theta and log pi_theta' of prompt k's samples. With a_i = -logp_i,
     b_i = -logq_i, w_i = exp(logp_i - logq_i): delta = sum w a / sum w - mean b; its delta-method
     SE is sd(z)/sqrt(n), z_i = w_i (a_i - H') / mean(w) - (b_i - H). Reusing the samples for every
     theta' makes a_i and b_i nearly equal at small steps, so the SE shrinks with the step.
+    `weights`: each prompt's share of the mean (equal when omitted).
     """
     deltas, variances, ess = [], [], []
     for q, p in zip(logq, logp):
@@ -157,5 +163,6 @@ def is_delta_entropy(logq: list[torch.Tensor], logp: list[torch.Tensor]) -> ISEs
         deltas.append(h_new - h_old)
         variances.append(float(z.var(unbiased=True)) / n if n > 1 else math.nan)
         ess.append(float(w.sum() ** 2 / (w * w).sum()))
-    k = len(deltas)
-    return ISEstimate(sum(deltas) / k, math.sqrt(sum(variances)) / k, min(ess))
+    shares = weights or [1.0 / len(deltas)] * len(deltas)
+    return ISEstimate(sum(w * d for w, d in zip(shares, deltas)),
+                      math.sqrt(sum(w * w * v for w, v in zip(shares, variances))), min(ess))

@@ -81,6 +81,10 @@ def render_validate(out: Console, r: ValidateResult) -> None:
     s.add_row("θ", f"{r.n_params:,} trainable values, ‖θ‖ {fmt(r.theta_norm)}; preconditioner {r.precondition}")
     s.add_row("time", ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items()))
     out.print(s)
+    if r.autocast != "off":
+        out.print(f"[yellow]autocast {r.autocast}: the forward rounds away parameter steps far below its precision "
+                  f"(about 1e-3 of ‖θ‖ for bf16), so small-η truths flatten; validate with --set autocast=off "
+                  f"--set quant.compute_dtype=float32[/]")
 
 
 def save_plot(r: ValidateResult, path: str | Path) -> None:
@@ -91,7 +95,7 @@ def save_plot(r: ValidateResult, path: str | Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise GradprobeError("--plot needs matplotlib: pip install 'gradprobe[plot]'") from exc
+        raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from exc
     etas = [p.eta for p in r.points]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(etas, [abs(p.delta_true) for p in r.points], yerr=[p.delta_true_se for p in r.points],

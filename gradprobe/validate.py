@@ -36,7 +36,7 @@ NONLINEAR = 0.05  # second-order effects "begin" where Delta H leaves the small-
 # The ground-truth model `gradprobe validate` runs on without --config (configs/micro.yaml mirrors it):
 # the micro preset, responses of at most 4 tokens (7,381 per prompt), fp32 compute and no autocast so
 # that H resolves tiny steps, no checkpointing (the enumeration's backward is one plain graph).
-GROUND_TRUTH = ("model.preset=micro", "quant.compute_dtype=float32", "autocast='off'", "checkpointing='off'",
+GROUND_TRUTH = ("model.preset=micro", "quant.compute_dtype=float32", "autocast=off", "checkpointing=off",
                 "batch.max_new_tokens=4", "validate.eval_num_prompts=256")
 
 
@@ -80,6 +80,7 @@ class ValidateResult:
     max_len: int
     temperature: float
     precondition: str
+    autocast: str
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,10 +263,11 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
         h0 = policy.entropy(eval_prompts)  # the same no-grad computation the steps use
         is_draws = None
     else:
-        is_draws = sample_responses(stack, eval_prompts, vcfg["is_samples"], tau, max_len,
+        is_prompts, is_shares = zip(*distinct(eval_prompts))
+        is_draws = sample_responses(stack, list(is_prompts), vcfg["is_samples"], tau, max_len,
                                     torch.Generator().manual_seed(cfg["seed"] + 104729))
-        logq = [score(stack, p, r, tau) for p, r in zip(eval_prompts, is_draws)]
-        h0 = sum(float(-q.mean()) for q in logq) / len(logq)
+        logq = [score(stack, p, r, tau) for p, r in zip(is_prompts, is_draws)]
+        h0 = sum(w * float(-q.mean()) for w, q in zip(is_shares, logq))
     timings["truth at theta"] = time.perf_counter() - t2
 
     theta_norm = float(_flat(stack.params).double().norm())
@@ -284,7 +286,8 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
             if method == "exact":
                 delta, delta_se = policy.entropy(eval_prompts) - h0, 0.0
             else:
-                est = is_delta_entropy(logq, [score(stack, p, r, tau) for p, r in zip(eval_prompts, is_draws)])
+                est = is_delta_entropy(logq, [score(stack, p, r, tau) for p, r in zip(is_prompts, is_draws)],
+                                       list(is_shares))
                 delta, delta_se, min_ess = est.delta, est.se, min(min_ess, est.ess)
             step.restore()
             pred, pred_se = eta * slope_probe, eta * slope_probe_se
@@ -312,6 +315,6 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
         update_units=update.B, update_group_size=update.G, eval_units=evaluation.B,
         eval_group_size=evaluation.G,
         responses_per_prompt=count_responses(vocab, max_len) if method == "exact" else None,
-        is_samples=vcfg["is_samples"] if method == "importance" else None,
+        is_samples=vcfg["is_samples"] if method == "importance" else None,  # per distinct prompt
         is_min_ess=min_ess if method == "importance" else None, max_len=max_len, temperature=tau,
-        precondition=precond.source, timings=timings)
+        precondition=precond.source, autocast=cfg["autocast"], timings=timings)

@@ -65,7 +65,7 @@ def command(
             except ImportError:
                 from ..errors import GradprobeError
 
-                raise GradprobeError("--plot needs matplotlib: pip install 'gradprobe[plot]'") from None
+                raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from None
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         t1 = time.perf_counter()
