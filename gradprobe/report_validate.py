@@ -63,7 +63,7 @@ def render_validate(out: Console, r: ValidateResult) -> None:
     s = Table(show_header=False, box=None)
     s.add_column("quantity", style="bold")
     s.add_column("value")
-    s.add_row("H(θ)", f"{fmt(r.entropy)} nats (mean over {r.eval_units} evaluation prompts)")
+    s.add_row("H(θ)", f"{fmt(r.entropy)} nats (sequence entropy, mean over the evaluation batch's prompts)")
     slopes = f"fitted {fmt(r.slope_fit)}, probe −X̄_E·d {fmt(r.slope_probe)} ± {fmt(r.slope_probe_se, 2)}"
     if r.slope_exact is not None:
         slopes += f", exact ∇H·d {fmt(r.slope_exact)}"

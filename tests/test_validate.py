@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from gradprobe import ustat
@@ -29,6 +30,7 @@ from gradprobe.losses import advantages, x_weights, y_weights
 from gradprobe.persample import sequence_jacobian
 from gradprobe.precondition import Preconditioner
 from gradprobe.probe import GradReader, run_probe
+from gradprobe.report_validate import ratio_plot, render_validate, save_plot, validate_payload
 from gradprobe.rollouts import MICRO_PROMPTS, Batch, Group, builtin_prompts, builtin_reward
 from gradprobe.stack import load_stack
 from gradprobe.validate import GROUND_TRUTH, _Step, exact_entropy_grad, run_validate
@@ -131,18 +133,39 @@ def test_exact_grad_matches_central_difference(micro, pool):
     assert abs(fd - float(grad @ v)) < 1e-3 * abs(fd), (fd, float(grad @ v))
 
 
-def test_linearisation_and_theta_restored(micro):
-    cfg, stack = micro
+@pytest.fixture(scope="module")
+def small_run(micro):
+    """run_validate on the micro model with a small evaluation batch, and theta before and after."""
+    _, stack = micro
     cfg = load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=16"])
     before = [p.detach().clone() for p in stack.params]
     r = run_validate(stack, cfg)
-    assert all(torch.equal(a, p) for a, p in zip(before, stack.params))
+    return r, before, [p.detach().clone() for p in stack.params]
+
+
+def test_linearisation_and_theta_restored(small_run):
+    r, before, after = small_run
+    assert all(torch.equal(a, p) for a, p in zip(before, after))
     assert r.method == "exact" and r.responses_per_prompt == 7381
     dev = [abs(p.ratio_exact - 1) for p in r.points]
     assert dev[0] < 0.01, dev
     assert all(b > a for a, b in zip(dev, dev[1:])), dev  # deviation grows with eta
     assert dev[-1] > 0.05 and r.eta_nonlinear is not None
     assert abs(r.slope_fit / r.slope_exact - 1) < 0.01
+
+
+def test_render_json_and_plot(small_run, tmp_path):
+    r, _, _ = small_run
+    out = Console(record=True, width=120, no_color=True)
+    render_validate(out, r)
+    text = out.export_text()
+    assert "exact enumeration" in text and "second-order effects" in text
+    assert len([line for line in ratio_plot(r) if "│" in line or "●" in line]) == len(r.points)
+    payload = validate_payload(r, {"seed": 0})
+    assert json.loads(json.dumps(payload))["result"]["points"][0]["eta"] == r.points[0].eta
+    pytest.importorskip("matplotlib")
+    save_plot(r, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_importance_sampling_tracks_the_exact_change(micro, pool):
