@@ -193,6 +193,21 @@ def test_importance_sampling_tracks_the_exact_change(micro, pool):
     assert is_delta_entropy(logq, logq).delta == 0.0
 
 
+def test_importance_path_end_to_end(micro):
+    """run_validate's importance-sampling branch on the micro model (where exact would be chosen)."""
+    _, stack = micro
+    cfg = load_config(overrides=[*GROUND_TRUTH, "validate.method=importance", "validate.eval_num_prompts=4",
+                                 "validate.is_samples=300", "validate.points=3"])
+    r = run_validate(stack, cfg)
+    assert r.method == "importance" and r.slope_exact is None and r.responses_per_prompt is None
+    assert 0 < r.is_min_ess <= 300
+    with torch.no_grad():
+        h = sum(float(enumerate_prompt(stack, p, 1.0, MAX_LEN).entropy())
+                for p in [stack.tokenizer.encode(t, add_bos=True) for t in MICRO_PROMPTS[:4]]) / 4
+    assert abs(r.entropy - h) < 0.5  # H(theta) from 300 samples per prompt against the exact mean
+    assert all(p.delta_true_se > 0 and math.isfinite(p.ratio) for p in r.points)
+
+
 def test_per_sequence_jacobian_matches_backward(micro, pool):
     _, stack = micro
     pairs = [(pool[0], [3, 4, 2]), (pool[4], [5]), (pool[2], [9, 0, 7, 7])]

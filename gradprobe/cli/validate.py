@@ -23,9 +23,10 @@ from .common import (
     write_json,
 )
 
-EPILOG = """Without --config it runs on the micro ground-truth model (configs/micro.yaml): every response
-is enumerated, so the entropy change is exact. With --config, the truth is exact when the model is
-small enough (validate.max_enumerate) and importance-sampled otherwise.
+EPILOG = ("Without --config it runs on the micro ground-truth model (configs/micro.yaml): every response is "
+          "enumerated, so the entropy change is exact. With --config the truth is exact when the model is small "
+          "enough (validate.max_enumerate), else importance-sampled."
+          """
 
 Examples:
 
@@ -33,8 +34,8 @@ Examples:
 
   gradprobe validate --set validate.points=9 --set validate.step_max=0.1 --plot sweep.png
 
-  gradprobe validate --config configs/tiny.yaml --set validate.is_samples=512 --json result.json
-"""
+  gradprobe validate --config configs/tiny.yaml --set autocast=off --set quant.compute_dtype=float32 --json r.json
+""")
 
 
 def command(
