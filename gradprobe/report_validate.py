@@ -75,7 +75,8 @@ def render_validate(out: Console, r: ValidateResult) -> None:
     truth = (f"enumeration of {r.responses_per_prompt:,} responses per prompt" if exact else
              f"{r.is_samples} fresh samples per prompt, self-normalised weights, smallest ESS {fmt(r.is_min_ess, 3)}")
     s.add_row("truth", f"{truth}; responses ≤ {r.max_len} tokens at temperature {fmt(r.temperature)}")
-    s.add_row("steps", f"‖ηd‖/‖θ‖ from {fmt(r.points[0].step, 1)} to {fmt(r.points[-1].step, 1)}")
+    s.add_row("steps", f"‖ηd‖/‖θ‖ from {fmt(r.points[0].step, 1)} to {fmt(r.points[-1].step, 1)}; the run's "
+                       f"η {fmt(r.eta_run, 2)} is a step of {fmt(r.step_run, 2)}")
     s.add_row("batches", f"update {r.update_units}×{r.update_group_size} (d = P·∇LY, ‖d‖ {fmt(r.d_norm)}), "
                          f"evaluation {r.eval_units}×{r.eval_group_size}, independent")
     s.add_row("θ", f"{r.n_params:,} trainable values, ‖θ‖ {fmt(r.theta_norm)}; preconditioner {r.precondition}")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .api import DEFAULT_LEARNING_RATE
 from .entropy import (
     count_responses,
     enumerate_prompt,
@@ -69,6 +70,8 @@ class ValidateResult:
     grad_cosine: float | None  # cos(-Xbar_E, grad H) (exact path)
     d_norm: float
     theta_norm: float
+    eta_run: float  # the run's learning rate (probe.learning_rate, else the optimizer state's, else the default)
+    step_run: float  # its relative step ||eta_run d|| / ||theta||
     n_params: int
     update_units: int
     update_group_size: int
@@ -272,6 +275,7 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
 
     theta_norm = float(_flat(stack.params).double().norm())
     d_norm = float(d.norm())
+    eta_run = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
     n = vcfg["points"]
     steps = [vcfg["step_min"] * (vcfg["step_max"] / vcfg["step_min"]) ** (k / (n - 1)) for k in range(n)]
     scale = (theta_norm if theta_norm > 0 else 1.0) / d_norm
@@ -311,7 +315,8 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
     return ValidateResult(
         method=method, points=points, entropy=h0, slope_fit=slope_fit, slope_probe=slope_probe,
         slope_probe_se=slope_probe_se, slope_exact=slope_exact, eta_nonlinear=eta_nonlinear,
-        grad_cosine=grad_cosine, d_norm=d_norm, theta_norm=theta_norm, n_params=stack.n_params,
+        grad_cosine=grad_cosine, d_norm=d_norm, theta_norm=theta_norm, eta_run=eta_run,
+        step_run=eta_run * d_norm / (theta_norm if theta_norm > 0 else 1.0), n_params=stack.n_params,
         update_units=update.B, update_group_size=update.G, eval_units=evaluation.B,
         eval_group_size=evaluation.G,
         responses_per_prompt=count_responses(vocab, max_len) if method == "exact" else None,
