@@ -82,10 +82,6 @@ def enumerate_prompt(stack, prompt: list[int], temperature: float, max_len: int)
     return Enumeration(responses, torch.cat(logps))
 
 
-def exact_entropies(stack, prompts: list[list[int]], temperature: float, max_len: int) -> list[Enumeration]:
-    return [enumerate_prompt(stack, p, temperature, max_len) for p in prompts]
-
-
 def sample_enumerated(enum: Enumeration, n: int, generator: torch.Generator) -> list[list[int]]:
     """n i.i.d. responses drawn from the enumerated distribution itself (exactly the policy)."""
     probs = enum.logp.detach().exp().cpu()
