@@ -55,11 +55,21 @@ DEFAULTS: dict[str, Any] = {
         "optimizer_order": "auto",
         "learning_rate": None,
     },
+    "validate": {
+        "method": "auto",
+        "points": 7,
+        "step_min": 1.0e-5,
+        "step_max": 1.0e-2,
+        "eval_num_prompts": 32,
+        "eval_group_size": 8,
+        "is_samples": 256,
+        "max_enumerate": 20000,
+    },
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
-    "model.preset": ("tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b"),
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
@@ -71,6 +81,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),
+    "validate.method": ("auto", "exact", "importance"),
 }
 
 # Keys whose default is None: the type a value must have when one is given.

@@ -568,3 +568,28 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         forwards=eng.forwards, backwards=eng.backwards, tokens=eng.tokens,
         seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
     )
+
+
+def unit_gradients(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+                   kinds: tuple[str, ...] = ("x", "y")) -> dict[str, torch.Tensor]:
+    """Per-unit X[u] and/or Y[u] = P grad LY[u] as rows of [units, n] fp32 CPU tensors, from the probe's
+    own forwards, weights and backward() reads; for callers that need more than U_cross (validate)."""
+    units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
+    unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
+    eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
+    reader = GradReader(stack.params)
+    out = {k: torch.zeros(len(units), stack.n_params) for k in kinds}
+    for u, ps in enumerate(units):
+        chunks = plan_chunks(ps, eng.group_sizes, eng.mb)
+        eng.prepare(chunks)
+        for chunk in chunks:
+            s = eng.forward(chunk)
+            wx, wy = eng.weights(chunk, s)
+            for i, k in enumerate(kinds):
+                eng.backward((s * (wx if k == "x" else wy)).sum(), retain=i + 1 < len(kinds))
+                reader.add(out[k][u])
+        stack.model.zero_grad(set_to_none=True)
+    pvec = precond.flat(torch.device("cpu"))
+    if "y" in out and pvec is not None:
+        out["y"].mul_(pvec)
+    return out

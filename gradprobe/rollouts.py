@@ -26,6 +26,16 @@ BUILTIN_PROMPTS = [
     "name a day:", "write 7*6=", "say bye:", "a rhyme for cat:", "the next letter after q:",
 ]
 
+# Prompts in the "micro" preset's seven-letter alphabet.
+MICRO_PROMPTS = ["abc", "gfe", "bead", "cafe", "dge", "fab", "ace", "badge", "egg", "dad", "cab", "fade"]
+
+
+def builtin_prompts(tokenizer) -> list[str]:
+    """The built-in prompts that the tokenizer can encode (the micro alphabet has no spaces or digits)."""
+    if hasattr(tokenizer, "index") and not set("".join(BUILTIN_PROMPTS)) <= set(tokenizer.index):
+        return MICRO_PROMPTS
+    return BUILTIN_PROMPTS
+
 
 def builtin_reward(prompt: str, response: str) -> float:
     """Varies across samples: vowel share of the response, a bonus for stopping, a penalty for sprawl."""
@@ -171,7 +181,8 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
                    prompts: list[str] | None = None) -> Batch:
     """Sample G responses to each of B built-in prompts and score them."""
     tok = stack.tokenizer
-    texts = [(prompts or BUILTIN_PROMPTS)[i % len(prompts or BUILTIN_PROMPTS)] for i in range(num_prompts)]
+    prompts = prompts or builtin_prompts(tok)
+    texts = [prompts[i % len(prompts)] for i in range(num_prompts)]
     prompt_ids = [_prompt_ids(tok, t) for t in texts]
     width = max(map(len, prompt_ids))
     pad = tok.pad_token_id

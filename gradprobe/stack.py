@@ -14,13 +14,18 @@ from typing import Any
 import torch
 
 from .errors import GradprobeError
-from .tokenizer import CharTokenizer
+from .tokenizer import MICRO_ALPHABET, CharTokenizer
 
 # Architecture presets with random weights: offline runs and benchmarks at real shapes.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=len(CharTokenizer()), hidden_size=64, intermediate_size=128,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  max_position_embeddings=512, tie_word_embeddings=True),
+    # Small enough to enumerate every response exactly (gradprobe validate's ground truth); the wider
+    # initialisation gives a peaked, prompt-dependent policy instead of a near-uniform one.
+    "micro": dict(vocab_size=len(CharTokenizer(MICRO_ALPHABET)), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.2),
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
@@ -28,6 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
 }
+
+# Presets whose tokenizer is the built-in one with a smaller alphabet.
+PRESET_ALPHABETS: dict[str, str] = {"micro": MICRO_ALPHABET}
+SMALL_PRESETS = ("tiny", "micro")  # saved in fp32 before quantisation
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -128,7 +137,7 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
     if cfg["quant"]["mode"] == "none":
         return model.to(device)
     with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
-        model.to(torch.bfloat16 if preset != "tiny" else torch.float32).save_pretrained(tmp)
+        model.to(torch.float32 if preset in SMALL_PRESETS else torch.bfloat16).save_pretrained(tmp)
         del model
         return _load_pretrained(tmp, cfg, device)
 
@@ -136,7 +145,8 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
 def _tokenizer(cfg: dict[str, Any]):
     source = cfg["model"]["name_or_path"]
     if source is None:
-        return CharTokenizer()
+        preset = cfg["model"]["preset"]
+        return CharTokenizer(PRESET_ALPHABETS[preset]) if preset in PRESET_ALPHABETS else CharTokenizer()
     from transformers import AutoTokenizer
 
     try:

@@ -6,14 +6,15 @@ import re
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,:?!+-=*"
+MICRO_ALPHABET = "abcdefg"  # the "micro" preset: 10 ids, so every short response can be enumerated
 
 
 class CharTokenizer:
-    """Maps each character of ALPHABET to one id; ids 0-2 are pad, bos, eos."""
+    """Maps each character of the alphabet (ALPHABET unless given) to one id; ids 0-2 are pad, bos, eos."""
 
-    def __init__(self) -> None:
+    def __init__(self, alphabet: str = ALPHABET) -> None:
         self.specials = [PAD, BOS, EOS]
-        self.vocab = self.specials + list(ALPHABET)
+        self.vocab = self.specials + list(alphabet)
         self.index = {tok: i for i, tok in enumerate(self.vocab)}
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 1, 2
 
