@@ -15,6 +15,10 @@ import torch
 from .errors import GradprobeError
 
 
+class StateMismatch(GradprobeError):
+    """The optimizer state's counts or shapes are another model's or adapter's."""
+
+
 @dataclass
 class Preconditioner:
     """Per-parameter inverse scales in the probe's parameter order (None: identity)."""
@@ -152,7 +156,7 @@ def _check_layout(slots: list, owner: list[int | None], state: dict, names: list
         return
     count = (f": it covers {len(slots)} parameters but the model has {len(params)} trainable ones"
              if len(slots) != len(params) else "")
-    raise GradprobeError(f"{source} does not match the model{count} ({how}); first mismatch: {first}")
+    raise StateMismatch(f"{source} does not match the model{count} ({how}); first mismatch: {first}")
 
 
 def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],

@@ -144,6 +144,28 @@ def test_delta_h1_cli_on_checkpoint(run, tmp_path):
     assert math.isfinite(payload["result"]["deltaH1"]) and payload["result"]["deltaH1"] != 0
 
 
+def test_diagnose_cli_on_checkpoint(run, tmp_path):
+    """diagnose reads the same run: the Trainer-ordered Adam state covers every parameter (biases included)."""
+    out = tmp_path / "d.json"
+    res = CliRunner().invoke(app, ["diagnose", "--checkpoint", str(run["a"]), "--quiet", "--json", str(out),
+                                   "--set", "checkpointing=non_reentrant", *SMALL_ARGS])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["verdict"]["root_cause"] == "healthy"
+    assert payload["checkpoint"]["global_step"] == SAVE_AT
+    coverage = next(c for c in payload["checks"] if c["name"] == "optimizer_state")
+    assert coverage["status"] == "pass", coverage
+    assert "optimizer.pt" in json.dumps(coverage["evidence"])
+    # another adapter's state is a finding here (delta-h1 refuses it): named, with the first mismatch
+    res = CliRunner().invoke(app, ["diagnose", "--checkpoint", str(run["a"]), "--optimizer-state",
+                                   str(run["b"] / "optimizer.pt"), "--quiet", "--json", str(out), *SMALL_ARGS])
+    assert res.exit_code == 1, res.output
+    verdict = json.loads(out.read_text())["verdict"]
+    assert verdict["root_cause"] == "optimizer_state_mismatch"
+    assert "optimizer index 0 has shape (4, 64)" in verdict["summary"]
+    assert "No single change" not in verdict["summary"]
+
+
 def test_optimizer_state_of_another_adapter_is_refused(run):
     res = CliRunner().invoke(app, ["delta-h1", "--checkpoint", str(run["a"]), "--optimizer-state",
                                    str(run["b"] / "optimizer.pt"), "--quiet", *SMALL_ARGS])

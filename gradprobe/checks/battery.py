@@ -12,6 +12,7 @@ from .check import FAIL, PASS, WARN, Check
 from .facts import Facts
 from .measure import GradStats
 from .model_state import short_name
+from .verdict import FIXES
 
 BACKWARD_FIX = "Take gradients with loss.backward() and read param.grad (as `gradprobe delta-h1` does)."
 NON_REENTRANT_FIX = ("or switch checkpointing to non-reentrant: model.gradient_checkpointing_enable("
@@ -314,6 +315,8 @@ def optimizer_state(f: Facts) -> Check:
             ev["missing_names"] = _model_names(o.missing)
         if o.error:
             ev["error"] = o.error
+        if o.mismatch and not o.missing:
+            return Check("optimizer_state", "preconditioner coverage", FAIL, ev, FIXES["optimizer_state_mismatch"])
         return Check("optimizer_state", "preconditioner coverage", FAIL, ev,
                      "Give the state of an optimizer that has stepped every trainable parameter, or probe with "
                      "precondition=identity; never fill missing state with zeros (P = 1/eps ≈ 1e8).")

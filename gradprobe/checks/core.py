@@ -122,7 +122,8 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         raise GradprobeError("the parameter list is empty")
     subject = Subject(model=model, params=plist, names=param_names(model, plist),
                       loss_fn=loss_fn or base.loss_fn, optimizer=optimizer, optimizer_state=state,
-                      optimizer_source=source, batch=batch, measured_groups=base.measured_groups if base else None,
+                      optimizer_source=source, optimizer_order=cfg["probe"]["optimizer_order"] if cfg else "auto",
+                      batch=batch, measured_groups=base.measured_groups if base else None,
                       autocast_off=(base.autocast_off if base and loss_fn is None else user_autocast_off(plist)),
                       expect_4bit=base.expect_4bit if base else None, params_note=note, params_source=psource)
 

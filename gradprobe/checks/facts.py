@@ -9,7 +9,7 @@ import torch
 
 from ..errors import GradprobeError
 from ..losses import advantages
-from ..precondition import from_adam_state
+from ..precondition import StateMismatch, from_adam_state, no_decay_names
 from .measure import GradStats, Measurement
 from .model_state import (
     adapter_params,
@@ -46,6 +46,7 @@ class OptimizerCoverage:
     missing: list[str] = field(default_factory=list)  # parameter names without Adam state
     zero_v: list[str] = field(default_factory=list)  # state present but exp_avg_sq all zero: P = 1/eps
     error: str | None = None  # a state_dict that cannot be mapped at all
+    mismatch: bool = False  # its counts or shapes are another model's (the error says which)
     never_stepped: bool = False  # an optimizer object with no state at all
     not_adam: str | None = None
 
@@ -151,9 +152,11 @@ def _optimizer(s: Subject, names: list[str]) -> OptimizerCoverage:
     if s.optimizer_state is not None:
         cov = OptimizerCoverage(given=True, source=s.optimizer_source or "optimizer state_dict")
         try:
-            pre = from_adam_state(s.optimizer_state, names, list(s.params), source=cov.source)
+            pre = from_adam_state(s.optimizer_state, names, list(s.params), source=cov.source,
+                                  no_decay=no_decay_names(s.model), order=s.optimizer_order)
         except GradprobeError as exc:
             cov.error = str(exc)
+            cov.mismatch = isinstance(exc, StateMismatch)
             cov.missing = _missing_by_index(s.optimizer_state, names)
             return cov
         cov.covered = len(pre.scales or [])

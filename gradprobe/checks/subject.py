@@ -29,6 +29,7 @@ class Subject:
     optimizer: torch.optim.Optimizer | None = None
     optimizer_state: dict[str, Any] | None = None  # an optimizer state_dict (e.g. from a file)
     optimizer_source: str = ""
+    optimizer_order: str = "auto"  # how optimizer indices map to parameters (probe.optimizer_order)
     batch: Batch | None = None
     measured_groups: list[int] | None = None  # the groups the gradient checks run on
     autocast_off: Callable[[], contextlib.AbstractContextManager] | None = None

@@ -1,6 +1,6 @@
 """The verdict: which documented root causes hold, in order of impact, in plain words with the fix.
 
-ROOT_CAUSES is the stable list (ids never change meaning; new ones are appended). Impact order:
+ROOT_CAUSES is the stable list (ids never change meaning; new ones go in at their rank). Impact order:
 causes that stop every gradient come first, then those that corrupt what does arrive, then those
 that only break `torch.autograd.grad` while backward() still works.
 """
@@ -22,6 +22,7 @@ ROOT_CAUSES: dict[str, str] = {
     "checkpoint_inputs_no_grad": "reentrant checkpointing without an input that requires grad",
     "empty_generation": "every response is empty, so S has no generated token to differentiate",
     "nonfinite_gradients": "NaN/Inf in the weights, the loss or the gradients",
+    "optimizer_state_mismatch": "the optimizer state belongs to another model or adapter (counts or shapes differ)",
     "missing_optimizer_state": "the optimizer state lacks Adam moments for some parameters",
     "no_learning_signal": "every measured group has identical rewards, so Y is exactly zero",
     "unexplained_missing_gradients": "backward() leaves parameters without gradient and no check explains it",
@@ -47,6 +48,8 @@ FIXES: dict[str, str] = {
                         "mask marking the generated region.",
     "nonfinite_gradients": "Reload the last finite checkpoint and find the step that produced NaN/Inf (learning rate, "
                            "fp16 overflow without a GradScaler).",
+    "optimizer_state_mismatch": "Give the optimizer state saved with this adapter (the same checkpoint directory); "
+                                "a state from another rank or target modules cannot precondition this one.",
     "missing_optimizer_state": "Use the state of an optimizer that has stepped every trainable parameter, or probe "
                                "with precondition=identity; never fill the gap with zeros (P = 1/eps ≈ 1e8).",
     "no_learning_signal": "Use groups whose rewards differ (a larger G or a reward with spread): a flat group "
@@ -227,6 +230,9 @@ def _optimizer_state(f: Facts) -> Cause | None:
     o, n = f.optimizer, f.n
     if not (o.given and (o.missing or o.error) and not o.not_adam):
         return None
+    if o.mismatch and not o.missing:
+        return Cause("optimizer_state_mismatch", f"The optimizer state does not fit the parameters: {o.error}.",
+                     {"error": o.error})
     fresh = " (it has not taken a step yet)" if o.covered == 0 and o.never_stepped else ""
     missing = [f.names.index(nm) for nm in o.missing if nm in f.names]
     return Cause("missing_optimizer_state",
@@ -331,8 +337,15 @@ def _outcome(r: DiffRun) -> str:
     return " and ".join(parts) or "the symptom goes away"
 
 
+# Causes no factor of the differential run could remove: it says nothing about them.
+OUTSIDE_DIFFERENTIAL = {"empty_generation", "nonfinite_gradients", "optimizer_state_mismatch",
+                        "missing_optimizer_state", "no_learning_signal"}
+
+
 def _confirmation(c: Cause, runs: list[DiffRun]) -> str:
     tried = [r for r in runs if r.applied]
+    if c.id in OUTSIDE_DIFFERENTIAL and not c.confirmed_by:
+        return ""
     if c.confirmed_by:
         detail = [f"with {r.change}, {_outcome(r)}" for r in runs if r.factor in c.confirmed_by]
         others = [r.factor for r in tried if r.factor not in c.confirmed_by]

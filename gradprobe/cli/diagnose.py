@@ -9,13 +9,16 @@ from typing import Annotated
 import typer
 
 from .common import (
+    CheckpointOpt,
     ConfigOpt,
     DebugOpt,
     JsonOpt,
+    OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
     SeedOpt,
     SetOpt,
+    apply_checkpoint,
     consoles,
     guarded,
     make_config,
@@ -35,6 +38,8 @@ Examples:
   gradprobe diagnose --set checkpointing=non_reentrant
 
   gradprobe diagnose --config configs/qwen2.5-1.5b-qlora.yaml --rollouts batch.jsonl --json report.json
+
+  gradprobe diagnose --checkpoint outputs/checkpoint-500 --rollouts batch.jsonl
 """
 
 
@@ -48,6 +53,8 @@ def command(
     set_: SetOpt = None,
     seed: SeedOpt = None,
     rollouts: RolloutsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    optimizer_state: OptimizerStateOpt = None,
     fail_on: Annotated[FailOn, typer.Option("--fail-on", help="Exit 1 on any FAIL (default) or on any WARN too.",
                                             case_sensitive=False)] = FailOn.fail,
     json_: JsonOpt = None,
@@ -62,9 +69,10 @@ def command(
         from ..checks import diagnose
         from ..checks.core import load_optimizer_state
         from ..checks.render import payload, render
+        from ..report import render_checkpoint
         from ..stack import load_stack
 
-        cfg = make_config(config, set_, seed, rollouts)
+        cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
         state, source = load_optimizer_state(cfg)  # a bad path fails now, not after the model load
         t0 = time.perf_counter()
         stack = load_stack(cfg)
@@ -77,8 +85,12 @@ def command(
                           optimizer_source=source or "optimizer state_dict")
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
         code = result.exit_code(fail_on.value)
+        render_checkpoint(out, ckpt)
         render(out, result, code)
-        write_json(payload(result, cfg, code), json_)
+        doc = payload(result, cfg, code)
+        if ckpt is not None:
+            doc["checkpoint"] = ckpt.to_dict()
+        write_json(doc, json_)
         return code
 
     guarded(debug, err, body)
