@@ -20,6 +20,18 @@ PACKAGES = ("gradprobe", "torch", "transformers", "peft", "bitsandbytes", "accel
             "tokenizers", "typer", "rich")
 
 
+def available_host_memory() -> int | None:
+    """Bytes the kernel could hand out now without swapping (MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)

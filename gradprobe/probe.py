@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import lora_grads, ustat
+from .environment import available_host_memory
 from .errors import GradprobeError
 from .logprobs import pack, sequence_logprobs
 from .losses import advantages, x_weights, y_weights
@@ -328,6 +329,18 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
+def host_bank(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two [m, n] fp32 host banks, refused up front (not by the OOM killer at unit m) when they do not fit."""
+    need = 2 * m * n * 4
+    avail = available_host_memory()
+    if avail is not None and need > 0.9 * avail:
+        raise GradprobeError(
+            f"the fused schedule keeps every unit's X and Y on the host: {need / 2**30:.1f} GiB for {m} units x "
+            f"{n:,} trainable values, but {avail / 2**30:.1f} GiB is available; use probe.mode=blocks with "
+            f"probe.block_size=k (k times less), fewer prompts, or probe.schedule=literal (no bank, slower)")
+    return torch.empty(m, n), torch.empty(m, n)
+
+
 class _UnitSink:
     """Takes each unit's X[u] and raw grad LY[u] from the flat device buffers: the preconditioner, the
     diagonal dots X[u].Y[u], the running sums, and a host bank of the per-unit gradients.
@@ -348,8 +361,7 @@ class _UnitSink:
         self.on_device = self.cuda and sums_on_device
         where = device if self.on_device else torch.device("cpu")
         self.pvec = pvec.to(where) if pvec is not None else None  # padded
-        self.bank_x = torch.empty(m, n)
-        self.bank_y = torch.empty(m, n)
+        self.bank_x, self.bank_y = host_bank(m, n)
         self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
         self.sx = torch.zeros(n, device=where)
         self.sy = torch.zeros(n, device=where)

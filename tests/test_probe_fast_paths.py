@@ -107,3 +107,17 @@ def test_one_backward_falls_back_when_a_tensor_is_not_a_lora_weight(stacks):
         stack.refresh_params()
     assert out["one_backward"].schedule == "fused"
     assert out["one_backward"].U_cross == pytest.approx(out["literal"].U_cross, rel=1e-5)
+
+
+def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatch):
+    import gradprobe.probe as probe
+
+    stack = stacks["non_reentrant"]
+    cfg = gp.load_config(overrides=[*FP32, "checkpointing=non_reentrant", "batch.num_prompts=4", "batch.group_size=2"])
+    batch = gp.build_batch(stack, cfg)
+    need = 2 * 4 * probe.FlatLayout(stack.params).n * 4
+    monkeypatch.setattr(probe, "available_host_memory", lambda: need)  # 10% short of the 90% margin
+    with pytest.raises(gp.GradprobeError, match=r"GiB for 4 units .* probe\.mode=blocks"):
+        gp.delta_h1(stack, batch, cfg)
+    monkeypatch.setattr(probe, "available_host_memory", lambda: 2 * need)
+    assert gp.delta_h1(stack, batch, cfg).B == 4
