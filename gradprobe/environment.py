@@ -60,6 +60,20 @@ def _bitsandbytes() -> dict[str, Any]:
     return info
 
 
+def _driver_cuda() -> str | None:
+    """The newest CUDA the installed driver supports, asked of the driver itself (torch has no public call)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        version = ctypes.c_int()
+        if lib.cuDriverGetVersion(ctypes.byref(version)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return f"{version.value // 1000}.{version.value % 1000 // 10}"  # e.g. 12040 -> 12.4
+
+
 def _torch() -> dict[str, Any]:
     import torch
 
@@ -74,8 +88,7 @@ def _torch() -> dict[str, Any]:
         "devices": [],
     }
     if cuda:
-        driver = torch._C._cuda_getDriverVersion()  # e.g. 12040 for a driver that supports CUDA 12.4
-        info["driver_cuda"] = f"{driver // 1000}.{driver % 1000 // 10}"
+        info["driver_cuda"] = _driver_cuda()
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             info["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
