@@ -22,8 +22,9 @@ def test_layout_dots_match_float64():
     want = torch.stack([(x.double() * y.double()).sum() for x, y in zip(layout.views(a), layout.views(b))])
     assert torch.allclose(layout.dots(a, b), want, rtol=1e-6, atol=1e-9)
     rows = torch.stack([a, b, a - 3 * b])
-    scale = float(rows.norm(dim=1).max() * b.norm())  # fp32 inside 8192-column slabs, fp64 across them
-    assert torch.allclose(layout.row_dots(rows, b), rows.double() @ b.double(), rtol=0, atol=1e-6 * scale)
+    scale = float(rows.norm(dim=1).max()) ** 2  # fp32 inside 8192-column slabs, fp64 across them
+    want = rows.double() @ rows[:2].double().T
+    assert torch.allclose(layout.cross_dots(rows, rows[:2]), want, rtol=0, atol=1e-6 * scale)
 
 
 @pytest.fixture(scope="module")
