@@ -61,7 +61,7 @@ def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int 
     t.add_row("deltaH1", f"{fmt(r.deltaH1)} ± {fmt(se, 2)} ({which})")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
     t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}")
-    t.add_row("Xbar·Ybar, Σ X[u]·Y[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
+    t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
     t.add_row("units B, G, prompts", f"{r.B} ({r.mode}), {r.G}, {r.n_prompts}")
     t.add_row("learning rate", fmt(r.learning_rate))
     t.add_row("preconditioner", r.precondition)
