@@ -153,3 +153,15 @@ def test_unbiased_by_monte_carlo_with_noisy_units():
     assert abs(z(torch.tensor([s.var_unbiased for s in stats], dtype=torch.float64))) < 4
     assert z(torch.tensor([s.se_jackknife for s in stats], dtype=torch.float64) ** 2) > 30  # about 75
     assert z(torch.tensor([s.se for s in stats], dtype=torch.float64) ** 2) > 15  # about 40
+
+
+@pytest.mark.parametrize("b", [4, 7, 12])
+def test_jackknife_corrected_by_unbiased_s2_is_the_unbiased_variance(b):
+    """E[jackknife^2] = 4 s1^2/B + 4 s2^2/(B(B-2)); removing the excess with the unbiased s2^2 leaves the
+    one symmetric unbiased estimator, identically (not just on average)."""
+    g = torch.Generator().manual_seed(b)
+    k = torch.randn(b, b, generator=g, dtype=torch.float64) * 3 + 1
+    st = ustat.summarize_cross(k)
+    _, s2 = ustat.variance_components(k)
+    corrected = st.se_jackknife ** 2 - (4 / (b * (b - 2)) - 2 / (b * (b - 1))) * s2
+    assert corrected == pytest.approx(st.var_unbiased, rel=1e-9, abs=1e-12)
