@@ -4,11 +4,11 @@
 
 Units draw a prompt uniformly from the 12 micro prompts and G responses from the exact (enumerated)
 policy, so they are i.i.d.; X[u], Y[u] come from per-sequence gradients (one batched backward per 256
-sequences) and the probe's loss weights; U_cross and both SEs from gradprobe.ustat. Printed: the cosine of
+sequences) and the probe's loss weights; U_cross and its SEs from gradprobe.ustat. Printed: the cosine of
 mean Xbar with -grad H (exact), mean U_cross against E[X].E[Y] (exact E[X], Y from an independent half),
-the V-statistic's bias, and mean/RMS reported SE over the empirical SD of U_cross. `--unbiased` also
-prints the exactly unbiased variance estimate U^2 - U4 from the pairwise matrix X[u].Y[v] (for comparison;
-not what the probe reports).
+the V-statistic's bias, and for each SE (row-mean Hoeffding and jackknife, the probe's se_unbiased from
+the cross matrix X[u].Y[v], and the plain root of the unbiased variance) its mean and RMS over the
+empirical SD of U_cross and the coverage of +-1.96 SE around the mean of U_cross.
 """
 
 from __future__ import annotations
@@ -28,24 +28,13 @@ from gradprobe.stack import load_stack
 from gradprobe.validate import GROUND_TRUTH, exact_entropy_grad
 
 
-def unbiased_variance(pairs: torch.Tensor) -> float:
-    """U^2 - (mean over 4 distinct indices of h(u,v) h(w,z)), h the symmetrised kernel: unbiased for Var U."""
-    b = pairs.shape[0]
-    h = 0.5 * (pairs + pairs.T)
-    h = h - torch.diag(torch.diag(h))
-    a = h.sum(1)
-    total, sq_a, sq_h = float(a.sum()), float((a * a).sum()), float((h * h).sum())
-    u = total / (b * (b - 1))
-    return u * u - (total ** 2 - 4 * sq_a + 2 * sq_h) / (b * (b - 1) * (b - 2) * (b - 3))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, default=400)
     ap.add_argument("--units", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--seed", type=int, default=4)
-    ap.add_argument("--unbiased", action="store_true")
+    ap.add_argument("--save", help="write every batch's cross matrix X[u].Y[v] to this .pt file")
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. lora.r=2")
     args = ap.parse_args()
     cfg = load_config(overrides=[*GROUND_TRUTH, *args.set])
@@ -74,12 +63,10 @@ def main() -> None:
         y[u] = y_weights(advantages(rewards), torch.tensor([len(r) for r in rs]), "dr_grpo") @ rows
 
     xs, ys = x[:n * b].view(n, b, -1), y[:n * b].view(n, b, -1)
-    stats, unb = [], []
-    for k in range(n):
-        sx, sy = xs[k].sum(0), ys[k].sum(0)
-        stats.append(ustat.summarize(float(sx @ sy) / b ** 2, (xs[k] * ys[k]).sum(1), xs[k] @ sy, ys[k] @ sx))
-        if args.unbiased:
-            unb.append(unbiased_variance(xs[k] @ ys[k].T))
+    cross = torch.stack([xs[k] @ ys[k].T for k in range(n)])
+    if args.save:
+        torch.save(cross, args.save)
+    stats = [ustat.summarize_cross(c) for c in cross]
     u = torch.tensor([st.u_cross for st in stats], dtype=torch.float64)
     v = torch.tensor([st.bars_dot for st in stats], dtype=torch.float64)
     sd = float(u.std())
@@ -95,16 +82,16 @@ def main() -> None:
     print(f"V-statistic Xbar.Ybar mean {float(v.mean()):.4g}: z = {(float(v.mean()) - target) / vcomb:.2f}")
     z = (u - u.mean()) / sd
     print(f"empirical SD of U_cross {sd:.4g} (kurtosis {float((z ** 4).mean()):.1f})")
-    for name, se in (("hoeffding", [st.se for st in stats]), ("jackknife", [st.se_jackknife for st in stats])):
-        se_t = torch.tensor(se, dtype=torch.float64)
-        rms = float((se_t ** 2).mean().sqrt())
-        print(f"{name}: mean SE / SD {float(se_t.mean()) / sd:.3f}, RMS SE / SD {rms / sd:.3f}")
-    if unb:
-        vt = torch.tensor(unb, dtype=torch.float64)
-        print(f"unbiased U^2-U4: mean var / SD^2 {float(vt.mean()) / sd ** 2:.3f}, "
-              f"mean sqrt(max(var,0)) / SD {float(vt.clamp(min=0).sqrt().mean()) / sd:.3f}, "
-              f"negative in {int((vt < 0).sum())}/{n}")
-
+    var = torch.tensor([st.var_unbiased for st in stats], dtype=torch.float64)
+    ses = {name: torch.tensor([getattr(st, attr) for st in stats], dtype=torch.float64)
+           for name, attr in (("hoeffding", "se"), ("jackknife", "se_jackknife"), ("unbiased", "se_unbiased"))}
+    ses["sqrt(max(U^2-theta2,0))"] = var.clamp(min=0).sqrt()
+    print("SE: mean SE / SD, RMS SE / SD, share of batches with |U_cross - mean| <= 1.96 SE")
+    for name, se_t in ses.items():
+        cover = float(((u - u.mean()).abs() <= 1.96 * se_t).double().mean())
+        print(f"  {name}: {float(se_t.mean()) / sd:.3f}, {float((se_t ** 2).mean().sqrt()) / sd:.3f}, {cover:.3f}")
+    print(f"unbiased variance U^2 - theta2: mean / SD^2 {float(var.mean()) / sd ** 2:.3f} "
+          f"± {float(var.std()) / math.sqrt(n) / sd ** 2:.3f}, negative in {int((var < 0).sum())}/{n}")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@
     stack = load_stack(cfg)
     batch = build_batch(stack, cfg)
     result = delta_h1(stack, batch, cfg)
-    print(result.deltaH1, result.se)
+    print(result.deltaH1, result.se_unbiased)   # NaN under probe.schedule=literal: use result.se
 """
 
 from __future__ import annotations

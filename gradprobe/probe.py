@@ -10,8 +10,8 @@ Three schedules compute the same estimator:
 In fused and one_backward, backward() adds straight into two flat fp32 buffers behind .grad (X[u] and
 grad LY[u]); P, the diagonal dots and the running sums run on the device without a host round trip; the
 per-unit gradients go to a host bank asynchronously, because the row means need X[u].sum_v Y[v] and
-that sum is known only after the last unit (bench/RESULTS.md counts the buffers). Dot products take fp32
-products and fp64 sums.
+that sum is known only after the last unit (bench/RESULTS.md counts the buffers); the bank also gives the
+cross matrix X[u].Y[v] behind the unbiased SE (ustat.py). Dot products take fp32 products and fp64 sums.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ class ProbeResult:
     se_jackknife: float  # standard error of deltaH1 (delete-one jackknife)
     U_cross_se: float
     U_cross_se_jackknife: float
+    se_unbiased: float  # standard error of deltaH1 from the unbiased variance (ustat.py); NaN under literal
+    U_cross_se_unbiased: float
+    U_cross_var_unbiased: float  # that variance before clipping at 0: negative means "SE ~ 0, B too small"
     bars_dot: float
     diag_sum: float
     B: int  # units (prompts in exact mode, blocks in blocks mode)
@@ -120,14 +123,14 @@ class FlatLayout:
         c = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])
         return c[last] - c[first]
 
-    def row_dots(self, rows: torch.Tensor, v: torch.Tensor, cols: int = 8192) -> torch.Tensor:
-        """rows[u].v for every row in fp64 [m]: fp32 matrix-vector products over short column slabs,
-        summed in fp64. X[u].sum Y carries the large X[u].Y[u] that the row means subtract again, so one
-        long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too coarse; 8192 columns
-        keep it near 1e-8 at close to memory speed."""
-        out = torch.zeros(rows.shape[0], dtype=torch.float64)
+    def cross_dots(self, a: torch.Tensor, b: torch.Tensor, cols: int = 8192) -> torch.Tensor:
+        """a[u].b[v] for every pair of rows in fp64 [m_a, m_b]: fp32 matrix products over short column
+        slabs, summed in fp64. Its row sums X[u].sum Y carry the large X[u].Y[u] that the row means
+        subtract again, so one long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too
+        coarse; 8192 columns keep it near 1e-8, and each slab is read once for all m^2 dots."""
+        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
         for s in range(0, self.n, cols):
-            out += (rows[:, s:s + cols] @ v[s:s + cols]).double()
+            out += (a[:, s:s + cols] @ b[:, s:s + cols].T).double()
         return out
 
 
@@ -346,7 +349,8 @@ class _UnitSink:
     diagonal dots X[u].Y[u], the running sums, and a host bank of the per-unit gradients.
 
     The row means need X[u].sum_v Y[v], a sum known only after the last unit, so X[u] and Y[u] wait on
-    the host (2 x n fp32 per unit, never on the device) and meet the final sums in one pass at the end.
+    the host (2 x n fp32 per unit, never on the device); one pass at the end forms K[u, v] = X[u].Y[v],
+    whose row and column sums are X[u].sum Y and Y[u].sum X.
     With sums on the device, P, the dots and the sums run there and the host only stores; with sums on
     the host (accumulate_on=cpu) the device holds nothing but the two gradient buffers. On CUDA the copy
     to the host runs on a side stream into pinned double buffers and a worker thread (with half the
@@ -424,8 +428,8 @@ class _UnitSink:
         self.sx.add_(bx)
         self.sy.add_(by)
 
-    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wait for the host work and bring the sums to the host; return X[u].sum Y and Y[u].sum X (fp64)."""
+    def finish(self) -> torch.Tensor:
+        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m)."""
         if self.cuda:
             for f in self._pending:
                 if f is not None:
@@ -439,7 +443,7 @@ class _UnitSink:
                 self.sx, self.sy = stage[0], stage[1]
                 self.diag_t = self.diag_t.cpu()
             self._staging = []
-        out = self.layout.row_dots(self.bank_x, self.sy), self.layout.row_dots(self.bank_y, self.sx)
+        out = self.layout.cross_dots(self.bank_x, self.bank_y)
         self.bank_x = self.bank_y = torch.empty(0)
         self._tmp = None
         return out
@@ -463,6 +467,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     y_present: list[int] = []
 
     schedule = probe_cfg["schedule"]
+    cross = None  # K[u, v] = X[u].Y[v]: only the schedules that bank every unit's gradients have it
     if schedule == "literal":
         pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
         sx, sy, xu, yu = (torch.zeros(layout.n, device=acc) for _ in range(4))
@@ -549,7 +554,8 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
                     grads.close()
                 stack.model.zero_grad(set_to_none=True)
         del fx, fy
-        x_dot_sy, y_dot_sx = sink.finish()
+        cross = sink.finish()
+        x_dot_sy, y_dot_sx = cross.sum(1), cross.sum(0)
         diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
 
     if stack.device.type == "cuda":
@@ -558,7 +564,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     sxsy_t = layout.dots(sx, sy)
     bars_dot = float(sxsy_t.sum()) / m ** 2
     diag = diag_t.sum(1)
-    st = ustat.summarize(bars_dot, diag.cpu(), x_dot_sy.cpu(), y_dot_sx.cpu())
+    st = ustat.summarize(bars_dot, diag.cpu(), x_dot_sy.cpu(), y_dot_sx.cpu(), cross=cross)
     per_tensor = -learning_rate * (sxsy_t - diag_t.sum(0).to(sxsy_t.device)).cpu() / (m * (m - 1))
     x_norms = layout.dots(sx, sx)
     y_norms = layout.dots(sy, sy)
@@ -567,6 +573,8 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
         se=learning_rate * st.se, se_jackknife=learning_rate * st.se_jackknife,
         U_cross_se=st.se, U_cross_se_jackknife=st.se_jackknife,
+        se_unbiased=learning_rate * st.se_unbiased, U_cross_se_unbiased=st.se_unbiased,
+        U_cross_var_unbiased=st.var_unbiased,
         bars_dot=bars_dot, diag_sum=st.diag_sum, B=m, G=batch.G, n_prompts=batch.B,
         learning_rate=learning_rate, n_params=n, n_tensors=len(stack.params),
         x_sum_norm=float(x_norms.sum().sqrt()), y_sum_norm=float(y_norms.sum().sqrt()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.console import Console
@@ -42,13 +43,25 @@ def render_checkpoint(out: Console, info: Any) -> None:
         out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
 
 
+def headline_se(r: ProbeResult) -> tuple[float, str]:
+    """The SE shown next to deltaH1: the one from the cross matrix where there is one (it calibrated best,
+    docs/validate.md), else the row-mean Hoeffding SE; plus the other SEs in words."""
+    rows = f"Hoeffding ± {fmt(r.se, 2)}, jackknife ± {fmt(r.se_jackknife, 2)}"
+    if math.isfinite(r.se_unbiased):
+        return r.se_unbiased, f"pairwise SE; row-mean {rows}"
+    why = "the literal schedule keeps no per-unit gradients" if r.schedule == "literal" else "it needs B >= 4"
+    return r.se, f"row-mean {rows}; no pairwise SE: {why}"
+
+
 def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int = 8) -> None:
     t = Table(title="gradprobe delta-h1", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
-    t.add_row("deltaH1", f"{fmt(r.deltaH1)} ± {fmt(r.se, 2)} (jackknife ± {fmt(r.se_jackknife, 2)})")
-    t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(r.U_cross_se, 2)}")
-    t.add_row("Xbar·Ybar, Σ X[u]·Y[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
+    se, which = headline_se(r)
+    t.add_row("deltaH1", f"{fmt(r.deltaH1)} ± {fmt(se, 2)} ({which})")
+    u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
+    t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}")
+    t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
     t.add_row("units B, G, prompts", f"{r.B} ({r.mode}), {r.G}, {r.n_prompts}")
     t.add_row("learning rate", fmt(r.learning_rate))
     t.add_row("preconditioner", r.precondition)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import gradprobe as gp
 from gradprobe.cli import app
+from gradprobe.report import fmt
 
 from .conftest import make_cfg
 
@@ -28,10 +29,12 @@ def test_default_delta_h1_runs_and_reports_finite_numbers(tmp_path):
     payload = json.loads(out.read_text())
     assert payload["schema"] == "gradprobe.delta-h1/1" and payload["command"] == "delta-h1"
     r = payload["result"]
-    for key in ("deltaH1", "U_cross", "se", "se_jackknife", "bars_dot", "diag_sum", "B", "G", "learning_rate",
+    for key in ("deltaH1", "U_cross", "se", "se_jackknife", "se_unbiased", "U_cross_var_unbiased",
+                "bars_dot", "diag_sum", "B", "G", "learning_rate",
                 "n_params", "x_sum_norm", "y_sum_norm", "x_nonnull", "y_nonnull", "row_means"):
         assert key in r, key
     assert math.isfinite(r["deltaH1"]) and r["deltaH1"] != 0
+    assert r["se_unbiased"] > 0 and f"± {fmt(r['se_unbiased'], 2)} (pairwise SE" in proc.stdout
     assert math.isfinite(r["x_sum_norm"]) and r["x_sum_norm"] > 0
     assert math.isfinite(r["y_sum_norm"]) and r["y_sum_norm"] > 0
     assert r["x_nonnull"] == r["y_nonnull"] == r["n_tensors"]
@@ -42,6 +45,16 @@ def test_json_to_stdout_is_pure_json(rollouts_file):
     res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--json", "-", "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["result"]["B"] == 6
+
+
+def test_literal_schedule_has_no_pairwise_se(rollouts_file, tmp_path):
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--set", "probe.schedule=literal",
+                              "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())["result"]
+    assert r["se_unbiased"] is None and r["U_cross_var_unbiased"] is None and r["se"] > 0
+    assert f"± {fmt(r['se'], 2)} (row-mean" in res.stdout and "no pairwise SE" in res.stdout
 
 
 def test_save_rollouts_reproduces_the_batch(tmp_path):

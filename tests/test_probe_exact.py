@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gradprobe as gp
+from gradprobe import ustat
 from gradprobe.precondition import from_adam_state
 
 from .conftest import FP32, make_cfg
@@ -97,6 +98,8 @@ def test_literal_and_fused_equal_brute_force(fp32_stacks, rollouts_file, setup, 
         scales.append((1 / (v_hat.sqrt() + grp["eps"])).reshape(-1))
     ref_u, xs, ys = brute_force(stack, batch, torch.cat(scales), mode, 2)
     assert math.isfinite(ref_u) and abs(ref_u) > 0
+    ref = ustat.summarize_cross(xs @ ys.T)  # every SE from the brute-force per-unit gradients
+    assert math.isfinite(ref.se_unbiased) == (mode == "exact")  # 6 units, or 3 blocks (< 4: no estimate)
     for schedule in ("literal", "fused"):
         cfg["probe"]["schedule"] = schedule
         res = gp.delta_h1(stack, batch, cfg)
@@ -109,6 +112,14 @@ def test_literal_and_fused_equal_brute_force(fp32_stacks, rollouts_file, setup, 
         assert res.y_sum_norm == pytest.approx(float(ys.sum(0).norm()), rel=1e-4)
         assert res.x_nonnull == res.y_nonnull == res.n_tensors
         assert sum(res.row_means) / len(res.row_means) == pytest.approx(res.U_cross, rel=1e-5)
+        assert res.U_cross_se == pytest.approx(ref.se, rel=1e-4)
+        assert res.U_cross_se_jackknife == pytest.approx(ref.se_jackknife, rel=1e-4, nan_ok=True)
+        if schedule == "literal" or mode == "blocks":  # literal keeps no bank of per-unit gradients
+            assert math.isnan(res.se_unbiased) and math.isnan(res.U_cross_var_unbiased)
+        else:
+            assert res.U_cross_se_unbiased == pytest.approx(ref.se_unbiased, rel=1e-4)
+            assert res.se_unbiased == pytest.approx(LR * ref.se_unbiased, rel=1e-4)
+            assert res.U_cross_var_unbiased == pytest.approx(ref.var_unbiased, rel=1e-3, abs=1e-4 * ref_u ** 2)
         assert sum(m["deltaH1"] for m in res.modules) == pytest.approx(res.deltaH1, rel=1e-6)
 
 

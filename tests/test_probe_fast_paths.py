@@ -3,6 +3,8 @@ buffers under both checkpointing modes, and the one_backward schedule against th
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ def test_layout_dots_match_float64():
     want = torch.stack([(x.double() * y.double()).sum() for x, y in zip(layout.views(a), layout.views(b))])
     assert torch.allclose(layout.dots(a, b), want, rtol=1e-6, atol=1e-9)
     rows = torch.stack([a, b, a - 3 * b])
-    scale = float(rows.norm(dim=1).max() * b.norm())  # fp32 inside 8192-column slabs, fp64 across them
-    assert torch.allclose(layout.row_dots(rows, b), rows.double() @ b.double(), rtol=0, atol=1e-6 * scale)
+    scale = float(rows.norm(dim=1).max()) ** 2  # fp32 inside 8192-column slabs, fp64 across them
+    want = rows.double() @ rows[:2].double().T
+    assert torch.allclose(layout.cross_dots(rows, rows[:2]), want, rtol=0, atol=1e-6 * scale)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,12 @@ def test_one_backward_equals_literal(stacks, mode):
                                     "batch.max_new_tokens=8", "probe.microbatch_size=2"])
     batch = gp.build_batch(stack, cfg)  # microbatch 2 < G 3: groups split across forwards
     out = {}
-    for schedule in ("literal", "one_backward"):
+    for schedule in ("literal", "one_backward", "fused"):
         cfg["probe"]["schedule"] = schedule
         out[schedule] = gp.delta_h1(stack, batch, cfg)
     lit, one = out["literal"], out["one_backward"]
+    assert math.isnan(lit.se_unbiased) and one.se_unbiased > 0  # the bank gives K; literal has none
+    assert one.se_unbiased == pytest.approx(out["fused"].se_unbiased, rel=1e-5)
     assert one.schedule == "one_backward"
     assert one.backwards == 2 * batch.B  # two chunks per unit, one backward each
     assert lit.backwards == 4 * one.backwards  # X-pass, Y-pass, and two per chunk in the diagonal loop

@@ -1,5 +1,6 @@
 """The U-statistic algebra against brute force over random vectors."""
 
+import itertools
 import math
 
 import pytest
@@ -61,3 +62,106 @@ def test_jackknife_equals_brute_force_leave_one_out(xy):
     assert st.se_jackknife == pytest.approx(math.sqrt(var), rel=1e-10)
     sd = float(torch.tensor(st.row_means, dtype=torch.float64).std())
     assert st.se == pytest.approx(2 * sd / math.sqrt(b), rel=1e-12)
+
+
+def _h(k):
+    return 0.5 * (k + k.T)
+
+
+@pytest.mark.parametrize("b", [4, 5, 6])
+def test_variance_components_equal_enumeration_over_distinct_indices(b):
+    """theta2, zeta1, zeta2 by looping over every ordered tuple of distinct units, on a non-symmetric K."""
+    g = torch.Generator().manual_seed(b)
+    k = torch.randn(b, b, generator=g, dtype=torch.float64) + 0.4
+    h = _h(k)
+    theta2 = sum(float(h[u, v] * h[w, z]) for u, v, w, z in itertools.permutations(range(b), 4))
+    theta2 /= math.perm(b, 4)
+    zeta1 = sum(float(h[u, v] * h[u, w]) for u, v, w in itertools.permutations(range(b), 3)) / math.perm(b, 3)
+    zeta2 = sum(float(h[u, v] ** 2) for u, v in itertools.permutations(range(b), 2)) / math.perm(b, 2)
+    s1, s2 = ustat.variance_components(k)
+    assert s1 == pytest.approx(zeta1 - theta2, rel=1e-10, abs=1e-12)
+    assert s2 == pytest.approx(zeta2 - 2 * zeta1 + theta2, rel=1e-10, abs=1e-12)
+    u = sum(float(h[u, v]) for u, v in itertools.permutations(range(b), 2)) / math.perm(b, 2)
+    var = ustat.unbiased_variance(k)
+    assert var == pytest.approx(u * u - theta2, rel=1e-10, abs=1e-12)
+    assert var == pytest.approx(4 * s1 / b + 2 * s2 / (b * (b - 1)), rel=1e-9, abs=1e-12)
+    se = ustat.unbiased_se(k)
+    assert se == pytest.approx(math.sqrt(4 * max(s1, 0) / b + 2 * max(s2, 0) / (b * (b - 1))), rel=1e-12)
+
+
+def test_needs_four_units():
+    k = torch.ones(3, 3, dtype=torch.float64)
+    assert math.isnan(ustat.unbiased_variance(k)) and math.isnan(ustat.unbiased_se(k))
+    assert math.isnan(ustat.summarize_cross(k).se_unbiased)
+
+
+@pytest.mark.parametrize("b", [4, 5])
+def test_unbiased_exactly_over_a_finite_unit_law(b):
+    """Units drawn i.i.d. from 3 atoms (X_a, Y_a): every one of the 3^B batches weighed by its probability.
+    E[unbiased_variance] = Var U and E[components] = (s1^2, s2^2) exactly; the row-mean SEs follow the
+    expectations in ustat's docstring, which double-count s2^2 (and the Hoeffding form misses some s1^2)."""
+    g = torch.Generator().manual_seed(11)
+    xa = torch.randn(3, 5, generator=g, dtype=torch.float64) + 0.1
+    ya = torch.randn(3, 5, generator=g, dtype=torch.float64) - 0.05
+    p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    c = xa @ ya.T  # X_a . Y_b
+    h = _h(c)
+    theta = float(p @ h @ p)
+    h1 = h @ p - theta
+    s1 = float(p @ h1 ** 2)
+    s2 = float(p @ (h - theta - h1[:, None] - h1[None, :]) ** 2 @ p)
+    moments = torch.zeros(7, dtype=torch.float64)  # E of: U, U^2, var, s1, s2, hoeffding^2, jackknife^2
+    for idx in itertools.product(range(3), repeat=b):
+        k = c[list(idx)][:, list(idx)]
+        w = float(torch.prod(p[list(idx)]))
+        st = ustat.summarize_cross(k)
+        moments += w * torch.tensor([st.u_cross, st.u_cross ** 2, st.var_unbiased, *ustat.variance_components(k),
+                                     st.se ** 2, st.se_jackknife ** 2], dtype=torch.float64)
+    e_u, e_u2, e_var, e_s1, e_s2, e_hoef, e_jack = moments.tolist()
+    var_u = e_u2 - e_u ** 2
+    assert e_u == pytest.approx(theta, rel=1e-12)
+    assert var_u == pytest.approx(4 * s1 / b + 2 * s2 / (b * (b - 1)), rel=1e-10)
+    assert e_var == pytest.approx(var_u, rel=1e-10)
+    assert e_s1 == pytest.approx(s1, rel=1e-10) and e_s2 == pytest.approx(s2, rel=1e-10)
+    assert e_hoef == pytest.approx(4 * (b - 2) ** 2 * s1 / (b * (b - 1) ** 2) + 4 * (b - 2) * s2 / (b * (b - 1) ** 2),
+                                   rel=1e-10)
+    assert e_jack == pytest.approx(4 * s1 / b + 4 * s2 / (b * (b - 2)), rel=1e-10)
+    assert min(abs(e_jack / var_u - 1), abs(e_hoef / var_u - 1)) > 0.05  # exact sums: a real gap
+
+
+def test_unbiased_by_monte_carlo_with_noisy_units():
+    """20,000 batches of B=8 i.i.d. units whose pairwise noise dominates (s2^2 >> s1^2, as for score
+    gradients): mean unbiased_variance - (U - mean U)^2 is zero within 4 SE; the row-mean forms are not."""
+    b, n, batches = 8, 6, 20_000
+    g = torch.Generator().manual_seed(3)
+    mx = torch.linspace(-0.2, 0.3, n, dtype=torch.float64)
+    my = torch.linspace(0.25, -0.1, n, dtype=torch.float64)
+    ex = torch.randn(batches, b, n, generator=g, dtype=torch.float64)
+    x = mx + ex
+    y = my + 0.5 * ex + torch.randn(batches, b, n, generator=g, dtype=torch.float64)
+    k = x @ y.transpose(1, 2)
+    stats = [ustat.summarize_cross(kk) for kk in k]
+    u = torch.tensor([s.u_cross for s in stats], dtype=torch.float64)
+    sq = (u - u.mean()) ** 2 * batches / (batches - 1)
+
+    def z(var: torch.Tensor) -> float:
+        d = var - sq
+        return float(d.mean()) / (float(d.std()) / math.sqrt(batches))
+
+    s1, s2 = torch.tensor([ustat.variance_components(kk) for kk in k], dtype=torch.float64).mean(0).tolist()
+    assert s2 > 30 * abs(s1)  # about 66
+    assert abs(z(torch.tensor([s.var_unbiased for s in stats], dtype=torch.float64))) < 4
+    assert z(torch.tensor([s.se_jackknife for s in stats], dtype=torch.float64) ** 2) > 30  # about 75
+    assert z(torch.tensor([s.se for s in stats], dtype=torch.float64) ** 2) > 15  # about 40
+
+
+@pytest.mark.parametrize("b", [4, 7, 12])
+def test_jackknife_corrected_by_unbiased_s2_is_the_unbiased_variance(b):
+    """E[jackknife^2] = 4 s1^2/B + 4 s2^2/(B(B-2)); removing the excess with the unbiased s2^2 leaves the
+    one symmetric unbiased estimator, identically (not just on average)."""
+    g = torch.Generator().manual_seed(b)
+    k = torch.randn(b, b, generator=g, dtype=torch.float64) * 3 + 1
+    st = ustat.summarize_cross(k)
+    _, s2 = ustat.variance_components(k)
+    corrected = st.se_jackknife ** 2 - (4 / (b * (b - 2)) - 2 / (b * (b - 1))) * s2
+    assert corrected == pytest.approx(st.var_unbiased, rel=1e-9, abs=1e-12)
