@@ -129,3 +129,16 @@ def test_optimizer_state_that_does_not_match(tmp_path):
     one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.precondition=adam",
                                        "--set", f"probe.optimizer_state={path}"]), "covers 5 parameters")
     one_line_error(runner.invoke(app, ["delta-h1", "--set", "probe.precondition=adam"]), "needs probe.optimizer_state")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["validate", "--no-such-option"], "No such option: --no-such-option (see `gradprobe validate --help`)"),
+    (["diagnose", "--fail-on", "bogus"], "Invalid value for '--fail-on'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_usage_errors_from_the_console_script_are_one_line(argv, says):
+    """What a shell script sees: the installed entry point, not the in-process runner."""
+    res = subprocess.run([sys.executable, "-m", "gradprobe", *argv], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr
+    assert res.stdout == ""

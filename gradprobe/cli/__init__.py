@@ -31,4 +31,23 @@ app.command("validate", epilog=validate.EPILOG)(validate.command)
 
 
 def main() -> None:
-    app()
+    """The console script: usage errors too become one line on stderr and exit code 2."""
+    import sys
+
+    if len(sys.argv) == 1:  # no arguments: the help screen
+        app()
+    try:
+        code = app(standalone_mode=False, prog_name="gradprobe")
+    except Exception as exc:
+        if not hasattr(exc, "format_message") or not isinstance(getattr(exc, "exit_code", None), int):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None and exc.exit_code == 2 else ""
+        sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
+        code = exc.exit_code
+    except BaseException as exc:
+        if type(exc).__name__ != "Abort":  # Ctrl-C at a prompt
+            raise
+        sys.stderr.write("interrupted\n")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
