@@ -227,7 +227,7 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
     method = choose_method(cfg, vocab)
     tau, max_len = bcfg["temperature"], bcfg["max_new_tokens"]
     policy = _Policy(stack, method, tau, max_len)
-    precond = build_preconditioner(cfg, stack.names, stack.params)
+    precond = build_preconditioner(cfg, stack.names, stack.params, model=stack.model)  # the Trainer's order
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 

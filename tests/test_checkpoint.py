@@ -166,6 +166,22 @@ def test_diagnose_cli_on_checkpoint(run, tmp_path):
     assert "No single change" not in verdict["summary"]
 
 
+def test_validate_cli_on_checkpoint(run):
+    """validate steps along the run's own preconditioned direction, with the lr its scheduler gives next."""
+    small = ["autocast=off", "quant.compute_dtype=float32", "checkpointing=off", "batch.num_prompts=2",
+             "batch.group_size=2", "batch.max_new_tokens=3", "validate.method=importance", "validate.is_samples=4",
+             "validate.points=2", "validate.eval_num_prompts=2", "validate.eval_group_size=2"]
+    res = CliRunner().invoke(app, ["validate", "--checkpoint", str(run["a"]), "--quiet", "--json", "-",
+                                   *(a for s in small for a in ("--set", s))])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["checkpoint"]["global_step"] == SAVE_AT
+    r = payload["result"]
+    assert r["method"] == "importance" and len(r["points"]) == 2
+    assert "optimizer.pt" in r["precondition"] and "trainer order" in r["precondition"]
+    assert payload["config"]["model"]["name_or_path"] == str(run["base"])
+
+
 def test_optimizer_state_of_another_adapter_is_refused(run):
     res = CliRunner().invoke(app, ["delta-h1", "--checkpoint", str(run["a"]), "--optimizer-state",
                                    str(run["b"] / "optimizer.pt"), "--quiet", *SMALL_ARGS])

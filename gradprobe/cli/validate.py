@@ -9,13 +9,16 @@ from typing import Annotated
 import typer
 
 from .common import (
+    CheckpointOpt,
     ConfigOpt,
     DebugOpt,
     JsonOpt,
+    OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
     SeedOpt,
     SetOpt,
+    apply_checkpoint,
     consoles,
     guarded,
     make_config,
@@ -23,9 +26,9 @@ from .common import (
     write_json,
 )
 
-EPILOG = ("Without --config it runs on the micro ground-truth model (configs/micro.yaml): every response is "
-          "enumerated, so the entropy change is exact. With --config the truth is exact when the model is small "
-          "enough (validate.max_enumerate), else importance-sampled."
+EPILOG = ("Without --config or --checkpoint it runs on the micro ground-truth model (configs/micro.yaml): every "
+          "response is enumerated, so the entropy change is exact. Otherwise the truth is exact when the model is "
+          "small enough (validate.max_enumerate), else importance-sampled."
           """
 
 Examples:
@@ -35,6 +38,8 @@ Examples:
   gradprobe validate --set validate.points=9 --set validate.step_max=0.1 --plot sweep.png
 
   gradprobe validate --config configs/tiny.yaml --set autocast=off --set quant.compute_dtype=float32 --json r.json
+
+  gradprobe validate --checkpoint outputs/checkpoint-500 --rollouts batch.jsonl --set autocast=off
 """)
 
 
@@ -43,6 +48,8 @@ def command(
     set_: SetOpt = None,
     seed: SeedOpt = None,
     rollouts: RolloutsOpt = None,
+    checkpoint: CheckpointOpt = None,
+    optimizer_state: OptimizerStateOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Also save a log-log plot as PNG (needs matplotlib).",
                                                  show_default=False)] = None,
     json_: JsonOpt = None,
@@ -53,12 +60,15 @@ def command(
     out, err = consoles(quiet, json_ == "-")
 
     def body() -> int:
+        from ..report import render_checkpoint
         from ..report_validate import render_validate, save_plot, validate_payload
         from ..stack import load_stack
         from ..validate import GROUND_TRUTH, check_config, run_validate
 
-        base = list(GROUND_TRUTH) if config is None else []
-        cfg = make_config(config, [*base, *(set_ or [])], seed, rollouts)
+        # the micro ground-truth model unless the user names a model (a config file or a training run)
+        base = list(GROUND_TRUTH) if config is None and checkpoint is None else []
+        cfg, ckpt = apply_checkpoint(make_config(config, [*base, *(set_ or [])], seed, rollouts), checkpoint,
+                                     optimizer_state)
         check_config(cfg)
         if plot is not None:
             try:
@@ -73,8 +83,12 @@ def command(
         with progress_bar(err, not quiet, "sweeping eta") as progress:
             result = run_validate(stack, cfg, progress=progress)
         result.timings = {"stack": t1 - t0, **result.timings}
+        render_checkpoint(out, ckpt)
         render_validate(out, result)
-        write_json(validate_payload(result, cfg), json_)
+        doc = validate_payload(result, cfg)
+        if ckpt is not None:
+            doc["checkpoint"] = ckpt.to_dict()
+        write_json(doc, json_)
         if plot is not None:
             save_plot(result, plot)
         return 0
