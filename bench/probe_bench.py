@@ -38,13 +38,17 @@ LR = 1e-5
 
 
 def synthetic_batch(vocab: int, prompts: int, group: int, prompt_len: int, response_len: int,
-                    seed: int = 0) -> Batch:
-    """Random prompts and responses of fixed lengths with random rewards: teacher forcing only."""
+                    seed: int = 0, response_len_min: int | None = None) -> Batch:
+    """Random prompts and responses with random rewards: teacher forcing only. Responses have response_len
+    tokens, or a length drawn uniformly from [response_len_min, response_len] (as EOS would cut them)."""
     g = torch.Generator().manual_seed(seed)
+    lo = response_len if response_len_min is None else response_len_min
     groups = []
     for _ in range(prompts):
         prompt = torch.randint(3, vocab, (prompt_len,), generator=g).tolist()
-        responses = [torch.randint(3, vocab, (response_len,), generator=g).tolist() for _ in range(group)]
+        lengths = [response_len] * group if lo == response_len else \
+            torch.randint(lo, response_len + 1, (group,), generator=g).tolist()  # fixed: the recorded stream
+        responses = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
         groups.append(Group(prompt, responses, torch.randn(group, generator=g).tolist()))
     return Batch(groups, meta={"source": "synthetic"})
 

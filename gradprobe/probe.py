@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import lora_grads, ustat
+from .attention import without_cudnn_attention
 from .environment import available_host_memory
 from .errors import GradprobeError
 from .logprobs import pack, sequence_logprobs
@@ -449,6 +450,7 @@ class _UnitSink:
         return out
 
 
+@without_cudnn_attention()
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
               learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
     """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
@@ -590,6 +592,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     )
 
 
+@without_cudnn_attention()
 def unit_gradients(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
                    kinds: tuple[str, ...] = ("x", "y")) -> dict[str, torch.Tensor]:
     """Per-unit X[u] and/or Y[u] = P grad LY[u] as rows of [units, n] fp32 CPU tensors, from the probe's

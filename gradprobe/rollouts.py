@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .attention import without_cudnn_attention
 from .errors import GradprobeError
 
 BUILTIN_PROMPTS = [
@@ -175,6 +176,7 @@ def _decode(tokenizer, ids: list[int], keep_special: bool = False) -> str:
 
 
 @torch.no_grad()
+@without_cudnn_attention()
 def generate_batch(stack, num_prompts: int, group_size: int, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int,
                    reward_fn: Callable[[str, str], float] = builtin_reward,

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .api import DEFAULT_LEARNING_RATE
+from .attention import without_cudnn_attention
 from .entropy import (
     count_responses,
     enumerate_prompt,
@@ -219,6 +220,7 @@ def _ratio(num: float, num_se: float, den: float, den_se: float) -> tuple[float,
     return r, abs(r) * math.sqrt(rel)
 
 
+@without_cudnn_attention()
 def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> ValidateResult:
     """The whole comparison; theta is unchanged afterwards."""
     check_config(cfg)

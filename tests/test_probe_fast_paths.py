@@ -126,3 +126,23 @@ def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatc
         gp.delta_h1(stack, batch, cfg)
     monkeypatch.setattr(probe, "available_host_memory", lambda: 2 * need)
     assert gp.delta_h1(stack, batch, cfg).B == 4
+
+
+def test_cudnn_attention_is_off_in_every_forward_and_put_back(stacks):
+    """Forwards, and recomputation inside backward under reentrant checkpointing, run without cuDNN attention
+    (it plans per sequence shape); the user's setting is restored afterwards."""
+    stack = stacks["reentrant"]
+    cfg = gp.load_config(overrides=[*FP32, "batch.num_prompts=3", "batch.group_size=2"])
+    batch = gp.build_batch(stack, cfg)
+    seen: list[tuple[bool, bool]] = []
+    layer = stack.model.get_base_model().model.layers[0]
+    hook = layer.register_forward_hook(
+        lambda *_: seen.append((torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled())))
+    try:
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        gp.delta_h1(stack, batch, cfg)
+    finally:
+        hook.remove()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert seen and not any(enabled for _, enabled in seen)
+    assert any(grad for grad, _ in seen)  # recomputation in backward (grad on) was seen too

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
 from ..rollouts import Batch
 from . import battery, differential
@@ -81,6 +82,7 @@ def load_optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | N
     return load_state_dict(path), str(path)
 
 
+@without_cudnn_attention()
 def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | None = None,
              loss_fn: Callable[[], Any] | None = None, *, optimizer: torch.optim.Optimizer | None = None,
              optimizer_state: dict[str, Any] | None = None, optimizer_source: str = "optimizer state_dict",
