@@ -78,6 +78,17 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def emit(out: Console, ckpt: Any, render: Callable[[], None], payload: dict[str, Any], target: str | None) -> None:
+    """What the training run gave (if a checkpoint was read), the command's own rendering, then the JSON."""
+    from ..report import render_checkpoint
+
+    render_checkpoint(out, ckpt)
+    render()
+    if ckpt is not None:
+        payload["checkpoint"] = ckpt.to_dict()
+    write_json(payload, target)
+
+
 def write_json(payload: dict[str, Any], target: str | None) -> None:
     if target is None:
         return

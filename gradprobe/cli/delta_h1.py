@@ -20,10 +20,10 @@ from .common import (
     SetOpt,
     apply_checkpoint,
     consoles,
+    emit,
     guarded,
     make_config,
     progress_bar,
-    write_json,
 )
 
 EPILOG = """Examples:
@@ -56,7 +56,7 @@ def command(
 
     def body() -> int:
         from ..api import build_batch, delta_h1, preconditioner  # heavy imports (torch) only when the command runs
-        from ..report import delta_h1_payload, render_checkpoint, render_delta_h1
+        from ..report import delta_h1_payload, render_delta_h1
         from ..rollouts import write_rollouts
         from ..stack import load_stack
 
@@ -72,12 +72,7 @@ def command(
         with progress_bar(err, not quiet, "probing units") as progress:
             result = delta_h1(stack, batch, cfg, progress=progress, precond=precond)
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
-        render_checkpoint(out, ckpt)
-        render_delta_h1(out, result, cfg)
-        payload = delta_h1_payload(result, cfg)
-        if ckpt is not None:
-            payload["checkpoint"] = ckpt.to_dict()
-        write_json(payload, json_)
+        emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), json_)
         return 0
 
     guarded(debug, err, body)

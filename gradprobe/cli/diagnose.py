@@ -20,9 +20,9 @@ from .common import (
     SetOpt,
     apply_checkpoint,
     consoles,
+    emit,
     guarded,
     make_config,
-    write_json,
 )
 
 EPILOG = """Exit codes: 0 no check failed, 1 a check failed (or warned, with --fail-on warn), 2 bad input.
@@ -69,7 +69,6 @@ def command(
         from ..checks import diagnose
         from ..checks.core import load_optimizer_state
         from ..checks.render import payload, render
-        from ..report import render_checkpoint
         from ..stack import load_stack
 
         cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
@@ -85,12 +84,7 @@ def command(
                           optimizer_source=source or "optimizer state_dict")
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
         code = result.exit_code(fail_on.value)
-        render_checkpoint(out, ckpt)
-        render(out, result, code)
-        doc = payload(result, cfg, code)
-        if ckpt is not None:
-            doc["checkpoint"] = ckpt.to_dict()
-        write_json(doc, json_)
+        emit(out, ckpt, lambda: render(out, result, code), payload(result, cfg, code), json_)
         return code
 
     guarded(debug, err, body)

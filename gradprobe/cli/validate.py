@@ -20,10 +20,10 @@ from .common import (
     SetOpt,
     apply_checkpoint,
     consoles,
+    emit,
     guarded,
     make_config,
     progress_bar,
-    write_json,
 )
 
 EPILOG = ("Without --config or --checkpoint it runs on the micro ground-truth model (configs/micro.yaml): every "
@@ -60,7 +60,6 @@ def command(
     out, err = consoles(quiet, json_ == "-")
 
     def body() -> int:
-        from ..report import render_checkpoint
         from ..report_validate import render_validate, save_plot, validate_payload
         from ..stack import load_stack
         from ..validate import GROUND_TRUTH, check_config, run_validate
@@ -83,12 +82,7 @@ def command(
         with progress_bar(err, not quiet, "sweeping eta") as progress:
             result = run_validate(stack, cfg, progress=progress)
         result.timings = {"stack": t1 - t0, **result.timings}
-        render_checkpoint(out, ckpt)
-        render_validate(out, result)
-        doc = validate_payload(result, cfg)
-        if ckpt is not None:
-            doc["checkpoint"] = ckpt.to_dict()
-        write_json(doc, json_)
+        emit(out, ckpt, lambda: render_validate(out, result), validate_payload(result, cfg), json_)
         if plot is not None:
             save_plot(result, plot)
         return 0
