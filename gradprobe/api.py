@@ -37,12 +37,17 @@ def preconditioner(stack, cfg: dict[str, Any]) -> Preconditioner:
     return build_preconditioner(cfg, stack.names, stack.params, model=stack.model)
 
 
+def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
+    """eta: probe.learning_rate (or the checkpoint's next rate), else the optimizer state's, else the default."""
+    return cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
+
+
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
              progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
     earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling)."""
     precond = precond if precond is not None else preconditioner(stack, cfg)
-    lr = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
+    lr = learning_rate(cfg, precond)
     t0 = time.perf_counter()
     result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress)
     result.timings["probe"] = time.perf_counter() - t0

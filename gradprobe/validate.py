@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .api import DEFAULT_LEARNING_RATE
+from .api import learning_rate, preconditioner
 from .attention import without_cudnn_attention
 from .entropy import (
     count_responses,
@@ -28,7 +28,6 @@ from .entropy import (
     score,
 )
 from .errors import GradprobeError
-from .precondition import build_preconditioner
 from .probe import GradReader, unit_gradients
 from .rollouts import Batch, Group, _decode, _prompt_ids, builtin_prompts, builtin_reward, read_rollouts
 
@@ -229,7 +228,7 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
     method = choose_method(cfg, vocab)
     tau, max_len = bcfg["temperature"], bcfg["max_new_tokens"]
     policy = _Policy(stack, method, tau, max_len)
-    precond = build_preconditioner(cfg, stack.names, stack.params, model=stack.model)  # the Trainer's order
+    precond = preconditioner(stack, cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
@@ -277,7 +276,7 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
 
     theta_norm = float(_flat(stack.params).double().norm())
     d_norm = float(d.norm())
-    eta_run = cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
+    eta_run = learning_rate(cfg, precond)
     n = vcfg["points"]
     steps = [vcfg["step_min"] * (vcfg["step_max"] / vcfg["step_min"]) ** (k / (n - 1)) for k in range(n)]
     scale = (theta_norm if theta_norm > 0 else 1.0) / d_norm
