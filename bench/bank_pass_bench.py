@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradprobe.probe import FlatLayout  # noqa: E402
+from gradprobe.params import FlatLayout  # noqa: E402
 
 
 def row_dots(rows: torch.Tensor, v: torch.Tensor, cols: int = 8192) -> torch.Tensor:

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradprobe as gp  # noqa: E402
-from gradprobe.precondition import Preconditioner, from_adam_state  # noqa: E402
-from gradprobe.probe import _Engine, plan_chunks, run_probe, units_of  # noqa: E402
+from gradprobe.optim.precondition import Preconditioner, from_adam_state  # noqa: E402
+from gradprobe.probe.engine import _Engine, plan_chunks, run_probe, units_of  # noqa: E402
 from gradprobe.rollouts import Batch, Group  # noqa: E402
 
 LR = 1e-5

@@ -18,14 +18,14 @@ import math
 
 import torch
 
-from gradprobe import ustat
 from gradprobe.config import load_config
 from gradprobe.entropy import enumerate_prompt, sample_enumerated
-from gradprobe.losses import advantages, x_weights, y_weights
-from gradprobe.persample import sequence_jacobian
+from gradprobe.objective import advantages, x_weights, y_weights
+from gradprobe.probe import ustat
 from gradprobe.rollouts import MICRO_PROMPTS, builtin_reward
 from gradprobe.stack import load_stack
 from gradprobe.validate import GROUND_TRUTH, exact_entropy_grad
+from tests.support.persample import sequence_jacobian
 
 
 def main() -> None:

@@ -14,12 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .precondition import Preconditioner, build_preconditioner
+from .optim.precondition import Preconditioner, build_preconditioner
 from .probe import ProbeResult, run_probe
 from .rewards import load_reward
 from .rollouts import Batch, generate_batch, read_rollouts
-
-DEFAULT_LEARNING_RATE = 1e-5
 
 
 def build_batch(stack, cfg: dict[str, Any]) -> Batch:
@@ -38,8 +36,8 @@ def preconditioner(stack, cfg: dict[str, Any]) -> Preconditioner:
 
 
 def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
-    """eta: probe.learning_rate (or the checkpoint's next rate), else the optimizer state's, else the default."""
-    return cfg["probe"]["learning_rate"] or precond.learning_rate or DEFAULT_LEARNING_RATE
+    """eta: the next step's rate, resolved with P by one rule (optim/lr.py)."""
+    return precond.learning_rate
 
 
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .logprobs import pack, sequence_logprobs
+from .objective import pack, sequence_logprobs
 
 
 def count_responses(vocab_size: int, max_len: int) -> int:

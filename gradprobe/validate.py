@@ -28,7 +28,8 @@ from .entropy import (
     score,
 )
 from .errors import GradprobeError
-from .probe import GradReader, unit_gradients
+from .params import GradReader
+from .probe import unit_gradients
 from .rollouts import Batch, Group, _decode, _prompt_ids, builtin_prompts, builtin_reward, read_rollouts
 
 Z95 = 1.959964  # two-sided 95% normal quantile

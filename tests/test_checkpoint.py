@@ -13,14 +13,14 @@ import torch
 from typer.testing import CliRunner
 
 from gradprobe.api import build_batch, delta_h1, preconditioner
-from gradprobe.checkpoint import load_checkpoint
 from gradprobe.cli import app
 from gradprobe.config import load_config
 from gradprobe.errors import GradprobeError
-from gradprobe.export import save_preset
-from gradprobe.precondition import no_decay_names, trainer_order
+from gradprobe.optim.state import no_decay_names, trainer_order
 from gradprobe.rollouts import read_rollouts, write_rollouts
 from gradprobe.stack import load_stack, quiet_libraries
+from gradprobe.trainer_checkpoint import load_checkpoint
+from tests.support.export import save_preset
 
 SAVE_AT, MAX_STEPS = 3, 4  # the checkpoint is taken at step 3 and training goes on, so step 4's lr is observed
 SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import gradprobe as gp
-from gradprobe import ustat
-from gradprobe.precondition import from_adam_state
+from gradprobe.optim.precondition import from_adam_state
+from gradprobe.probe import ustat
 
 from .conftest import FP32, make_cfg
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradprobe as gp
-from gradprobe.probe import FlatGrads, FlatLayout, GradReader
+from gradprobe.params import FlatGrads, FlatLayout, GradReader
 
 FP32 = ["autocast='off'", "quant.compute_dtype=float32"]
 
@@ -115,7 +115,7 @@ def test_one_backward_falls_back_when_a_tensor_is_not_a_lora_weight(stacks):
 
 
 def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatch):
-    import gradprobe.probe as probe
+    import gradprobe.probe.engine as probe
 
     stack = stacks["non_reentrant"]
     cfg = gp.load_config(overrides=[*FP32, "checkpointing=non_reentrant", "batch.num_prompts=4", "batch.group_size=2"])

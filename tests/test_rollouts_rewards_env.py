@@ -118,7 +118,7 @@ def test_bitsandbytes_32bit_adam_state_gives_torch_adams_preconditioner():
     """QLoRA recipes often train with optim=paged_adamw_32bit: bitsandbytes saves exp_avg_sq as state2."""
     import bitsandbytes as bnb
 
-    from gradprobe.precondition import from_adam_state
+    from gradprobe.optim.precondition import from_adam_state
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(8, 16), (16,)]
@@ -145,7 +145,7 @@ def test_bitsandbytes_8bit_adam_state_is_dequantised():
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    from gradprobe.precondition import from_adam_state
+    from gradprobe.optim.precondition import from_adam_state
 
     gen = torch.Generator().manual_seed(0)
     shape = (70, 130)  # 9100 values: blocks of 256, the last one partial

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gradprobe import ustat
+from gradprobe.probe import ustat
 
 
 @pytest.fixture(params=[2, 3, 7, 20])

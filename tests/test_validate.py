@@ -14,7 +14,6 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from gradprobe import ustat
 from gradprobe.cli import app
 from gradprobe.config import load_config
 from gradprobe.entropy import (
@@ -25,15 +24,15 @@ from gradprobe.entropy import (
     sample_responses,
     score,
 )
-from gradprobe.logprobs import pack, sequence_logprobs
-from gradprobe.losses import advantages, x_weights, y_weights
-from gradprobe.persample import sequence_jacobian
-from gradprobe.precondition import Preconditioner
-from gradprobe.probe import GradReader, run_probe
+from gradprobe.objective import advantages, pack, sequence_logprobs, x_weights, y_weights
+from gradprobe.optim.precondition import Preconditioner
+from gradprobe.params import GradReader
+from gradprobe.probe import run_probe, ustat
 from gradprobe.report_validate import ratio_plot, render_validate, save_plot, validate_payload
 from gradprobe.rollouts import MICRO_PROMPTS, Batch, Group, builtin_prompts, builtin_reward
 from gradprobe.stack import load_stack
 from gradprobe.validate import GROUND_TRUTH, _Step, exact_entropy_grad, run_validate
+from tests.support.persample import sequence_jacobian
 
 MAX_LEN = 4
 

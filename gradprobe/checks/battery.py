@@ -307,6 +307,10 @@ def optimizer_state(f: Facts) -> Check:
         ev["note"] = f"{o.not_adam} keeps no Adam second moments"
         return Check("optimizer_state", "preconditioner coverage", WARN, ev,
                      "The preconditioner needs Adam/AdamW state; probe with precondition=identity.")
+    if o.never_stepped and not (o.error or o.missing):
+        ev["note"] = "the optimizer has not taken a step yet: it has no moments, which is expected before step 1"
+        return Check("optimizer_state", "preconditioner coverage", WARN, ev,
+                     "Probe with precondition=identity before the first step, or after a step with this optimizer.")
     if o.error or o.missing:
         if o.never_stepped:
             ev["note"] = "the optimizer has not taken a step yet"

@@ -15,6 +15,7 @@ import torch
 
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
+from ..params import param_names
 from ..rollouts import Batch
 from . import battery, differential
 from .check import FAIL, SEVERITY, WARN, Check
@@ -24,7 +25,6 @@ from .subject import (
     Subject,
     batch_loss_fn,
     default_params,
-    param_names,
     pick_groups,
     stack_autocast_off,
     user_autocast_off,
@@ -77,7 +77,7 @@ def load_optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | N
     path = cfg["probe"]["optimizer_state"]
     if not path:
         raise GradprobeError("probe.precondition=adam needs probe.optimizer_state (an optimizer state_dict file)")
-    from ..precondition import load_state_dict
+    from ..optim.state import load_state_dict
 
     return load_state_dict(path), str(path)
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from ..params import param_names
 from .facts import Facts
 from .measure import Measurement, measure
 from .model_state import adapters_trainable, checkpointing_as, input_grads_enabled, lora_b_zero
-from .subject import param_names
 
 
 @dataclass

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
-from ..losses import advantages
-from ..precondition import StateMismatch, from_adam_state, no_decay_names
+from ..objective import is_flat
+from ..optim.precondition import from_adam_state
+from ..optim.state import StateMismatch, has_second_moment, live_state_dict, no_decay_names
 from .measure import GradStats, Measurement
 from .model_state import (
     adapter_params,
@@ -130,39 +131,42 @@ def _identity(s: Subject) -> Identity:
     return ident
 
 
+def _coverage(cov: OptimizerCoverage, state: dict[str, Any], names: list[str], s: Subject, order: str,
+              no_decay: set[str] | None) -> OptimizerCoverage:
+    """Map a state_dict onto the parameters as the probe would, and say which tensors it leaves uncovered."""
+    try:
+        pre = from_adam_state(state, names, list(s.params), source=cov.source, no_decay=no_decay, order=order)
+    except GradprobeError as exc:
+        cov.error = str(exc)
+        cov.mismatch = isinstance(exc, StateMismatch)
+        cov.missing = _missing_by_index(state, names)
+        return cov
+    cov.covered = len(pre.scales or [])
+    cov.zero_v = [n for n, sc in zip(names, pre.scales or []) if bool((sc > 1e7).all())]
+    return cov
+
+
 def _optimizer(s: Subject, names: list[str]) -> OptimizerCoverage:
     if s.optimizer is not None:
         opt = s.optimizer
         cov = OptimizerCoverage(given=True, source=type(opt).__name__, never_stepped=not opt.state)
-        any_v = False
-        for name, p in zip(names, s.params):
-            st = opt.state.get(p) if p in opt.state else None
-            v = st.get("exp_avg_sq") if st else None
-            if v is None:
-                cov.missing.append(name)
-                continue
-            any_v = True
-            cov.covered += 1
-            if not bool(v.any()):
-                cov.zero_v.append(name)
-        if not any_v and type(opt).__name__ not in ADAM_LIKE:
-            cov.not_adam = type(opt).__name__
-            cov.missing = []
-        return cov
+        state = live_state_dict(opt, list(s.params))
+        held = [k for g in state["param_groups"] for k in g["params"]]
+        with_v = [k for k in held if has_second_moment(state["state"].get(k))]
+        if not with_v:
+            if type(opt).__name__ not in ADAM_LIKE:
+                cov.not_adam = type(opt).__name__
+            elif not cov.never_stepped:
+                cov.missing = [names[k] for k in range(len(names))]
+            return cov
+        if len(with_v) < len(names):  # map only the held ones; the rest are named as missing
+            cov.missing = [names[k] for k in range(len(names)) if k not in set(with_v)]
+            cov.covered = len(with_v)
+            return cov
+        return _coverage(cov, state, names, s, "named", None)
     if s.optimizer_state is not None:
         cov = OptimizerCoverage(given=True, source=s.optimizer_source or "optimizer state_dict")
-        try:
-            pre = from_adam_state(s.optimizer_state, names, list(s.params), source=cov.source,
-                                  no_decay=no_decay_names(s.model), order=s.optimizer_order)
-        except GradprobeError as exc:
-            cov.error = str(exc)
-            cov.mismatch = isinstance(exc, StateMismatch)
-            cov.missing = _missing_by_index(s.optimizer_state, names)
-            return cov
-        cov.covered = len(pre.scales or [])
-        eps_scale = [n for n, sc in zip(names, pre.scales or []) if bool((sc > 1e7).all())]
-        cov.zero_v = eps_scale
-        return cov
+        return _coverage(cov, s.optimizer_state, names, s, s.optimizer_order, no_decay_names(s.model))
     return OptimizerCoverage(given=False)
 
 
@@ -172,7 +176,7 @@ def _missing_by_index(state: dict[str, Any], names: list[str]) -> list[str]:
     if len(order) != len(names):
         return []
     entries = state.get("state", {})
-    return [n for n, i in zip(names, order) if not (isinstance(entries.get(i), dict) and "exp_avg_sq" in entries[i])]
+    return [n for n, i in zip(names, order) if not has_second_moment(entries.get(i))]
 
 
 def _generation(s: Subject) -> Generation:
@@ -180,11 +184,7 @@ def _generation(s: Subject) -> Generation:
     if b is None:
         return Generation(given=False)
     lengths = [n for grp in b.lengths() for n in grp]
-    flat = []
-    for g in b.groups:
-        adv = g.advantages if g.advantages is not None else \
-            advantages(torch.tensor(g.rewards, dtype=torch.float64)).tolist()
-        flat.append(all(a == 0 for a in adv))
+    flat = [is_flat(g) for g in b.groups]
     measured = s.measured_groups or []
     return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths),
                       mean_length=sum(lengths) / max(len(lengths), 1), max_length=max(lengths, default=0),

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
-from ..logprobs import pack, sequence_logprobs
-from ..losses import advantages, x_weights, y_weights
+from ..objective import group_y_weights, is_flat, pack, sequence_logprobs, x_weights
 from ..rollouts import Batch
 from .model_state import adapter_params
 
@@ -38,12 +37,6 @@ class Subject:
     params_source: str = "given"
 
 
-def param_names(model: torch.nn.Module, params: list[torch.Tensor]) -> list[str]:
-    """The model's name for each parameter object; a placeholder where the object is not in the model."""
-    by_id = {id(p): n for n, p in model.named_parameters()}
-    return [by_id.get(id(p), f"params[{i}] (not a parameter of the model)") for i, p in enumerate(params)]
-
-
 def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str]:
     """The trainable parameters; when none are, the adapter weights (so the checks can say why)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -57,9 +50,7 @@ def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str
 
 
 def _informative(group) -> bool:
-    adv = group.advantages if group.advantages is not None else \
-        advantages(torch.tensor(group.rewards, dtype=torch.float64)).tolist()
-    return any(a != 0 for a in adv) and any(len(r) > 0 for r in group.responses)
+    return not is_flat(group) and any(len(r) > 0 for r in group.responses)
 
 
 def pick_groups(batch: Batch, rows: int) -> list[int]:
@@ -82,13 +73,7 @@ def batch_loss_fn(stack, batch: Batch, groups: list[int], normalization: str) ->
     pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
     tb = pack(pairs, stack.tokenizer.pad_token_id, stack.device)
     sizes = [len(batch.groups[p].responses) for p in groups]
-    wy_parts = []
-    for p in groups:
-        g = batch.groups[p]
-        adv = torch.tensor(g.advantages, dtype=torch.float64) if g.advantages is not None else \
-            advantages(torch.tensor(g.rewards, dtype=torch.float64))
-        wy_parts.append(y_weights(adv, torch.tensor([len(r) for r in g.responses]), normalization))
-    wy = torch.cat(wy_parts).to(stack.device, torch.float32)
+    wy = torch.cat([group_y_weights(batch.groups[p], normalization) for p in groups]).to(stack.device, torch.float32)
 
     def loss_fn() -> dict[str, Any]:
         s = sequence_logprobs(stack.model, tb, batch.temperature, stack.autocast())

@@ -62,7 +62,7 @@ def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_sta
     """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None)."""
     if checkpoint is None and optimizer_state is None:
         return cfg, None
-    from ..checkpoint import load_checkpoint
+    from ..trainer_checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint, cfg, optimizer_state)
 

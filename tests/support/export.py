@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .stack import PRESETS
-from .tokenizer import BOS, EOS, PAD, CharTokenizer
+from gradprobe.stack import PRESETS
+from gradprobe.tokenizer import BOS, EOS, PAD, CharTokenizer
 
 
 def hf_char_tokenizer():

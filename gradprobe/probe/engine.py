@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
+from ..attention import without_cudnn_attention
+from ..environment import available_host_memory
+from ..errors import GradprobeError
+from ..objective import group_y_weights, pack, sequence_logprobs, x_weights
+from ..optim.precondition import Preconditioner
+from ..params import FlatGrads, FlatLayout, GradReader, layer_name, module_name
+from ..rollouts import Batch
 from . import lora_grads, ustat
-from .attention import without_cudnn_attention
-from .environment import available_host_memory
-from .errors import GradprobeError
-from .logprobs import pack, sequence_logprobs
-from .losses import advantages, x_weights, y_weights
-from .precondition import Preconditioner
-from .rollouts import Batch
 
 Chunk = list[tuple[int, int, int]]  # (prompt, first response, end response)
 
@@ -82,117 +82,6 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class FlatLayout:
-    """Where each trainable tensor lives in one flat fp32 vector. Every tensor starts on a block boundary,
-    so per-tensor dot products are one blocked reduction and a cumulative sum: a handful of kernels for
-    any number of tensors, and no host synchronisation."""
-
-    def __init__(self, params: list[torch.nn.Parameter], block: int = 1024):
-        self.block = block
-        self.shapes = [p.shape for p in params]
-        self.sizes = [p.numel() for p in params]
-        self.offsets: list[int] = []
-        end = 0
-        for n in self.sizes:
-            self.offsets.append(end)
-            end += -(-n // block) * block
-        self.n = end  # padded length; the padding stays zero
-        first = torch.tensor([o // block for o in self.offsets])
-        last = torch.tensor([(o + -(-n // block) * block) // block for o, n in zip(self.offsets, self.sizes)])
-        self._bounds = {"cpu": (first, last)}
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o:o + n].view(shape) for o, n, shape in zip(self.offsets, self.sizes, self.shapes)]
-
-    def gather(self, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """One flat fp32 vector at this layout's offsets (zero padding) from per-tensor values."""
-        flat = torch.zeros(self.n, device=device)
-        for view, t in zip(self.views(flat), tensors):
-            view.copy_(t.reshape(view.shape))
-        return flat
-
-    def dots(self, a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-tensor a.b in fp64 [n_tensors]: fp32 products (into tmp when given), fp64 sums."""
-        key = str(a.device)
-        if key not in self._bounds:
-            self._bounds[key] = tuple(t.to(a.device) for t in self._bounds["cpu"])
-        first, last = self._bounds[key]
-        prod = torch.mul(a, b, out=tmp) if tmp is not None else a * b
-        blocks = prod.view(-1, self.block).sum(1, dtype=torch.float64)
-        c = torch.cat([blocks.new_zeros(1), blocks.cumsum(0)])
-        return c[last] - c[first]
-
-    def cross_dots(self, a: torch.Tensor, b: torch.Tensor, cols: int = 8192) -> torch.Tensor:
-        """a[u].b[v] for every pair of rows in fp64 [m_a, m_b]: fp32 matrix products over short column
-        slabs, summed in fp64. Its row sums X[u].sum Y carry the large X[u].Y[u] that the row means
-        subtract again, so one long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too
-        coarse; 8192 columns keep it near 1e-8, and each slab is read once for all m^2 dots."""
-        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
-        for s in range(0, self.n, cols):
-            out += (a[:, s:s + cols] @ b[:, s:s + cols].T).double()
-        return out
-
-
-class GradReader:
-    """Adds the current .grad of every trainable tensor into one flat fp32 buffer (packed end to end,
-    or at a FlatLayout's offsets)."""
-
-    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout | None = None):
-        self.params = params
-        self.sizes = [p.numel() for p in params]
-        if layout is not None:
-            self.offsets = layout.offsets
-        else:
-            self.offsets = [0]
-            for n in self.sizes:
-                self.offsets.append(self.offsets[-1] + n)
-
-    def add(self, out: torch.Tensor) -> int:
-        present = 0
-        for p, start, n in zip(self.params, self.offsets, self.sizes):
-            if p.grad is not None:
-                out[start:start + n].add_(p.grad.reshape(-1).to(out.device, torch.float32))
-                present += 1
-        return present
-
-
-class FlatGrads:
-    """Points every trainable tensor's .grad at its slice of a flat fp32 buffer, so that backward() adds
-    straight into the buffer (AccumulateGrad accumulates in place into an existing .grad): no per-tensor
-    copies, no fresh gradient tensors per backward. Counts the tensors each backward reached."""
-
-    def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout):
-        self.params = params
-        self.layout = layout
-        self._views: dict[int, list[torch.Tensor]] = {}
-        self._seen: set[int] = set()
-        self._handles = [p.register_post_accumulate_grad_hook(self._mark) for p in params]
-
-    @staticmethod
-    def usable(params: list[torch.nn.Parameter]) -> bool:
-        return bool(params) and all(p.dtype == torch.float32 and p.device == params[0].device for p in params)
-
-    def _mark(self, p: torch.Tensor) -> None:
-        self._seen.add(id(p))
-
-    def point(self, flat: torch.Tensor) -> None:
-        views = self._views.setdefault(id(flat), self.layout.views(flat))
-        for p, v in zip(self.params, views):
-            p.grad = v
-
-    def take(self) -> int:
-        """Tensors reached since the last call."""
-        n = len(self._seen)
-        self._seen.clear()
-        return n
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for p in self.params:
-            p.grad = None
 
 
 def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
@@ -253,11 +142,7 @@ class _Engine:
         self._wy: dict[tuple, torch.Tensor] = {}
 
     def _y_weights(self, p: int) -> torch.Tensor:
-        g = self.batch.groups[p]
-        adv = torch.tensor(g.advantages, dtype=torch.float64) if g.advantages is not None else \
-            advantages(torch.tensor(g.rewards, dtype=torch.float64))
-        lengths = torch.tensor(g.loss_lengths())
-        return y_weights(adv, lengths, self.norm) / self.unit_sizes[self.unit_of_prompt[p]]
+        return group_y_weights(self.batch.groups[p], self.norm) / self.unit_sizes[self.unit_of_prompt[p]]
 
     def forward(self, chunk: Chunk) -> torch.Tensor:
         key = tuple(chunk)
@@ -307,24 +192,6 @@ def _group_contributions(names: list[str], per_tensor: torch.Tensor, key: Callab
         totals[key(name)] = totals.get(key(name), 0.0) + value
     rows = [{"name": k, "deltaH1": v} for k, v in totals.items()]
     return sorted(rows, key=lambda r: -abs(r["deltaH1"]))
-
-
-def module_name(param_name: str) -> str:
-    """'...layers.0.self_attn.q_proj.lora_A.default.weight' -> 'layers.0.self_attn.q_proj'."""
-    name = param_name.replace("base_model.model.", "")
-    for marker in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector"):
-        if marker in name:
-            return name.split(marker)[0].removeprefix("model.")
-    return name.rsplit(".", 1)[0].removeprefix("model.")
-
-
-def layer_name(param_name: str) -> str:
-    parts = param_name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return f"layer {parts[i + 1]}"
-    return "other"
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:

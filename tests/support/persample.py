@@ -14,8 +14,8 @@ import warnings
 
 import torch
 
-from .errors import GradprobeError
-from .logprobs import pack, sequence_logprobs
+from gradprobe.errors import GradprobeError
+from gradprobe.objective import pack, sequence_logprobs
 
 
 def _linear_modules(stack) -> list[torch.nn.Linear]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ from typing import Any
 import torch
 
 from .errors import GradprobeError
-from .precondition import load_state_dict
+from .optim.lr import next_learning_rate
+from .optim.state import load_state_dict
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -88,27 +88,6 @@ def _check_adapter_weights(directory: Path) -> Path:
     return path
 
 
-def _scheduler_lr(path: Path) -> float | list[float] | None:
-    """The scheduler's _last_lr: one rate per parameter group, the one the next step will use."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GradprobeError(f"cannot read scheduler state {path} (truncated, or not a torch.save file that loads "
-                             f"with weights_only=True): {first}") from exc
-    last = state.get("_last_lr") if isinstance(state, dict) else None
-    if not isinstance(last, (list, tuple)) or not last:
-        return None
-    return [float(v) for v in last]
-
-
-def _one_rate(rates: list[float], what: str) -> float:
-    if len({round(r, 15) for r in rates}) != 1:
-        raise GradprobeError(f"{what} gives the parameter groups different learning rates {rates}; the probe takes "
-                             f"one: set probe.learning_rate")
-    return rates[0]
-
-
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
@@ -150,22 +129,8 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any],
         notes.append(f"the optimizer's parameters have different step counts {sorted(steps)}")
 
     # The learning rate of the next step: the scheduler's _last_lr, checked against the optimizer's groups.
-    opt_rates = [float(g["lr"]) for g in state["param_groups"] if "lr" in g and g["params"]]
-    sched_path = opt_path.parent / "scheduler.pt"
-    sched_rates = _scheduler_lr(sched_path) if sched_path.is_file() else None
-    if sched_rates is not None:
-        rate, rate_source = _one_rate(sched_rates, str(sched_path)), f"{sched_path} (_last_lr: the next step's rate)"
-        if opt_rates and not math.isclose(rate, _one_rate(opt_rates, str(opt_path)), rel_tol=1e-9, abs_tol=0.0):
-            notes.append(f"scheduler.pt says lr {rate:g} but the optimizer's param_groups hold {opt_rates[0]:g}; "
-                         f"using the scheduler's")
-    elif opt_rates:
-        rate, rate_source = _one_rate(opt_rates, str(opt_path)), f"{opt_path} (param_groups lr; no scheduler.pt)"
-    else:
-        rate, rate_source = None, "none in the checkpoint"
-    if rate is not None and not rate > 0 and cfg["probe"]["learning_rate"] is None:
-        raise GradprobeError(f"the next step's learning rate in {rate_source.split(' (')[0]} is {rate:g} (a finished "
-                             f"schedule?): every deltaH1 would be 0; set probe.learning_rate to probe a step of that "
-                             f"size")
+    rate, rate_source, rate_notes = next_learning_rate(cfg["probe"]["learning_rate"], state, opt_path)
+    notes.extend(rate_notes)
 
     global_step = None
     state_json = (d or opt_path.parent) / "trainer_state.json"
@@ -199,17 +164,12 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any],
             notes.append(f"adapter from lora.adapter_path {out['lora']['adapter_path']}, optimizer state from {d}")
     out["probe"]["precondition"] = "adam"
     out["probe"]["optimizer_state"] = str(opt_path)
-    if out["probe"]["learning_rate"] is None:
-        out["probe"]["learning_rate"] = rate
-    else:
-        notes.append(f"learning rate {out['probe']['learning_rate']:g} from probe.learning_rate"
-                     + (f" (the checkpoint's next is {rate:g})" if rate is not None else ""))
-        rate_source = "probe.learning_rate"
+    out["probe"]["learning_rate"] = rate
     info = CheckpointInfo(
         path=str(d) if d is not None else None, adapter=out["lora"]["adapter_path"],
         base_model=out["model"]["name_or_path"], base_model_source=base_source,
         lora_r=adapter_cfg.get("r"), lora_target_modules=adapter_cfg.get("target_modules"),
-        optimizer_state=str(opt_path), scheduler=str(sched_path) if sched_rates is not None else None,
+        optimizer_state=str(opt_path), scheduler=rate_source.split(" (")[0] if "scheduler.pt" in rate_source else None,
         global_step=global_step, adam_step=adam_step, learning_rate=out["probe"]["learning_rate"],
         learning_rate_source=rate_source, notes=notes)
     return out, info

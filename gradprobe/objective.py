@@ -1,4 +1,10 @@
-"""Teacher-forced sequence log-probabilities S[u,g] over generated tokens only."""
+"""The objective of docs (DESIGN: the mathematics): S[u,g] and the X and Y weights that turn it into the losses.
+
+S is the teacher-forced log-probability of each response over its generated tokens only. Both losses are
+linear in S with weights that carry no gradient, LX = sum(wx * S) and LY = sum(wy * S); that linearity is
+what lets microbatches split a unit freely. Every command (probe, diagnose, validate) builds its weights
+here, so their losses cannot drift apart.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +51,43 @@ def sequence_logprobs(model, batch: TokenBatch, temperature: float, autocast) ->
     mask = batch.gen_mask[:, -keep + 1:] if keep > 1 else batch.gen_mask[:, :0]
     picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
     return torch.where(mask, picked, torch.zeros((), device=picked.device)).sum(-1)
+
+
+def x_weights(s: torch.Tensor) -> torch.Tensor:
+    """(1/G) * c[g], c[g] = S[g] - mean_{h != g} S[h]: leave-one-out baseline, needs G >= 2."""
+    g = s.numel()
+    s = s.detach().double()
+    c = s - (s.sum() - s) / (g - 1)
+    return c / g
+
+
+def advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """A = R - mean_g R (group-centred)."""
+    return rewards - rewards.mean()
+
+
+def y_weights(adv: torch.Tensor, lengths: torch.Tensor, normalization: str) -> torch.Tensor:
+    """(1/G) * A[g] / L: dr_grpo divides by the group's longest response, per_token by each one's own."""
+    g = adv.numel()
+    if normalization == "dr_grpo":
+        denom = lengths.max().clamp(min=1).to(adv.dtype).expand_as(adv)
+    else:
+        denom = lengths.clamp(min=1).to(adv.dtype)
+    return adv / denom / g
+
+
+def group_advantages(group) -> torch.Tensor:
+    """The group's given advantages, else its group-centred rewards (fp64)."""
+    if group.advantages is not None:
+        return torch.tensor(group.advantages, dtype=torch.float64)
+    return advantages(torch.tensor(group.rewards, dtype=torch.float64))
+
+
+def group_y_weights(group, normalization: str) -> torch.Tensor:
+    """The Y weights of one response group with its loss lengths (the rollout's `lengths` when given)."""
+    return y_weights(group_advantages(group), torch.tensor(group.loss_lengths()), normalization)
+
+
+def is_flat(group) -> bool:
+    """Every advantage is zero: the group's Y gradient is exactly zero (no learning signal)."""
+    return not bool(group_advantages(group).any())

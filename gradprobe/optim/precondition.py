@@ -1,0 +1,130 @@
+"""The Adam preconditioner P = diag(1/(sqrt(v_hat) + eps)) of the run being probed.
+
+A parameter without Adam state is an error, never a silent zero: v = 0 gives P = 1/eps ~ 1e8.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import GradprobeError
+from ..params import canonical_name
+from .lr import next_learning_rate
+from .state import check_layout, load_state_dict, no_decay_names, resolve_order, second_moment
+
+
+@dataclass
+class Preconditioner:
+    """Per-parameter inverse scales in the probe's parameter order (None: identity)."""
+
+    scales: list[torch.Tensor] | None
+    learning_rate: float | None = None  # the next step's rate (optim/lr.py), once build_preconditioner resolved it
+    source: str = "identity"
+    learning_rate_source: str = ""
+
+    def flat(self, device: torch.device) -> torch.Tensor | None:
+        if self.scales is None:
+            return None
+        return torch.cat([s.reshape(-1).float() for s in self.scales]).to(device)
+
+
+def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
+                    source: str = "optimizer state", no_decay: set[str] | None = None,
+                    order: str = "auto") -> Preconditioner:
+    """Map an Adam/AdamW state_dict onto the trainable parameters: by name when the state carries
+    names (optimizers built from named_parameters); else by index: in the order the transformers
+    Trainer built its parameter groups (decay, then no-decay) when the state looks Trainer-made (its
+    group sizes match that split, or two groups with no weight decay in the second) or order='trainer';
+    else in named_parameters order. Every shape is checked; the first mismatch is named."""
+    groups = state_dict["param_groups"]
+    slots = [(i, g) for g in groups for i in g["params"]]
+    saved_names = [n for g in groups for n in g.get("param_names", [])]
+    if saved_names and len(saved_names) == len(slots) and order != "trainer":
+        by_name = {canonical_name(n): k for k, n in enumerate(saved_names)}
+        missing = [n for n in names if canonical_name(n) not in by_name]
+        if missing:
+            raise GradprobeError(f"{source} has no entry named like trainable parameter '{missing[0]}'")
+        positions = {by_name[canonical_name(n)]: j for j, n in enumerate(names)}
+        owner = [positions.get(k) for k in range(len(slots))]
+        how = "parameter names saved in the state"
+    else:
+        pos, how = resolve_order(groups, names, no_decay, order)
+        owner = [pos[k] if k < len(pos) else None for k in range(len(slots))]
+    state = state_dict["state"] if isinstance(state_dict["state"], dict) else {}
+    check_layout(slots, owner, state, names, params, source, how)
+    scales: list[torch.Tensor] = [torch.empty(0)] * len(params)
+    for k, (index, group) in enumerate(slots):
+        j = owner[k]
+        name, st = names[j], state.get(index)
+        where = f"{source}: optimizer index {index} ('{name}')"
+        if st is None:
+            raise GradprobeError(f"{where} has no Adam state; use probe.precondition=identity to probe without it")
+        v = second_moment(st, group, where)
+        step = float(st.get("step", 0))
+        if step < 1:
+            raise GradprobeError(f"{where} has step {step}; Adam state needs step >= 1")
+        beta2 = float(group.get("betas", (0.9, 0.999))[1])
+        eps = float(group.get("eps", 1e-8))
+        v_hat = v.double() / (1.0 - beta2 ** step)
+        scales[j] = (1.0 / (v_hat.sqrt() + eps)).float()
+    return Preconditioner(scales, source=f"{source} ({how})")
+
+
+def build_preconditioner(cfg: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
+                         model: torch.nn.Module | None = None) -> Preconditioner:
+    """P from the config; pass the model so that a Trainer-written state maps in the Trainer's order."""
+    pcfg = cfg["probe"]
+    if pcfg["precondition"] == "identity":
+        if pcfg["optimizer_state"]:
+            raise GradprobeError("probe.optimizer_state is set but probe.precondition is 'identity'; "
+                                 "set probe.precondition=adam to use it")
+        rate, rate_source, _ = next_learning_rate(pcfg["learning_rate"])
+        return Preconditioner(None, learning_rate=rate, learning_rate_source=rate_source)
+    if not pcfg["optimizer_state"]:
+        raise GradprobeError("probe.precondition=adam needs probe.optimizer_state (an optimizer state_dict "
+                             "file); or set probe.precondition=identity")
+    path = pcfg["optimizer_state"]
+    no_decay = no_decay_names(model) if model is not None else None
+    other = _other_adapter(Path(path), model)
+    state = load_state_dict(path)
+    try:
+        precond = from_adam_state(state, names, params, source=str(path), no_decay=no_decay,
+                                  order=pcfg["optimizer_order"])
+    except GradprobeError as exc:
+        raise GradprobeError(f"{exc}; {other}" if other else str(exc)) from None
+    if other:  # equal shapes can still be another adapter's state (e.g. k_proj's moments on v_proj)
+        raise GradprobeError(f"{path} does not belong to the model's adapter: {other}")
+    precond.learning_rate, precond.learning_rate_source, _ = next_learning_rate(pcfg["learning_rate"], state,
+                                                                                Path(path))
+    return precond
+
+
+ADAPTER_LAYOUT_KEYS = ("r", "target_modules", "bias", "modules_to_save", "rank_pattern", "layers_to_transform")
+
+
+def _other_adapter(optimizer_file: Path, model: torch.nn.Module | None) -> str | None:
+    """When the optimizer state sits beside an adapter_config.json (a Trainer checkpoint), the ways that
+    adapter's layout differs from the model's active adapter; None when it matches or cannot be told."""
+    sibling = optimizer_file.parent / "adapter_config.json"
+    configs = getattr(model, "peft_config", None)
+    if not sibling.is_file() or not isinstance(configs, dict):
+        return None
+    try:
+        saved = json.loads(sibling.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    active = configs.get(getattr(model, "active_adapter", "default"))
+    if active is None or not isinstance(saved, dict):
+        return None
+
+    def norm(value: Any) -> Any:
+        return sorted(value) if isinstance(value, (list, set, tuple)) else (value or None)
+
+    diff = [f"{k} {norm(saved.get(k))} there, {norm(getattr(active, k, None))} here" for k in ADAPTER_LAYOUT_KEYS
+            if k in saved and norm(saved.get(k)) != norm(getattr(active, k, None))]
+    return f"{sibling} describes another adapter ({'; '.join(diff)})" if diff else None

@@ -1,0 +1,168 @@
+"""An optimizer's stored state, read one way everywhere: from a file or a live optimizer, torch Adam/AdamW
+(amsgrad too) or bitsandbytes Adam (32-bit, blockwise 8-bit, paged), mapped onto the trainable parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import GradprobeError
+
+
+class StateMismatch(GradprobeError):
+    """The optimizer state's counts or shapes are another model's or adapter's."""
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise GradprobeError(f"optimizer state file not found: {p}")
+    try:  # memory-mapped where the file allows it: a large state is then read only where it is used
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a truncated or foreign file
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GradprobeError(f"cannot read optimizer state {p} (truncated, or not a torch.save file that loads "
+                                 f"with weights_only=True): {first}") from exc
+    if isinstance(state, dict) and "optimizer" in state and "state" not in state:
+        state = state["optimizer"]
+    if not (isinstance(state, dict) and "state" in state and "param_groups" in state):
+        raise GradprobeError(f"{p} is not an optimizer state_dict (no 'state' and 'param_groups')")
+    return state
+
+
+# Trainer.get_decay_parameter_names: parameters in these layers or with these names get no weight decay
+# and go into the optimizer's second parameter group.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names the transformers Trainer puts in its no-weight-decay group (its get_decay_parameter_names)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], list(NO_DECAY_PATTERNS)))
+    return {n for n, _ in model.named_parameters() if n not in decay}
+
+
+def trainer_order(names: list[str], no_decay: set[str]) -> list[int]:
+    """Positions of the trainable parameters in the order Trainer.create_optimizer lists them:
+    the weight-decay group, then the no-decay group, each in named_parameters order."""
+    return [i for i, n in enumerate(names) if n not in no_decay] + [i for i, n in enumerate(names) if n in no_decay]
+
+
+def resolve_order(groups: list[dict[str, Any]], names: list[str], no_decay: set[str] | None,
+                   order: str) -> tuple[list[int], str]:
+    """Which trainable parameter each optimizer index holds (by position in `names`), and why."""
+    named = list(range(len(names)))
+    if order == "named":
+        return named, "named_parameters order"
+    if no_decay is None:
+        if order == "trainer":
+            raise GradprobeError("the trainer's parameter order needs the model (its no-decay parameter names)")
+        return named, "named_parameters order"
+    trainer = trainer_order(names, no_decay)
+    if trainer == named:
+        return named, "named_parameters order, which is the Trainer's here"
+    n_decay = len(names) - sum(n in no_decay for n in names)
+    sizes = [len(g["params"]) for g in groups]
+    trainer_made = len(groups) == 2 and float(groups[1].get("weight_decay", -1.0)) == 0.0
+    if order == "trainer" or sizes == [n_decay, len(names) - n_decay] or trainer_made:
+        return trainer, "trainer order: weight-decay group, then no-decay group"
+    return named, "named_parameters order"
+
+
+BNB_STATE = "__bnb_optimizer_quant_state__"  # where bitsandbytes optimizers' state_dict puts state1/state2
+
+
+def _dequantize_8bit(st: dict[str, Any], where: str) -> torch.Tensor:
+    """A bitsandbytes 8-bit blockwise second moment (adamw_8bit, paged_adamw_8bit) as the optimizer itself
+    reads it: v = qmap2[state2] * absmax2[block], blocks of consecutive values."""
+    q, absmax, code = st["state2"], st.get("absmax2"), st.get("qmap2")
+    if absmax is None or code is None:
+        raise GradprobeError(f"{where} holds 8-bit bitsandbytes state without absmax2/qmap2 (not blockwise); "
+                             f"only 32-bit and blockwise 8-bit Adam states are supported")
+    n = q.numel()
+    block = next((b for b in (64, 128, 256, 512, 1024, 2048, 4096) if -(-n // b) == absmax.numel()), None)
+    if block is None:
+        raise GradprobeError(f"{where}: 8-bit state of {n} values with {absmax.numel()} blocks fits no block size")
+    v = code.float()[q.reshape(-1).long()] * absmax.float().repeat_interleave(block)[:n]
+    return v.reshape(q.shape)
+
+
+def entry(st: dict[str, Any] | None) -> dict[str, Any]:
+    """One parameter's state with bitsandbytes' nested quantisation state lifted to the top level."""
+    st = st or {}
+    return {**st, **st.get(BNB_STATE, {})}
+
+
+SECOND_MOMENT_KEYS = ("max_exp_avg_sq", "exp_avg_sq", "state2")
+
+
+def has_second_moment(st: dict[str, Any] | None) -> bool:
+    return any(k in entry(st) for k in SECOND_MOMENT_KEYS)
+
+
+def second_moment(st: dict[str, Any], group: dict[str, Any], where: str) -> torch.Tensor:
+    """exp_avg_sq of torch Adam/AdamW (max_exp_avg_sq under amsgrad), or state2 of a bitsandbytes Adam
+    (32-bit as is, 8-bit blockwise dequantised)."""
+    st = entry(st)
+    if group.get("amsgrad") and "max_exp_avg_sq" in st:
+        return st["max_exp_avg_sq"]
+    if "exp_avg_sq" in st:
+        return st["exp_avg_sq"]
+    if "state2" in st:
+        return _dequantize_8bit(st, where) if st["state2"].dtype == torch.uint8 else st["state2"]
+    raise GradprobeError(f"{where}: no Adam state (exp_avg_sq); use probe.precondition=identity to probe without it")
+
+
+def check_layout(slots: list, owner: list[int | None], state: dict, names: list[str],
+                  params: list[torch.nn.Parameter], source: str, how: str) -> None:
+    """Counts and every shape, before any arithmetic; one line naming the first index and parameter that
+    disagree (the usual cause: the state belongs to another adapter, of other rank or target modules)."""
+    first = None
+    for k, (index, _) in enumerate(slots):
+        j = owner[k]
+        if j is None:
+            first = f"optimizer index {index} has no parameter"
+            break
+        st = entry(state.get(index))
+        v = next((st[key] for key in SECOND_MOMENT_KEYS if key in st), None)
+        if v is not None and tuple(v.shape) != tuple(params[j].shape):
+            first = (f"optimizer index {index} has shape {tuple(v.shape)} but parameter '{names[j]}' has shape "
+                     f"{tuple(params[j].shape)}")
+            break
+    if first is None and len(slots) < len(params):
+        unowned = sorted(set(range(len(params))) - {j for j in owner if j is not None})
+        first = f"parameter '{names[unowned[0]]}' has no optimizer index"
+    if first is None and len(slots) == len(params):
+        return
+    count = (f": it covers {len(slots)} parameters but the model has {len(params)} trainable ones"
+             if len(slots) != len(params) else "")
+    raise StateMismatch(f"{source} does not match the model{count} ({how}); first mismatch: {first}")
+
+
+
+
+def live_state_dict(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any]:
+    """A live optimizer's state in state_dict form, indexed in the order of `params` (names need no guessing:
+    the objects themselves say which state is whose). Parameters the optimizer does not hold get no index."""
+    by_id = {id(p): (p, g) for g in optimizer.param_groups for p in g["params"]}
+    groups: list[dict[str, Any]] = []
+    state: dict[int, Any] = {}
+    for k, p in enumerate(params):
+        if id(p) not in by_id:
+            continue
+        _, g = by_id[id(p)]
+        meta = {key: v for key, v in g.items() if key != "params"}
+        if not groups or groups[-1]["_group"] is not g:
+            groups.append({**meta, "params": [], "_group": g})
+        groups[-1]["params"].append(k)
+        if p in optimizer.state and optimizer.state[p]:
+            state[k] = dict(optimizer.state[p])
+    for g in groups:
+        del g["_group"]
+    return {"state": state, "param_groups": groups}
