@@ -165,3 +165,36 @@ def test_jackknife_corrected_by_unbiased_s2_is_the_unbiased_variance(b):
     _, s2 = ustat.variance_components(k)
     corrected = st.se_jackknife ** 2 - (4 / (b * (b - 2)) - 2 / (b * (b - 1))) * s2
     assert corrected == pytest.approx(st.var_unbiased, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("b", [4, 5])
+def test_conditional_variance_is_unbiased_for_the_error_against_the_batch_step(b):
+    """The error of U against mu_X . Ybar (the batch's own Y held fixed), over all 3^B batches of a finite
+    unit law: E[conditional v1/B + 2 s2^2/(B(B-1))] = E[(U - mu_X . Ybar)^2] exactly, and the row-pair
+    average inside it equals its enumeration over distinct (u, v, w)."""
+    g = torch.Generator().manual_seed(5)
+    xa = torch.randn(3, 4, generator=g, dtype=torch.float64) + 0.2
+    ya = torch.randn(3, 4, generator=g, dtype=torch.float64) - 0.3
+    p = torch.tensor([0.45, 0.35, 0.2], dtype=torch.float64)
+    mu_x = p @ xa
+    c = xa @ ya.T
+    e_err2 = e_var = e_full = 0.0
+    for idx in itertools.product(range(3), repeat=b):
+        i = list(idx)
+        k = c[i][:, i]
+        w = float(torch.prod(p[i]))
+        u = ustat.summarize_cross(k).u_cross
+        target = float(mu_x @ ya[i].mean(0))
+        v1, s2 = ustat.conditional_components(k)
+        e_err2 += w * (u - target) ** 2
+        e_var += w * (v1 / b + 2 * s2 / (b * (b - 1)))
+        e_full += w * ustat.unbiased_variance(k)
+    assert e_var == pytest.approx(e_err2, rel=1e-10)
+    assert abs(e_full / e_err2 - 1) > 0.02  # Var U also holds the step's own spread (here its covariance)
+    k = torch.randn(b, b, generator=g, dtype=torch.float64)
+    rows = sum(float(k[u, v] * k[u, w]) for u, v, w in itertools.permutations(range(b), 3)) / math.perm(b, 3)
+    theta2 = sum(float(k[u, v] * k[w, z]) for u, v, w, z in itertools.permutations(range(b), 4)) / math.perm(b, 4)
+    assert ustat.conditional_components(k)[0] == pytest.approx(rows - theta2, rel=1e-10, abs=1e-12)
+    v1, s2 = ustat.conditional_components(k)
+    assert ustat.conditional_se(k) == pytest.approx(math.sqrt(max(v1, 0) / b + 2 * max(s2, 0) / (b * (b - 1))))
+    assert math.isnan(ustat.conditional_se(k[:3, :3]))

@@ -71,18 +71,22 @@ def _pair_sums(cross: torch.Tensor) -> tuple[int, float, float, float]:
     return k.shape[0], float(r.sum()), float((r * r).sum()), float((h * h).sum())
 
 
+def _moments(cross: torch.Tensor) -> tuple[float, float, float]:
+    """theta2, zeta1, zeta2 of variance_components (B >= 4)."""
+    b, s, sq_r, q = _pair_sums(cross)
+    theta2 = (s * s - 4.0 * sq_r + 2.0 * q) / (b * (b - 1) * (b - 2) * (b - 3))
+    return theta2, (sq_r - q) / (b * (b - 1) * (b - 2)), q / (b * (b - 1))
+
+
 def variance_components(cross: torch.Tensor) -> tuple[float, float]:
     """Unbiased estimates of s1^2 and s2^2 from K (B >= 4), from three averages over distinct indices:
     theta2 = mean h(u,v) h(w,z)  (E = theta^2): S^2 - 4 sum r^2 + 2 Q over B(B-1)(B-2)(B-3) (the ordered
              pairs of pairs sharing an index, by inclusion-exclusion);
     zeta1  = mean h(u,v) h(u,w)  (E = theta^2 + s1^2): sum r^2 - Q over B(B-1)(B-2);
     zeta2  = mean h(u,v)^2       (E = theta^2 + 2 s1^2 + s2^2): Q over B(B-1)."""
-    b, s, sq_r, q = _pair_sums(cross)
-    if b < 4:
+    if cross.shape[0] < 4:
         return math.nan, math.nan
-    theta2 = (s * s - 4.0 * sq_r + 2.0 * q) / (b * (b - 1) * (b - 2) * (b - 3))
-    zeta1 = (sq_r - q) / (b * (b - 1) * (b - 2))
-    zeta2 = q / (b * (b - 1))
+    theta2, zeta1, zeta2 = _moments(cross)
     return zeta1 - theta2, zeta2 - 2.0 * zeta1 + theta2
 
 
@@ -107,6 +111,33 @@ def unbiased_se(cross: torch.Tensor) -> float:
         return math.nan
     b = cross.shape[0]
     return math.sqrt(4.0 * max(s1, 0.0) / b + 2.0 * max(s2, 0.0) / (b * (b - 1)))
+
+
+def conditional_components(cross: torch.Tensor) -> tuple[float, float]:
+    """Unbiased (v1, s2^2) for the error of U against mu_X . Ybar, the target when the Y[v] are held at
+    their batch values (the step the batch will take is known; only E[X] is estimated). With
+    X[u] = mu_X + x_u, Y[v] = mu_Y + y_v:
+        U - mu_X . Ybar = (1/B) sum_u x_u . mu_Y + (1/(B(B-1))) sum_{u != v} x_u . y_v,
+    whose variance is v1/B + 2 s2^2/(B(B-1)), v1 = Var X[u] . mu_Y (the Y half of s1^2 drops out):
+        v1 = mean over distinct (u, v, w) of K[u,v] K[u,w]  -  theta2   (rows of K, not of h)."""
+    b = cross.shape[0]
+    if b < 4:
+        return math.nan, math.nan
+    k = cross.double().clone()
+    k.fill_diagonal_(0.0)
+    r = k.sum(1)
+    row_pairs = float((r * r - (k * k).sum(1)).sum()) / (b * (b - 1) * (b - 2))
+    theta2, zeta1, zeta2 = _moments(cross)
+    return row_pairs - theta2, zeta2 - 2.0 * zeta1 + theta2
+
+
+def conditional_se(cross: torch.Tensor) -> float:
+    """SE of U as a prediction of mu_X . Ybar (conditional_components), each component truncated at 0."""
+    v1, s2 = conditional_components(cross)
+    if math.isnan(v1):
+        return math.nan
+    b = cross.shape[0]
+    return math.sqrt(max(v1, 0.0) / b + 2.0 * max(s2, 0.0) / (b * (b - 1)))
 
 
 @dataclass
