@@ -59,3 +59,54 @@ def test_same_batch_se_is_calibrated_for_the_batch_step_and_independent_agrees()
     assert abs(float(z_t.mean())) < 0.06 and abs(float(zi.mean())) < 0.06
     assert 0.9 < float(z_t.std()) < 1.12 and 0.9 < float(zi.std()) < 1.15
     assert sum(agree) / trials > 0.93
+
+
+@pytest.mark.parametrize("precondition", ["identity", "adam"])
+def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollouts_file, tmp_path, precondition):
+    """The fused probe's deltaH for a given decomposition (random a, momentum, decay, clip 0.6) equals
+    -U(X[u] . D[v]) formed from the per-unit gradients of unit_gradients; with the SGD decomposition
+    (a = -lr, nothing else) it is deltaH1 itself. With P the bank holds P grad LY and the hook divides it out."""
+    from types import SimpleNamespace
+
+    import gradprobe as gp
+    from gradprobe.optim.precondition import Preconditioner, from_adam_state
+
+    from .test_probe_exact import LR, adam_state
+
+    stack = fp32_stacks["non_reentrant"]
+    cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", "checkpointing=non_reentrant",
+                                    f"batch.rollouts={rollouts_file}"])
+    batch = gp.build_batch(stack, cfg)
+    precond = Preconditioner(None) if precondition == "identity" else \
+        from_adam_state(adam_state(stack, tmp_path / "opt.pt"), stack.names, stack.params)
+    g = torch.Generator().manual_seed(3)
+    a = [-LR * (0.5 + torch.rand(p.shape, generator=g)) for p in stack.params]
+    mom = [1e-4 * torch.randn(p.shape, generator=g) for p in stack.params]
+    dec = [-1e-5 * p.detach().clone() for p in stack.params]
+    seen = []
+
+    def parts(grads):
+        seen.append(torch.cat([t.reshape(-1) for t in grads]))
+        return SimpleNamespace(fresh=a, momentum=mom, decay=dec, clip_factor=0.6)
+
+    r = gp.probe.run_probe(stack, batch, cfg["probe"], precond, LR, step_parts=parts)
+    raw = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("x", "y"))
+    x, gy = raw["x"].double(), -raw["y"].double()  # G[v]: gradient of the loss -LY[v]
+    flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (a, mom, dec)]
+    assert torch.allclose(seen[0].double(), gy.mean(0), rtol=1e-4, atol=1e-9)
+    d = 0.6 * flat[0] * gy + flat[1] + flat[2]
+    b = x.shape[0]
+    k = x @ d.T
+    want = -(float(k.sum()) - float(k.diagonal().sum())) / (b * (b - 1))
+    assert r.deltaH == pytest.approx(want, rel=1e-4)
+    assert r.parts["momentum"]["value"] == pytest.approx(-float(x.mean(0) @ flat[1]), rel=1e-4)
+    assert r.parts["weight_decay"]["value"] == pytest.approx(-float(x.mean(0) @ flat[2]), rel=1e-4)
+    assert r.update_norm == pytest.approx(float(d.mean(0).norm()), rel=1e-4)
+    assert math.isfinite(r.se_deltaH) and r.se_deltaH > 0 and r.parts["clip_factor"] == 0.6
+    sgd = gp.probe.run_probe(stack, batch, cfg["probe"], Preconditioner(None), LR,
+                             step_parts=lambda grads: SimpleNamespace(
+                                 fresh=[torch.full(p.shape, -LR) for p in stack.params],
+                                 momentum=[torch.zeros(p.shape) for p in stack.params],
+                                 decay=[torch.zeros(p.shape) for p in stack.params], clip_factor=1.0))
+    assert sgd.deltaH == pytest.approx(sgd.deltaH1, rel=1e-6)
+    assert sgd.plain_update_cosine == pytest.approx(1.0, abs=1e-6)

@@ -17,6 +17,7 @@ cross matrix X[u].Y[v] behind the unbiased SE (ustat.py). Dot products take fp32
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import time
 import warnings
@@ -34,9 +35,12 @@ from ..objective import group_y_weights, pack, sequence_logprobs, x_weights
 from ..optim.precondition import Preconditioner
 from ..params import FlatGrads, FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
-from . import lora_grads, ustat
+from . import lora_grads, real_step, ustat
 
 Chunk = list[tuple[int, int, int]]  # (prompt, first response, end response)
+# The real step's parts for a gradient: the batch's loss gradient per trainable tensor -> an UpdateParts
+# (optim/update.py: fresh coefficient a, momentum, decay, clip_factor), e.g. decompose bound to its state.
+StepParts = Callable[[list[torch.Tensor]], Any]
 
 
 @dataclass
@@ -79,6 +83,18 @@ class ProbeResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     timings: dict[str, float] = field(default_factory=dict)
+    # The real next optimizer step (real_step.py): set when run_probe was given the step's parts.
+    deltaH: float = math.nan  # first-order entropy change of the step optimizer.step() will take
+    se_deltaH: float = math.nan  # its SE as a prediction of this step's change (the step held at its value)
+    se_deltaH_batches: float = math.nan  # the estimator's SD over batches (unbiased U variance)
+    entropy_batch: str = "same"  # "same": X from the update batch (U-statistic); "independent": from batch E
+    parts: dict[str, Any] = field(default_factory=dict)  # fresh, momentum, weight_decay {value, se}; clip_factor
+    step: dict[str, Any] = field(default_factory=dict)  # the StepSettings, with `sources`
+    update_norm: float = math.nan  # |Delta theta| of the real step
+    plain_update_norm: float = math.nan  # |lr P Ybar|, the step deltaH1 describes
+    plain_update_cosine: float = math.nan  # cos(real step, plain step)
+    same_batch: dict[str, Any] = field(default_factory=dict)  # the same-batch estimate when deltaH is independent
+    real_step_note: str = ""  # why deltaH is NaN, or what it assumed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +255,7 @@ class _UnitSink:
         self.sy = torch.zeros(n, device=where)
         self._tmp = None if self.on_device else torch.empty(n)
         self._last: torch.cuda.Event | None = None
+        self.then_result: Any = None  # what finish's `then` returned
         if self.cuda:
             threads = max(1, torch.get_num_threads() // 2)
             self._stream = torch.cuda.Stream(device)
@@ -296,8 +313,10 @@ class _UnitSink:
         self.sx.add_(bx)
         self.sy.add_(by)
 
-    def finish(self) -> torch.Tensor:
-        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m)."""
+    def finish(self, then: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
+        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m).
+        `then(bank_x, bank_y)` runs on the banks (Y as stored: times P when there is one) before they go;
+        it may scale bank_y in place."""
         if self.cuda:
             for f in self._pending:
                 if f is not None:
@@ -312,15 +331,42 @@ class _UnitSink:
                 self.diag_t = self.diag_t.cpu()
             self._staging = []
         out = self.layout.cross_dots(self.bank_x, self.bank_y)
+        if then is not None:
+            self.then_result = then(self.bank_x, self.bank_y)
         self.bank_x = self.bank_y = torch.empty(0)
         self._tmp = None
         return out
 
 
+def _real_step_hook(layout: FlatLayout, sink: _UnitSink, pvec: torch.Tensor | None, m: int,
+                    step_parts: StepParts) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """At the sink's finish: the batch's loss gradient g (known only after the last unit), the step's parts
+    for it, then the banked Y rows rescaled from P to clip*a and the K of real_step.same_batch."""
+    cpu = torch.device("cpu")
+
+    def then(bank_x: torch.Tensor, bank_y: torch.Tensor) -> tuple[real_step.RealStepEstimate, Any, torch.Tensor]:
+        sy = sink.sy.to(cpu)
+        if pvec is not None:  # the bank and the sums hold P grad LY[v]; the padding has P = 0
+            sy = torch.where(pvec > 0, sy / pvec, torch.zeros(()))
+        g = -sy / m  # the run's loss is -mean_v LY[v]: g is its gradient on the whole batch
+        parts = step_parts([v.clone() for v in layout.views(g)])
+        a = layout.gather(parts.fresh, cpu) * parts.clip_factor
+        bank_y.mul_(a if pvec is None else torch.where(pvec > 0, a / pvec, torch.zeros(())))
+        fresh_cross = -layout.cross_dots(bank_x, bank_y)  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
+        w = torch.stack([layout.gather(parts.momentum, cpu), layout.gather(parts.decay, cpu)])
+        xw = layout.cross_dots(bank_x, w)
+        est = real_step.same_batch(fresh_cross, xw[:, 0], xw[:, 1], float(parts.clip_factor))
+        return est, parts, a * g + w.sum(0)
+
+    return then
+
+
 @without_cudnn_attention()
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
-              learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
+              learning_rate: float, progress: Callable[[int, int], None] | None = None,
+              step_parts: StepParts | None = None) -> ProbeResult:
+    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch; with `step_parts` (the real
+    step's decomposition, optim/update.py) also deltaH of the step the optimizer will take (real_step.py)."""
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
@@ -337,6 +383,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
 
     schedule = probe_cfg["schedule"]
     cross = None  # K[u, v] = X[u].Y[v]: only the schedules that bank every unit's gradients have it
+    real = None  # (RealStepEstimate, UpdateParts, Delta theta flat) from the sink's finish
     if schedule == "literal":
         pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
         sx, sy, xu, yu = (torch.zeros(layout.n, device=acc) for _ in range(4))
@@ -423,7 +470,9 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
                     grads.close()
                 stack.model.zero_grad(set_to_none=True)
         del fx, fy
-        cross = sink.finish()
+        hook = _real_step_hook(layout, sink, pvec_host, m, step_parts) if step_parts is not None else None
+        cross = sink.finish(hook)
+        real = sink.then_result
         x_dot_sy, y_dot_sx = cross.sum(1), cross.sum(0)
         diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
 
@@ -438,6 +487,18 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     x_norms = layout.dots(sx, sx)
     y_norms = layout.dots(sy, sy)
     peak, peak_kind = _peak_memory(stack.device)
+    extra: dict[str, Any] = {}
+    if real is not None:
+        est, _, update = real
+        plain = learning_rate * sy.to(update.device) / m  # lr P Ybar, the plain step
+        extra = dict(deltaH=est.deltaH, se_deltaH=est.se_deltaH, se_deltaH_batches=est.se_deltaH_batches,
+                     parts=est.parts(), update_norm=float(update.double().norm()),
+                     plain_update_norm=float(plain.double().norm()),
+                     plain_update_cosine=float(update.double() @ plain.double()
+                                               / (update.double().norm() * plain.double().norm())))
+    elif step_parts is not None:
+        extra = dict(real_step_note="the literal schedule keeps no per-unit gradients: deltaH of the real step "
+                                    "needs probe.schedule=fused or one_backward")
     return ProbeResult(
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
         se=learning_rate * st.se, se_jackknife=learning_rate * st.se_jackknife,
@@ -455,7 +516,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         mode=probe_cfg["mode"], schedule=schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
         forwards=eng.forwards, backwards=eng.backwards, tokens=eng.tokens,
-        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, **extra,
     )
 
 
