@@ -1,0 +1,56 @@
+"""The one signature every schedule implements: run(ctx) -> Outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ...optim.precondition import Preconditioner
+from ...params import FlatLayout
+from ...rollouts import Batch
+
+
+@dataclass
+class Context:
+    """What a schedule gets: the model, the batch split into units, the engine that runs forwards and
+    weighted backwards (engine.py), the flat layout of the trainable tensors, and P."""
+
+    stack: Any
+    batch: Batch
+    cfg: dict[str, Any]  # the probe section of the config
+    precond: Preconditioner
+    units: list[list[int]]  # prompts of each unit
+    eng: Any  # engine._Engine
+    layout: FlatLayout
+    acc: torch.device  # where the sums live (probe.accumulate_on)
+    progress: Callable[[int, int], None] | None = None
+    step_parts: Any = None  # sink.StepParts: the real step's decomposition, for deltaH (real_step.py)
+    x_present: list[int] = field(default_factory=list)  # tensors reached by each X backward
+    y_present: list[int] = field(default_factory=list)
+
+    @property
+    def m(self) -> int:
+        return len(self.units)
+
+    def pvec(self, device: torch.device) -> torch.Tensor | None:
+        """P as one flat vector at the layout's offsets (None: identity)."""
+        return self.layout.gather(self.precond.scales, device) if self.precond.scales is not None else None
+
+
+@dataclass
+class Outcome:
+    """What a schedule returns: the sums of X[u] and Y[u] = P grad LY[u], the per-tensor diagonal dots, the
+    row sums of the cross matrix, and the matrix itself when the schedule kept every unit's gradients."""
+
+    sx: torch.Tensor  # [layout.n]
+    sy: torch.Tensor
+    diag_t: torch.Tensor  # [m, tensors] fp64: X[u].Y[u] per tensor
+    x_dot_sy: torch.Tensor  # [m] fp64: X[u].sum_v Y[v]
+    y_dot_sx: torch.Tensor  # [m] fp64: Y[u].sum_v X[v]
+    cross: torch.Tensor | None  # [m, m] fp64 K[u, v] = X[u].Y[v], or None
+    schedule: str
+    notes: list[str] = field(default_factory=list)  # what the schedule decided and why (reported)
+    real: Any = None  # sink.real_step_hook's result, when the schedule banked every unit and had step_parts
