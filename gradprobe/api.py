@@ -4,18 +4,27 @@
     cfg = load_config(overrides=["probe.microbatch_size=4"])
     stack = load_stack(cfg)
     batch = build_batch(stack, cfg)
-    result = delta_h1(stack, batch, cfg)
-    print(result.deltaH1, result.se_unbiased)   # NaN under probe.schedule=literal: use result.se
+    result = delta_h1(stack, batch, cfg)      # optimizer=... : a live optimizer, the real step's source
+    print(result.deltaH, result.se_deltaH)    # the real next step (docs/real_step.md)
+    print(result.deltaH1, result.se_unbiased) # the plain step lr P grad LY; NaN SE under schedule=literal
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
-from .optim.precondition import Preconditioner, build_preconditioner
-from .probe import ProbeResult, run_probe
+import torch
+
+from .errors import GradprobeError
+from .optim.precondition import Preconditioner, build_preconditioner, from_adam_state
+from .optim.state import live_state_dict, no_decay_names
+from .optim.update import StepSettings, decompose, mapped_state, step_settings
+from .probe import ProbeResult, run_probe, unit_gradients
+from .probe import real_step as real_step_math
 from .rewards import load_reward
 from .rollouts import Batch, generate_batch, read_rollouts
 
@@ -40,13 +49,139 @@ def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
     return precond.learning_rate
 
 
+def warmup_steps(cfg: dict[str, Any]) -> int:
+    """probe.warmup_steps, where null means: 3 on a built-in model with random weights and no optimizer
+    state (the embedded default, so that its first run has momentum to show), else 0."""
+    n = cfg["probe"]["warmup_steps"]
+    if n is not None:
+        return n
+    fresh = not (cfg["model"]["name_or_path"] or cfg["lora"]["adapter_path"] or cfg["probe"]["optimizer_state"])
+    return 3 if fresh else 0
+
+
+WARMUP_BETAS = (0.9, 0.999)
+WARMUP_WEIGHT_DECAY = 0.01
+
+
+def warm_up(stack, cfg: dict[str, Any], steps: int) -> torch.optim.Optimizer:
+    """`steps` real torch AdamW steps (betas 0.9/0.999, weight decay 0.01, the probe's learning rate) on
+    batches sampled from the current policy with other seeds than the probe's, each on the run's loss
+    -mean_u LY[u]. Changes the model; returns the optimizer, whose state then drives the real step."""
+    lr = learning_rate(cfg, preconditioner(stack, {**cfg, "probe": {**cfg["probe"], "precondition": "identity",
+                                                                    "optimizer_state": None}}))
+    opt = torch.optim.AdamW(stack.params, lr=lr, betas=WARMUP_BETAS, weight_decay=WARMUP_WEIGHT_DECAY)
+    bcfg = cfg["batch"]
+    for k in range(steps):
+        batch = generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
+                               bcfg["max_new_tokens"], seed=cfg["seed"] + 1000 + k,
+                               reward_fn=load_reward(bcfg["reward"]))
+        rows = unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"]
+        g = -rows.mean(0)
+        offset = 0
+        for p in stack.params:
+            p.grad = g[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype).clone()
+            offset += p.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return opt
+
+
+def live_preconditioner(stack, optimizer: torch.optim.Optimizer, cfg: dict[str, Any],
+                        what: str = "the live optimizer") -> Preconditioner:
+    """P of a live Adam optimizer (the plain step deltaH1 describes), with the probe's learning rate rule."""
+    precond = from_adam_state(live_state_dict(optimizer, stack.params), stack.names, stack.params, source=what,
+                              order="index")
+    explicit = cfg["probe"]["learning_rate"]
+    precond.learning_rate = explicit if explicit is not None else float(optimizer.param_groups[0]["lr"])
+    precond.learning_rate_source = "probe.learning_rate" if explicit is not None else f"{what} (param_groups lr)"
+    return precond
+
+
+def step_source(stack, cfg: dict[str, Any], precond: Preconditioner, optimizer: Any = None):
+    """(StepSettings, mapped state) of the next real step: a live optimizer, else probe.optimizer_state,
+    else plain SGD at the probe's learning rate (which StepSettings.sources says)."""
+    pcfg = cfg["probe"]
+    source = optimizer if optimizer is not None else pcfg["optimizer_state"]
+    lr = pcfg["learning_rate"] if source is not None else precond.learning_rate
+    no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
+    order = pcfg["optimizer_order"]
+    clip = pcfg.get("max_grad_norm")
+    settings = step_settings(source, stack.names, stack.params, lr=lr, max_grad_norm=clip, no_decay=no_decay,
+                             order=order)
+    if source is None and pcfg["learning_rate"] is None:
+        settings.sources["lr"] = f"assumed: {precond.learning_rate_source}"
+    mapped = mapped_state(source, stack.names, stack.params, no_decay=no_decay, order=order) \
+        if source is not None else None
+    return settings, mapped
+
+
+def step_summary(settings: StepSettings) -> dict[str, Any]:
+    """The StepSettings for the report: per-tensor lists only where they are not all one value."""
+    out = asdict(settings)
+    for key in ("weight_decays", "steps"):
+        if len(set(out[key])) <= 1:
+            out.pop(key)
+    return out
+
+
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
-             progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None) -> ProbeResult:
+             progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None,
+             optimizer: Any = None, entropy_batch: Batch | None = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
-    earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling)."""
+    earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling).
+    deltaH is the real next step of `optimizer` (a live torch/bitsandbytes optimizer), else of
+    probe.optimizer_state, else plain SGD; with `entropy_batch` (or probe.entropy_batch=independent, then
+    sampled with another seed) its X comes from that batch (real_step.independent)."""
     precond = precond if precond is not None else preconditioner(stack, cfg)
     lr = learning_rate(cfg, precond)
+    settings, mapped = step_source(stack, cfg, precond, optimizer)
+    kept: dict[str, Any] = {}
+
+    def parts(grads: list[torch.Tensor]):
+        kept["grads"], kept["parts"] = grads, decompose(settings, mapped, stack.names, stack.params, grads)
+        return kept["parts"]
+
     t0 = time.perf_counter()
-    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress)
+    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, step_parts=parts)
     result.timings["probe"] = time.perf_counter() - t0
+    result.step = step_summary(settings)
+    if settings.family == "sgd" and settings.optimizer == "SGD" and mapped is None:
+        result.real_step_note = "no optimizer state: the real step is plain SGD (identity P, no momentum, no decay)"
+    if entropy_batch is None and cfg["probe"]["entropy_batch"] == "independent":
+        entropy_batch = build_entropy_batch(stack, cfg)
+    if entropy_batch is not None and "parts" in kept:
+        t1 = time.perf_counter()
+        independent_estimate(stack, entropy_batch, cfg, kept["parts"], kept["grads"], result)
+        result.timings["entropy batch"] = time.perf_counter() - t1
     return result
+
+
+def build_entropy_batch(stack, cfg: dict[str, Any]) -> Batch:
+    """The independent entropy batch: batch.entropy_rollouts, else sampled like the update batch with
+    another seed (so its samples share nothing with the step's)."""
+    bcfg = cfg["batch"]
+    if bcfg["entropy_rollouts"]:
+        vocab = stack.model.get_input_embeddings().num_embeddings
+        return read_rollouts(bcfg["entropy_rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
+    if bcfg["rollouts"]:
+        raise GradprobeError("probe.entropy_batch=independent with batch.rollouts needs batch.entropy_rollouts "
+                             "(responses from the same policy, other samples)")
+    return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
+                          bcfg["max_new_tokens"], seed=cfg["seed"] + 7919, reward_fn=load_reward(bcfg["reward"]))
+
+
+def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts, grads: list[torch.Tensor],
+                         result: ProbeResult) -> None:
+    """deltaH = -mean_u X_E[u] . Delta theta on the entropy batch; the same-batch estimate moves to
+    result.same_batch."""
+    x = unit_gradients(stack, entropy_batch, cfg["probe"], Preconditioner(None), kinds=("x",))["x"].double()
+
+    def flat(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).double().cpu() for t in ts])
+
+    fresh = parts.clip_factor * flat(parts.fresh) * flat(grads)
+    est = real_step_math.independent(x @ fresh, x @ flat(parts.momentum), x @ flat(parts.decay),
+                                     float(parts.clip_factor))
+    result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH, "parts": result.parts}
+    result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
+    result.parts, result.entropy_batch = est.parts(), "independent"

@@ -43,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "top_p": 1.0,
         "max_new_tokens": 16,
         "reward": "builtin",
+        "entropy_rollouts": None,
     },
     "probe": {
         "mode": "exact",
@@ -55,6 +56,8 @@ DEFAULTS: dict[str, Any] = {
         "optimizer_state": None,
         "optimizer_order": "auto",
         "learning_rate": None,
+        "entropy_batch": "same",
+        "warmup_steps": None,
     },
     "validate": {
         "method": "auto",
@@ -82,6 +85,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),
+    "probe.entropy_batch": ("same", "independent"),
     "validate.method": ("auto", "exact", "importance"),
 }
 
@@ -92,6 +96,8 @@ OPTIONAL_TYPES: dict[str, type] = {
     "batch.rollouts": str,
     "probe.optimizer_state": str,
     "probe.learning_rate": float,
+    "batch.entropy_rollouts": str,
+    "probe.warmup_steps": int,
 }
 
 POSITIVE_INTS = ("lora.r", "batch.num_prompts", "batch.group_size", "batch.max_new_tokens",
@@ -179,6 +185,15 @@ def _check(flat: dict[str, Any]) -> None:
     reward = flat["batch.reward"]
     if reward != "builtin" and not (reward.count(":") >= 1 and all(reward.rsplit(":", 1))):
         raise GradprobeError(f"batch.reward must be 'builtin' or 'module:function'; got {reward!r}")
+    warm = flat["probe.warmup_steps"]
+    if warm is not None and warm < 0:
+        raise GradprobeError(f"probe.warmup_steps must be >= 0 (or null: automatic); got {warm}")
+    if warm and flat["probe.optimizer_state"]:
+        raise GradprobeError("probe.warmup_steps trains a fresh AdamW, but probe.optimizer_state gives the run's own: "
+                             "set one of them")
+    if flat["batch.entropy_rollouts"] and flat["probe.entropy_batch"] != "independent":
+        raise GradprobeError("batch.entropy_rollouts is the independent entropy batch: set "
+                             "probe.entropy_batch=independent with it")
     lr = flat["probe.learning_rate"]
     if lr is not None and not lr > 0:
         raise GradprobeError(f"probe.learning_rate must be > 0; got {lr}")
