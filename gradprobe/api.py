@@ -182,6 +182,7 @@ def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts
     fresh = parts.clip_factor * flat(parts.fresh) * flat(grads)
     est = real_step_math.independent(x @ fresh, x @ flat(parts.momentum), x @ flat(parts.decay),
                                      float(parts.clip_factor))
-    result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH, "parts": result.parts}
+    result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH,
+                         "se_deltaH_batches": result.se_deltaH_batches, "parts": result.parts}
     result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
     result.parts, result.entropy_batch = est.parts(), "independent"

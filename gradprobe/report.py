@@ -53,12 +53,75 @@ def headline_se(r: ProbeResult) -> tuple[float, str]:
     return r.se, f"row-mean {rows}; no pairwise SE: {why}"
 
 
+def _step_words(step: dict[str, Any]) -> str:
+    """'AdamW lr 1e-05, betas (0.9, 0.999), eps 1e-08, weight decay 0.01, step 4, no clipping'."""
+    if not step:
+        return "n/a"
+    bits = [f"{step['optimizer']} lr {fmt(step['lr'], 3)}"]
+    if step.get("family") == "adam":
+        bits.append(f"betas ({step['betas'][0]:g}, {step['betas'][1]:g}), eps {step['eps']:g}")
+        if step.get("amsgrad"):
+            bits.append("amsgrad")
+    bits.append(f"weight decay {step['weight_decay']:g}, step {step['step']}")
+    clip = step.get("max_grad_norm")
+    bits.append(f"max_grad_norm {clip:g}" if clip is not None else "no clipping")
+    return ", ".join(bits)
+
+
+def step_provenance(step: dict[str, Any]) -> list[str]:
+    """'read: ...', 'given: ...', 'assumed: ...' lines, each with the fields it covers."""
+    kinds: dict[str, dict[str, list[str]]] = {}
+    for key, text in step.get("sources", {}).items():
+        kind, _, why = text.partition(": ")
+        kinds.setdefault(kind, {}).setdefault(why, []).append(key)
+    return [f"{kind} {', '.join(keys)}: {why}" for kind in ("read", "given", "assumed")
+            for why, keys in kinds.get(kind, {}).items()]
+
+
+REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one step optimizer.step() will take "
+                    "on this batch. It holds Adam's per-coordinate scale (through this batch's g^2) and the clip "
+                    "factor at their batch values (first order); it is not the curvature term, not the change "
+                    "over several steps, and not deltaH1, which is the plain step lr P grad LY without momentum "
+                    "or weight decay.")
+
+
+def render_real_step(out: Console, r: ProbeResult) -> None:
+    """The headline: deltaH of the real step, its parts, and in words what was read and assumed."""
+    t = Table(title="the next optimizer step", show_header=False, title_justify="left")
+    t.add_column("quantity", style="bold")
+    t.add_column("value")
+    if math.isfinite(r.deltaH):
+        over = f"; over batches ± {fmt(r.se_deltaH_batches, 2)}" if math.isfinite(r.se_deltaH_batches) else ""
+        how = "same batch, U-statistic" if r.entropy_batch == "same" else "independent entropy batch"
+        t.add_row("deltaH (real step)", f"{fmt(r.deltaH)} ± {fmt(r.se_deltaH, 2)} ({how}{over})")
+        total = sum(abs(r.parts[k]["value"]) for k in ("fresh", "momentum", "weight_decay")) or 1.0
+        for key, label in (("fresh", "fresh gradient"), ("momentum", "momentum"), ("weight_decay", "weight decay")):
+            part = r.parts[key]
+            t.add_row(f"  {label}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
+                                    f"({100 * abs(part['value']) / total:.0f}% of |parts|)")
+        t.add_row("  clip factor", fmt(r.parts["clip_factor"]))
+        t.add_row("‖step‖; plain step", f"{fmt(r.update_norm)}; {fmt(r.plain_update_norm)} "
+                                       f"(cosine {r.plain_update_cosine:.2f})")
+    else:
+        t.add_row("deltaH (real step)", f"n/a: {r.real_step_note}")
+    t.add_row("optimizer step", _step_words(r.step))
+    if r.warmup_steps:
+        t.add_row("warm-up", f"{r.warmup_steps} AdamW steps on this model before probing (probe.warmup_steps)")
+    out.print(t)
+    for line in step_provenance(r.step):
+        out.print(f"  {line}", soft_wrap=True)
+    if r.real_step_note and math.isfinite(r.deltaH):
+        out.print(f"[yellow]note:[/] {r.real_step_note}", soft_wrap=True)
+    out.print(REAL_STEP_IS_NOT, soft_wrap=True)
+
+
 def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int = 8) -> None:
-    t = Table(title="gradprobe delta-h1", show_header=False, title_justify="left")
+    render_real_step(out, r)
+    t = Table(title="the plain step lr P grad LY (deltaH1, for comparison)", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
     se, which = headline_se(r)
-    t.add_row("deltaH1", f"{fmt(r.deltaH1)} ± {fmt(se, 2)} ({which})")
+    t.add_row("deltaH1 (plain step)", f"{fmt(r.deltaH1)} ± {fmt(se, 2)} ({which})")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
     t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}")
     t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")

@@ -83,6 +83,7 @@ class ProbeResult:
     plain_update_cosine: float = math.nan  # cos(real step, plain step)
     same_batch: dict[str, Any] = field(default_factory=dict)  # the same-batch estimate when deltaH is independent
     real_step_note: str = ""  # why deltaH is NaN, or what it assumed
+    warmup_steps: int = 0  # AdamW steps taken on the model before probing (probe.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
