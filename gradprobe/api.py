@@ -102,14 +102,18 @@ def step_source(stack, cfg: dict[str, Any], precond: Preconditioner, optimizer: 
     else plain SGD at the probe's learning rate (which StepSettings.sources says)."""
     pcfg = cfg["probe"]
     source = optimizer if optimizer is not None else pcfg["optimizer_state"]
-    lr = pcfg["learning_rate"] if source is not None else precond.learning_rate
+    explicit = pcfg["learning_rate"]
     no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
     order = pcfg["optimizer_order"]
     clip = pcfg.get("max_grad_norm")
-    settings = step_settings(source, stack.names, stack.params, lr=lr, max_grad_norm=clip, no_decay=no_decay,
-                             order=order)
-    if source is None and pcfg["learning_rate"] is None:
+    settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
+                             precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
+    if source is None and explicit is None:
         settings.sources["lr"] = f"assumed: {precond.learning_rate_source}"
+    elif source is not None and explicit is not None and not math.isclose(explicit, settings.lr, rel_tol=1e-9):
+        # a checkpoint writes the rate it read into probe.learning_rate: only a different one is "given"
+        settings.sources["lr"] = f"given: probe.learning_rate (the run's next step would use {settings.lr:g})"
+        settings.lr = explicit
     mapped = mapped_state(source, stack.names, stack.params, no_decay=no_decay, order=order) \
         if source is not None else None
     return settings, mapped

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_group_size": 8,
         "is_samples": 256,
         "max_enumerate": 20000,
+        "direction": "real",
     },
 }
 
@@ -87,6 +88,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.optimizer_order": ("auto", "trainer", "named"),
     "probe.entropy_batch": ("same", "independent"),
     "validate.method": ("auto", "exact", "importance"),
+    "validate.direction": ("real", "plain"),
 }
 
 # Keys whose default is None: the type a value must have when one is given.

@@ -53,7 +53,7 @@ def headline_se(r: ProbeResult) -> tuple[float, str]:
     return r.se, f"row-mean {rows}; no pairwise SE: {why}"
 
 
-def _step_words(step: dict[str, Any]) -> str:
+def step_words(step: dict[str, Any]) -> str:
     """'AdamW lr 1e-05, betas (0.9, 0.999), eps 1e-08, weight decay 0.01, step 4, no clipping'."""
     if not step:
         return "n/a"
@@ -104,7 +104,7 @@ def render_real_step(out: Console, r: ProbeResult) -> None:
                                        f"(cosine {r.plain_update_cosine:.2f})")
     else:
         t.add_row("deltaH (real step)", f"n/a: {r.real_step_note}")
-    t.add_row("optimizer step", _step_words(r.step))
+    t.add_row("optimizer step", step_words(r.step))
     if r.warmup_steps:
         t.add_row("warm-up", f"{r.warmup_steps} AdamW steps on this model before probing (probe.warmup_steps)")
     out.print(t)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import GradprobeError
-from .report import fmt
+from .report import fmt, step_words
 from .validate import NONLINEAR, ValidateResult
 
 SCHEMA_VALIDATE = "gradprobe.validate/1"
@@ -44,7 +44,8 @@ def ratio_plot(r: ValidateResult, width: int = 41, lo: float = 0.0, hi: float = 
 
 def render_validate(out: Console, r: ValidateResult) -> None:
     exact = r.method == "exact"
-    title = "gradprobe validate: δH₁ against " + ("exact enumeration" if exact else "importance sampling")
+    what = "δH (the real step, η = 1)" if r.direction == "real" else "δH₁ (the plain step)"
+    title = f"gradprobe validate: {what} against " + ("exact enumeration" if exact else "importance sampling")
     t = Table(title=title, title_justify="left")
     for name in ("η", "ΔH_true", "−η X̄_E·d ± SE", "ratio", "95%"):
         t.add_column(name, justify="right")
@@ -76,8 +77,12 @@ def render_validate(out: Console, r: ValidateResult) -> None:
              f"{r.is_samples} fresh samples per prompt, self-normalised weights, smallest ESS {fmt(r.is_min_ess, 3)}")
     s.add_row("truth", f"{truth}; responses ≤ {r.max_len} tokens at temperature {fmt(r.temperature)}")
     s.add_row("steps", f"‖ηd‖/‖θ‖ from {fmt(r.points[0].step, 1)} to {fmt(r.points[-1].step, 1)}; the run's "
-                       f"η {fmt(r.eta_run, 2)} is a step of {fmt(r.step_run, 2)}")
-    s.add_row("batches", f"update {r.update_units}×{r.update_group_size} (d = P·∇LY, ‖d‖ {fmt(r.d_norm)}), "
+                       f"{'step (η = 1)' if r.direction == 'real' else 'η ' + fmt(r.eta_run, 2)} is a step of "
+                       f"{fmt(r.step_run, 2)}")
+    if r.direction == "real":
+        s.add_row("direction", f"d = the optimizer's next step Δθ ({step_words(r.step)}); η multiplies it")
+    d_is = "d = Δθ" if r.direction == "real" else "d = P·∇LY"
+    s.add_row("batches", f"update {r.update_units}×{r.update_group_size} ({d_is}, ‖d‖ {fmt(r.d_norm)}), "
                          f"evaluation {r.eval_units}×{r.eval_group_size}, independent")
     s.add_row("θ", f"{r.n_params:,} trainable values, ‖θ‖ {fmt(r.theta_norm)}; preconditioner {r.precondition}")
     s.add_row("time", ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items()))

@@ -1,7 +1,10 @@
-"""delta-H1 against ground truth: step along the batch's update direction and measure the entropy change.
+"""deltaH against ground truth: step along the batch's update and measure the entropy change.
 
-d = P grad LY on the update batch (the mean of the probe's Y[u]); theta' = theta + eta d for a sweep of
-eta. The first-order prediction of H(theta') - H(theta) is eta grad H . d; the probe estimates grad H by
+validate.direction=real (default): d = the step the run's optimizer would take on the update batch
+(optim/update.py real_update: its own step on copies), theta' = theta + eta d for a sweep of multiples eta,
+so eta = 1 is the real next step and deltaH is the prediction there. validate.direction=plain: d = P grad LY
+(the mean of the probe's Y[u]) and eta a learning rate, the plain step deltaH1 describes.
+The first-order prediction of H(theta') - H(theta) is eta grad H . d; the probe estimates grad H by
 -Xbar_E on an evaluation batch sampled independently of the update batch, so -eta Xbar_E . d has a
 plain standard error over the evaluation units (d is held fixed). The truth comes from exact
 enumeration when the model is small enough, else from importance sampling (entropy.py).
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .api import learning_rate, preconditioner
+from .api import learning_rate, preconditioner, step_source, step_summary
 from .attention import without_cudnn_attention
 from .entropy import (
     count_responses,
@@ -28,6 +31,9 @@ from .entropy import (
     score,
 )
 from .errors import GradprobeError
+from .optim.precondition import Preconditioner
+from .optim.state import no_decay_names
+from .optim.update import real_update
 from .params import GradReader
 from .probe import unit_gradients
 from .rollouts import Batch, Group, _decode, _prompt_ids, builtin_prompts, builtin_reward, read_rollouts
@@ -86,6 +92,8 @@ class ValidateResult:
     precondition: str
     autocast: str
     timings: dict[str, float] = field(default_factory=dict)
+    direction: str = "plain"  # "real": d is the optimizer's step (eta = 1 is it); "plain": d = P grad LY
+    step: dict[str, Any] = field(default_factory=dict)  # the StepSettings of the real step (direction=real)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,8 +229,9 @@ def _ratio(num: float, num_se: float, den: float, den_se: float) -> tuple[float,
 
 
 @without_cudnn_attention()
-def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None) -> ValidateResult:
-    """The whole comparison; theta is unchanged afterwards."""
+def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None,
+                 optimizer: Any = None) -> ValidateResult:
+    """The whole comparison; theta (and `optimizer`, the real step's source when given) is unchanged afterwards."""
     check_config(cfg)
     vcfg, bcfg = cfg["validate"], cfg["batch"]
     vocab = stack.model.get_input_embeddings().num_embeddings
@@ -247,9 +256,15 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
     evaluation = _sampled_batch(stack, policy, eval_prompts, vcfg["eval_group_size"], gen_eval, tau)
     timings["sample"] = time.perf_counter() - t0
 
-    # d = mean_u P grad LY[u] and the probe's per-unit X_E[u] . d.
+    # d (the real step, or mean_u P grad LY[u]) and the probe's per-unit X_E[u] . d.
     t1 = time.perf_counter()
-    d = unit_gradients(stack, update, cfg["probe"], precond, kinds=("y",))["y"].mean(0).double()
+    real = vcfg["direction"] == "real"
+    settings = None
+    if real:
+        settings, _ = step_source(stack, cfg, precond, optimizer)
+        d = real_direction(stack, update, cfg, settings, optimizer).double()
+    else:
+        d = unit_gradients(stack, update, cfg["probe"], precond, kinds=("y",))["y"].mean(0).double()
     x_eval = unit_gradients(stack, evaluation, cfg["probe"], precond, kinds=("x",))["x"].double()
     xd = x_eval @ d
     slope_probe = -float(xd.mean())
@@ -277,7 +292,7 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
 
     theta_norm = float(_flat(stack.params).double().norm())
     d_norm = float(d.norm())
-    eta_run = learning_rate(cfg, precond)
+    eta_run = 1.0 if real else learning_rate(cfg, precond)
     n = vcfg["points"]
     steps = [vcfg["step_min"] * (vcfg["step_max"] / vcfg["step_min"]) ** (k / (n - 1)) for k in range(n)]
     scale = (theta_norm if theta_norm > 0 else 1.0) / d_norm
@@ -324,4 +339,19 @@ def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None
         responses_per_prompt=count_responses(vocab, max_len) if method == "exact" else None,
         is_samples=vcfg["is_samples"] if method == "importance" else None,  # per distinct prompt
         is_min_ess=min_ess if method == "importance" else None, max_len=max_len, temperature=tau,
-        precondition=precond.source, autocast=cfg["autocast"], timings=timings)
+        precondition=precond.source, autocast=cfg["autocast"], timings=timings,
+        direction=vcfg["direction"], step=step_summary(settings) if settings is not None else {})
+
+
+def real_direction(stack, update: Batch, cfg: dict[str, Any], settings, optimizer: Any = None) -> torch.Tensor:
+    """The step the optimizer's next step() makes on the update batch's loss -mean_u LY[u], flat fp32: its own
+    arithmetic on copies (optim/update.py real_update), the source as step_source resolved it."""
+    g = -unit_gradients(stack, update, cfg["probe"], Preconditioner(None), kinds=("y",))["y"].mean(0)
+    grads = [t.view_as(p) for t, p in zip(g.split([p.numel() for p in stack.params]), stack.params)]
+    pcfg = cfg["probe"]
+    source = optimizer if optimizer is not None else pcfg["optimizer_state"]
+    no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
+    step = real_update(source, stack.params, grads, max_grad_norm=settings.max_grad_norm,
+                       lr=pcfg["learning_rate"] if source is not None else settings.lr, names=stack.names,
+                       no_decay=no_decay, order=pcfg["optimizer_order"])
+    return torch.cat([t.reshape(-1) for t in step])

@@ -23,6 +23,7 @@ from gradprobe.trainer_checkpoint import load_checkpoint
 from tests.support.export import save_preset
 
 SAVE_AT, MAX_STEPS = 3, 4  # the checkpoint is taken at step 3 and training goes on, so step 4's lr is observed
+MAX_GRAD_NORM = 0.3  # below the gradients' norm here, so the Trainer clips
 SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]
 SMALL_ARGS = [a for s in SMALL for a in ("--set", s)]
 
@@ -58,16 +59,28 @@ def _train(base_dir, out_dir, lora_kwargs, max_steps, save_steps, record=None):
                     record["expected"][names[id(p)]] = 1.0 / (v_hat.sqrt() + eps)
                     record["params"][names[id(p)]] = p.detach().clone()
 
-        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kw):
             if record is not None and state.global_step == SAVE_AT:  # the step after the save (0-based count)
                 record["next_lr"] = [g["lr"] for g in optimizer.param_groups]
+                record["group"] = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+                record["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    class Recording(Trainer):
+        """Keeps the gradient of the step after the save as the Trainer has it before clipping it."""
+
+        def _clip_grad_norm(self, model):
+            if record is not None and self.state.global_step == SAVE_AT:
+                record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                record["before"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            return super()._clip_grad_norm(model)
 
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
                              save_steps=save_steps, per_device_train_batch_size=4, learning_rate=1e-3,
                              lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01, optim="adamw_torch",
-                             logging_steps=1, disable_tqdm=True, seed=0, save_only_model=False)
+                             logging_steps=1, disable_tqdm=True, seed=0, save_only_model=False,
+                             max_grad_norm=MAX_GRAD_NORM)
     with quiet_libraries():
-        Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
+        Recording(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
     return out_dir
 
 
@@ -272,3 +285,45 @@ def test_no_decay_names_match_the_trainer():
     expected = {n for n, _ in model.named_parameters()} - set(Trainer.get_decay_parameter_names(None, model))
     assert no_decay_names(model) == expected
     assert {"0.ln_1.weight", "0.proj.bias", "1.final_norm"} <= expected and "0.proj.weight" not in expected
+
+
+def test_real_step_equals_the_trainers_next_step(run, loaded):
+    """The step gradprobe reconstructs from the checkpoint (optimizer.pt, scheduler.pt, Trainer order) for the
+    Trainer's own next gradient is the change that step made, clipping (max_grad_norm 1.0, the Trainer's
+    default) included; the settings are the ones that step used, and delta-h1 reports them."""
+    from gradprobe.optim.update import real_update, step_settings
+
+    cfg, _, stack = loaded
+    state = cfg["probe"]["optimizer_state"]
+    no_decay = no_decay_names(stack.model)
+    settings = step_settings(state, stack.names, stack.params, max_grad_norm=MAX_GRAD_NORM, no_decay=no_decay)
+    group = run["group"]
+    assert settings.optimizer == "AdamW" and settings.step == SAVE_AT + 1
+    assert settings.lr == pytest.approx(run["next_lr"][0], rel=1e-12)
+    assert settings.betas == tuple(group["betas"]) and settings.eps == group["eps"]
+    assert settings.weight_decay == group["weight_decay"] == 0.01
+    assert sorted(set(settings.weight_decays)) == [0.0, 0.01]  # the Trainer's no-decay group (the biases)
+    grads = [run["grads"][n] for n in stack.names]
+    norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+    assert norm > MAX_GRAD_NORM  # the Trainer clipped this step: the test covers clipping
+    delta = real_update(state, stack.params, grads, max_grad_norm=MAX_GRAD_NORM, names=stack.names,
+                        no_decay=no_decay)
+    kinds = set()
+    for name, d in zip(stack.names, delta):
+        before, true = run["before"][name], (run["after"][name] - run["before"][name]).float()
+        kinds.add(before.dtype)
+        if before.dtype == torch.float32:  # the LoRA weights: the same fp32 arithmetic (the clip norm differs
+            # in rounding only: torch takes each tensor's norm in its own dtype, bf16 for the biases below)
+            assert float((d - true).norm()) < 2e-4 * float(true.norm()), name
+        else:  # the Trainer's 4-bit model keeps the trainable biases in bf16 and steps them in bf16 arithmetic
+            # (bf16 moments too): its change is the fp32 step up to bf16 rounding, of theta' (2 ulp) and of
+            # the step itself (4 ulp)
+            scale = torch.maximum(before.float().abs(), run["after"][name].float().abs())
+            assert bool(((d - true).abs() <= 2.0 ** -7 * scale + 2.0 ** -6 * true.abs() + 1e-8).all()), name
+    assert kinds == {torch.float32, torch.bfloat16}
+    batch = build_batch(stack, cfg)
+    r = delta_h1(stack, batch, {**cfg, "probe": {**cfg["probe"], "max_grad_norm": MAX_GRAD_NORM}})
+    assert r.step["lr"] == settings.lr and r.step["step"] == SAVE_AT + 1 and r.step["eps"] == group["eps"]
+    assert r.step["sources"]["max_grad_norm"].startswith("given") and r.step["sources"]["lr"].startswith("read")
+    assert r.step["max_grad_norm"] == MAX_GRAD_NORM and 0 < r.parts["clip_factor"] <= 1.0
+    assert math.isfinite(r.deltaH) and math.isfinite(r.se_deltaH) and r.parts["momentum"]["value"] != 0

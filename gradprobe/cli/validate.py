@@ -56,10 +56,12 @@ def command(
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Step along the batch's update direction and compare the true entropy change with deltaH1's."""
+    """Step along the batch's real optimizer step (or the plain step, validate.direction=plain) and compare the
+    true entropy change with the probe's prediction."""
     out, err = consoles(quiet, json_ == "-")
 
     def body() -> int:
+        from ..api import warm_up, warmup_steps
         from ..report_validate import render_validate, save_plot, validate_payload
         from ..stack import load_stack
         from ..validate import GROUND_TRUTH, check_config, run_validate
@@ -79,9 +81,13 @@ def command(
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         t1 = time.perf_counter()
+        optimizer, warm = None, warmup_steps(cfg)
+        if warm:  # as delta-h1 does: a few real AdamW steps, so that the real step has momentum
+            optimizer = warm_up(stack, cfg, warm)
+        t2 = time.perf_counter()
         with progress_bar(err, not quiet, "sweeping eta") as progress:
-            result = run_validate(stack, cfg, progress=progress)
-        result.timings = {"stack": t1 - t0, **result.timings}
+            result = run_validate(stack, cfg, progress=progress, optimizer=optimizer)
+        result.timings = {"stack": t1 - t0, **({"warm-up": t2 - t1} if warm else {}), **result.timings}
         emit(out, ckpt, lambda: render_validate(out, result), validate_payload(result, cfg), json_)
         if plot is not None:
             save_plot(result, plot)
