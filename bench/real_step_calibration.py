@@ -1,6 +1,6 @@
 """deltaH of the real next AdamW step against the exact entropy change, on the micro model (CPU).
 
-    OMP_NUM_THREADS=1 python bench/real_step_calibration.py --beta1 0.9 --trials 30
+    OMP_NUM_THREADS=1 python bench/real_step_calibration.py --beta1 0.9 --trials 30   (B=64, G=16, lr 1e-4)
 
 A LoRA run is trained with torch AdamW (weight decay on) for --warmup steps on the run's loss; then each
 trial samples a fresh batch of --units prompts x --group responses from the exact policy, asks gradprobe
@@ -44,31 +44,22 @@ def set_grads(params, grads) -> None:
         p.grad = g.to(p.device, p.dtype).clone()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--beta1", type=float, default=0.9)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--weight-decay", type=float, default=0.1)
-    ap.add_argument("--warmup", type=int, default=12)
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--units", type=int, default=16)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="append the per-trial records and the summary to this JSONL file")
-    args = ap.parse_args()
-    cfg = load_config(overrides=[*GROUND_TRUTH, f"batch.num_prompts={args.units}", f"batch.group_size={args.group}",
-                                 f"seed={args.seed}"])
+def calibrate(beta1: float = 0.9, lr: float = 1e-4, weight_decay: float = 0.1, warmup: int = 12, trials: int = 30,
+              units: int = 64, group: int = 16, seed: int = 0, log=print) -> tuple[list[dict], dict]:
+    """The whole experiment; returns the per-trial records and the summary."""
+    cfg = load_config(overrides=[*GROUND_TRUTH, f"batch.num_prompts={units}", f"batch.group_size={group}",
+                                 f"seed={seed}"])
     stack = load_stack(cfg)
     pool = [stack.tokenizer.encode(t, add_bos=True) for t in MICRO_PROMPTS]
-    opt = torch.optim.AdamW(stack.params, lr=args.lr, betas=(args.beta1, 0.999), weight_decay=args.weight_decay)
-    gen = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(stack.params, lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
 
     def batch_at_theta(policy: _Policy):
-        which = torch.randint(len(pool), (args.units,), generator=gen).tolist()
-        return _sampled_batch(stack, policy, [pool[k] for k in which], args.group, gen, 1.0)
+        which = torch.randint(len(pool), (units,), generator=gen).tolist()
+        return _sampled_batch(stack, policy, [pool[k] for k in which], group, gen, 1.0)
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):  # the run so far: real AdamW steps on the run's loss, each from the current policy
+    for _ in range(warmup):  # the run so far: real AdamW steps on the run's loss, each from the current policy
         set_grads(stack.params, loss_grads(stack, batch_at_theta(_Policy(stack, "exact", 1.0, MAX_LEN)), cfg))
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -77,11 +68,11 @@ def main() -> None:
     _, grad_h = exact_entropy_grad(stack, pool, 1.0, MAX_LEN)
     grad_h = grad_h.double()
     theta_norm = float(torch.cat([p.detach().reshape(-1) for p in stack.params]).norm())
-    print(f"micro: beta1={args.beta1} lr={args.lr} wd={args.weight_decay} warmup={args.warmup} B={args.units} "
-          f"G={args.group}; H={h0:.5f}, |theta|={theta_norm:.4g}; warm-up {time.perf_counter() - t0:.0f} s")
+    log(f"micro: beta1={beta1} lr={lr} wd={weight_decay} warmup={warmup} B={units} G={group}; H={h0:.5f}, "
+        f"|theta|={theta_norm:.4g}; warm-up {time.perf_counter() - t0:.0f} s")
 
     rows = []
-    for t in range(args.trials):
+    for t in range(trials):
         batch = batch_at_theta(policy)
         entropy_batch = batch_at_theta(policy)
         precond = api.live_preconditioner(stack, opt, cfg, "AdamW")
@@ -103,23 +94,39 @@ def main() -> None:
                 p.copy_(s)
         opt.load_state_dict(saved_o)
         first = float(grad_h @ step)
+        same = r.same_batch
         rows.append(dict(
-            trial=t, true=true, first_order=first, pred=r.deltaH, se=r.se_deltaH,
-            se_batches=r.same_batch["se_deltaH_batches"],
-            pred_independent=r.deltaH if r.entropy_batch == "independent" else None,
-            se_independent=r.se_deltaH, pred_same=r.same_batch["deltaH"], se_same=r.same_batch["se_deltaH"],
-            parts=r.same_batch["parts"], deltaH1=r.deltaH1, se_deltaH1=r.se_unbiased,
+            trial=t, true=true, first_order=first, pred_same=same["deltaH"], se_same=same["se_deltaH"],
+            se_batches=same["se_deltaH_batches"], pred_independent=r.deltaH, se_independent=r.se_deltaH,
+            parts=same["parts"], deltaH1=r.deltaH1, se_deltaH1=r.se_unbiased,
             plain_cosine=r.plain_update_cosine, plain_length_ratio=r.plain_update_norm / r.update_norm,
             step_rel=float(step.norm()) / theta_norm,
             reconstruction_error=float((want - step).norm() / step.norm()),
-            momentum_share_pred=r.same_batch["parts"]["momentum"]["value"] / r.same_batch["deltaH"],
+            momentum_share_pred=same["parts"]["momentum"]["value"] / same["deltaH"],
             momentum_share_exact=float(grad_h @ momentum) / first))
         row = rows[-1]
-        print(f"{t:3d} true {true:+.4e} first {first:+.4e} same {row['pred_same']:+.4e} ± {row['se_same']:.2e} "
-              f"indep {row['pred_independent']:+.4e} ± {row['se_independent']:.2e} dH1 {r.deltaH1:+.4e} "
-              f"cos {r.plain_update_cosine:.2f} |Δθ| err {row['reconstruction_error']:.1e}", flush=True)
+        log(f"{t:3d} true {true:+.4e} first {first:+.4e} same {row['pred_same']:+.4e} ± {row['se_same']:.2e} "
+            f"indep {row['pred_independent']:+.4e} ± {row['se_independent']:.2e} dH1 {r.deltaH1:+.4e} "
+            f"cos {r.plain_update_cosine:.2f} |Δθ| err {row['reconstruction_error']:.1e}")
+    summary = summarize(rows, dict(beta1=beta1, lr=lr, weight_decay=weight_decay, warmup=warmup, trials=trials,
+                                   units=units, group=group))
+    return rows, summary
 
-    summary = summarize(rows, args)
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--beta1", type=float, default=0.9)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.1)
+    ap.add_argument("--warmup", type=int, default=12)
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--units", type=int, default=64)
+    ap.add_argument("--group", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="append the per-trial records and the summary to this JSONL file")
+    args = ap.parse_args()
+    rows, summary = calibrate(args.beta1, args.lr, args.weight_decay, args.warmup, args.trials, args.units,
+                              args.group, args.seed, log=lambda line: print(line, flush=True))
     print(json.dumps(summary, indent=1))
     if args.json:
         with open(args.json, "a") as f:
@@ -128,13 +135,12 @@ def main() -> None:
             f.write(json.dumps({"summary": summary}) + "\n")
 
 
-def summarize(rows: list[dict], args) -> dict:
+def summarize(rows: list[dict], setting: dict) -> dict:
     def t(key: str) -> torch.Tensor:
         return torch.tensor([r[key] for r in rows], dtype=torch.float64)
 
     true, first = t("true"), t("first_order")
-    out: dict = {"beta1": args.beta1, "lr": args.lr, "weight_decay": args.weight_decay, "warmup": args.warmup,
-                 "trials": len(rows), "units": args.units, "group": args.group}
+    out: dict = dict(setting)
     for name in ("same", "independent"):
         z = (t(f"pred_{name}") - true) / t(f"se_{name}")
         big = true.abs() > 2 * t(f"se_{name}")

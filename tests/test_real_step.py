@@ -110,3 +110,31 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
                                  decay=[torch.zeros(p.shape) for p in stack.params], clip_factor=1.0))
     assert sgd.deltaH == pytest.approx(sgd.deltaH1, rel=1e-6)
     assert sgd.plain_update_cosine == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_micro_predict_then_really_step_then_restore():
+    """A small run of bench/real_step_calibration.py (the recorded one: 30 trials, B=64, docs/real_step.md):
+    AdamW with beta1 = 0.9 and weight decay trained 6 steps on micro, then 8 trials of predict, really
+    step, restore, with the exact entropy. gradprobe's step is the optimizer's; its first-order term is
+    the true change within 5%; the same-batch and independent-batch estimates agree within their SEs and
+    with the truth; most of the change is momentum's (the plain step would miss it)."""
+    from bench.real_step_calibration import calibrate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows, summary = calibrate(beta1=0.9, lr=3e-5, weight_decay=0.1, warmup=6, trials=8, units=32, group=8,
+                                  seed=1, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(r["reconstruction_error"] < 1e-6 for r in rows)  # Delta theta = what optimizer.step() did
+    assert all(abs(r["first_order"] / r["true"] - 1) < 0.05 for r in rows)  # small lr: curvature ~ lr^2
+    for name in ("same", "independent"):
+        z = torch.tensor([(r[f"pred_{name}"] - r["true"]) / r[f"se_{name}"] for r in rows])
+        assert float(z.abs().max()) < 3.5 and abs(float(z.mean())) < 1.2, (name, z)
+    agree = [abs(r["pred_same"] - r["pred_independent"]) <= 2 * math.hypot(r["se_same"], r["se_independent"])
+             for r in rows]
+    assert sum(agree) >= 7
+    assert summary["momentum_share_exact"][0] > 0.5
+    assert all(0 < r["parts"]["clip_factor"] <= 1 and r["parts"]["momentum"]["value"] != 0 for r in rows)
