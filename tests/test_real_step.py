@@ -138,3 +138,59 @@ def test_micro_predict_then_really_step_then_restore():
     assert sum(agree) >= 7
     assert summary["momentum_share_exact"][0] > 0.5
     assert all(0 < r["parts"]["clip_factor"] <= 1 and r["parts"]["momentum"]["value"] != 0 for r in rows)
+
+
+def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stacks, rollouts_file):
+    """gp.delta_h1 with a live AdamW (two steps of history, weight decay) and an entropy batch: the
+    independent estimate is -mean_u X_E[u] . Delta theta with Delta theta from real_update (the optimizer's
+    own step on copies) and X_E from unit_gradients; the same-batch one is -U(X[u] . D[v]) with the parts
+    from decompose; the optimizer and the model are untouched."""
+    import gradprobe as gp
+    from gradprobe import api
+    from gradprobe.optim.precondition import Preconditioner
+    from gradprobe.optim.update import decompose, real_update
+
+    stack = fp32_stacks["reentrant"]
+    cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", f"batch.rollouts={rollouts_file}"])
+    batch = gp.build_batch(stack, cfg)
+    entropy = gp.load_config(overrides=["batch.num_prompts=5", "batch.max_new_tokens=8", "seed=3"])
+    entropy_batch = gp.build_batch(stack, entropy)
+    saved = [p.detach().clone() for p in stack.params]
+    opt = torch.optim.AdamW(stack.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.05)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        for p in stack.params:
+            p.grad = 1e-3 * torch.randn(p.shape, generator=g)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    state_before = {k: v.clone() for k, v in opt.state[stack.params[0]].items()}
+    theta = [p.detach().clone() for p in stack.params]
+    try:
+        precond = api.live_preconditioner(stack, opt, cfg)
+        r = gp.delta_h1(stack, batch, cfg, precond=precond, optimizer=opt, entropy_batch=entropy_batch)
+        raw = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("x", "y"))
+        x, gy = raw["x"].double(), -raw["y"].double()
+        grads = [t.view_as(p).float() for t, p in zip(gy.mean(0).split([p.numel() for p in stack.params]),
+                                                      stack.params)]
+        step = torch.cat([d.reshape(-1) for d in real_update(opt, stack.params, grads)]).double()
+        x_e = gp.probe.unit_gradients(stack, entropy_batch, cfg["probe"], Preconditioner(None), kinds=("x",))["x"]
+        terms = x_e.double() @ step
+        assert r.entropy_batch == "independent"
+        assert r.deltaH == pytest.approx(-float(terms.mean()), rel=1e-4)
+        assert r.se_deltaH == pytest.approx(float(terms.std()) / math.sqrt(terms.numel()), rel=1e-4)
+        settings, mapped = api.step_source(stack, cfg, precond, opt)
+        parts = decompose(settings, mapped, stack.names, stack.params, grads)
+        flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (parts.fresh, parts.momentum, parts.decay)]
+        d = parts.clip_factor * flat[0] * gy + flat[1] + flat[2]
+        assert float((d.mean(0) - step).norm()) < 1e-4 * float(step.norm())  # the parts sum to the step (fp32)
+        b = x.shape[0]
+        k = x @ d.T
+        assert r.same_batch["deltaH"] == pytest.approx(-(float(k.sum() - k.diagonal().sum())) / (b * (b - 1)),
+                                                       rel=1e-4)
+        assert r.step["optimizer"] == "AdamW" and r.step["step"] == 3 and r.step["weight_decay"] == 0.05
+        assert all(torch.equal(p.detach(), t) for p, t in zip(stack.params, theta))
+        assert all(torch.equal(opt.state[stack.params[0]][k], v) for k, v in state_before.items())
+    finally:
+        with torch.no_grad():
+            for p, s in zip(stack.params, saved):
+                p.copy_(s)
