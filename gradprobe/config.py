@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import GradprobeError
+from .objective import LEGACY_NORMALIZATION, LOSS_TYPES, SCALE_REWARDS
 
 # The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
 DEFAULTS: dict[str, Any] = {
@@ -49,7 +50,11 @@ DEFAULTS: dict[str, Any] = {
         "microbatch_size": 8,
         "block_size": 2,
         "accumulate_on": "device",
+        "loss_type": None,
         "normalization": "dr_grpo",
+        "scale_rewards": "none",
+        "max_completion_length": None,
+        "max_grad_norm": None,
         "precondition": "identity",
         "optimizer_state": None,
         "optimizer_order": "auto",
@@ -78,7 +83,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.mode": ("exact", "blocks"),
     "probe.schedule": ("fused", "literal", "one_backward"),
     "probe.accumulate_on": ("device", "cpu"),
-    "probe.normalization": ("dr_grpo", "per_token"),
+    "probe.loss_type": LOSS_TYPES,
+    "probe.normalization": tuple(LEGACY_NORMALIZATION),
+    "probe.scale_rewards": SCALE_REWARDS,
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),
     "validate.method": ("auto", "exact", "importance"),
@@ -91,6 +98,9 @@ OPTIONAL_TYPES: dict[str, type] = {
     "batch.rollouts": str,
     "probe.optimizer_state": str,
     "probe.learning_rate": float,
+    "probe.loss_type": str,
+    "probe.max_completion_length": int,
+    "probe.max_grad_norm": float,
 }
 
 POSITIVE_INTS = ("lora.r", "batch.num_prompts", "batch.group_size", "batch.max_new_tokens",
@@ -181,6 +191,29 @@ def _check(flat: dict[str, Any]) -> None:
     lr = flat["probe.learning_rate"]
     if lr is not None and not lr > 0:
         raise GradprobeError(f"probe.learning_rate must be > 0; got {lr}")
+    clip = flat["probe.max_grad_norm"]
+    if clip is not None and not (clip > 0 and clip != float("inf")):
+        raise GradprobeError(f"probe.max_grad_norm must be > 0 (null: no clipping); got {clip}")
+    length = flat["probe.max_completion_length"]
+    if length is not None and length < 1:
+        raise GradprobeError(f"probe.max_completion_length must be >= 1; got {length}")
+    if flat["probe.loss_type"] == "dr_grpo" and length is None:
+        raise GradprobeError("probe.loss_type=dr_grpo (TRL's) divides by a constant: set "
+                             "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
+
+
+def _resolve_loss_type(tree: dict[str, Any], normalization_given: bool) -> None:
+    """probe.loss_type, or the older probe.normalization it replaces (whose dr_grpo is group_lmax)."""
+    probe = tree["probe"]
+    norm = probe["normalization"]
+    if norm not in LEGACY_NORMALIZATION:
+        return  # _check names the bad value
+    legacy = LEGACY_NORMALIZATION[norm]
+    if probe["loss_type"] is None:
+        probe["loss_type"] = legacy
+    elif normalization_given and probe["loss_type"] != legacy:
+        raise GradprobeError(f"probe.normalization={norm} (the older key; it means loss_type {legacy}) contradicts "
+                             f"probe.loss_type={probe['loss_type']}; set only probe.loss_type")
 
 
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -190,9 +223,10 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _merge_file(tree: dict[str, Any], data: Any, source: str) -> None:
+def _merge_file(tree: dict[str, Any], data: Any, source: str) -> set[str]:
+    """Merges the file's keys into the tree; returns the keys it set."""
     if data is None:
-        return
+        return set()
     if not isinstance(data, dict):
         raise GradprobeError(f"{source}: the top level must be a mapping of config keys")
     for key, value in flatten(data).items():
@@ -201,6 +235,7 @@ def _merge_file(tree: dict[str, Any], data: Any, source: str) -> None:
         if key not in VALID_KEYS:
             raise _unknown(key)
         _set(tree, key, _coerce(key, value))
+    return set(flatten(data))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -218,6 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 seed: int | None = None) -> dict[str, Any]:
     """Defaults, then the YAML file, then each override; validated as a whole."""
     tree = copy.deepcopy(DEFAULTS)
+    given: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -228,11 +264,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise GradprobeError(f"{p}: not valid YAML{where}") from exc
-        _merge_file(tree, data, str(p))
+        given |= _merge_file(tree, data, str(p))
     for text in overrides:
         key, value = parse_override(text)
         _set(tree, key, _coerce(key, value))
+        given.add(key)
     if seed is not None:
         tree["seed"] = seed
+    _resolve_loss_type(tree, "probe.normalization" in given)
     _check(flatten(tree))
     return tree
