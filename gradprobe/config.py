@@ -50,8 +50,8 @@ DEFAULTS: dict[str, Any] = {
         "microbatch_size": 8,
         "block_size": 2,
         "accumulate_on": "device",
-        "loss_type": None,
-        "normalization": "dr_grpo",
+        "loss_type": "group_lmax",
+        "normalization": "dr_grpo",  # the older key: kept in step with loss_type where it has a name for it
         "scale_rewards": "none",
         "max_completion_length": None,
         "max_grad_norm": None,
@@ -98,7 +98,6 @@ OPTIONAL_TYPES: dict[str, type] = {
     "batch.rollouts": str,
     "probe.optimizer_state": str,
     "probe.learning_rate": float,
-    "probe.loss_type": str,
     "probe.max_completion_length": int,
     "probe.max_grad_norm": float,
 }
@@ -202,18 +201,21 @@ def _check(flat: dict[str, Any]) -> None:
                              "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
 
 
-def _resolve_loss_type(tree: dict[str, Any], normalization_given: bool) -> None:
-    """probe.loss_type, or the older probe.normalization it replaces (whose dr_grpo is group_lmax)."""
+def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
+    """probe.loss_type, or the older probe.normalization it replaces (its dr_grpo is group_lmax): the one
+    that was given sets the other; both given must agree."""
     probe = tree["probe"]
-    norm = probe["normalization"]
-    if norm not in LEGACY_NORMALIZATION:
+    norm, loss = probe["normalization"], probe["loss_type"]
+    if norm not in LEGACY_NORMALIZATION or loss not in LOSS_TYPES:
         return  # _check names the bad value
     legacy = LEGACY_NORMALIZATION[norm]
-    if probe["loss_type"] is None:
-        probe["loss_type"] = legacy
-    elif normalization_given and probe["loss_type"] != legacy:
+    if "probe.normalization" in given and "probe.loss_type" in given and loss != legacy:
         raise GradprobeError(f"probe.normalization={norm} (the older key; it means loss_type {legacy}) contradicts "
-                             f"probe.loss_type={probe['loss_type']}; set only probe.loss_type")
+                             f"probe.loss_type={loss}; set only probe.loss_type")
+    if "probe.normalization" in given and "probe.loss_type" not in given:
+        probe["loss_type"] = legacy
+    else:
+        probe["normalization"] = next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss), norm)
 
 
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -271,6 +273,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         given.add(key)
     if seed is not None:
         tree["seed"] = seed
-    _resolve_loss_type(tree, "probe.normalization" in given)
+    _resolve_loss_type(tree, given)
     _check(flatten(tree))
     return tree

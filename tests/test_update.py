@@ -279,3 +279,96 @@ def test_bad_sources_are_clear_errors(stack, tmp_path):
         step_settings(opt.state_dict(), stack.names[:-2], stack.params[:-2])
     with pytest.raises(GradprobeError, match="optimizer state file not found"):
         step_settings(tmp_path / "missing.pt", stack.names, stack.params)
+
+
+# ---- the run's own loss: the Y weights of each loss type against TRL's formula, computed here independently
+
+def _loss_batch(advantages=False):
+    from gradprobe.rollouts import Batch, Group
+
+    groups = [Group([1, 2], [[3] * 2, [4] * 5, [5] * 3, [6] * 1], [0.5, 1.0, -0.25, 0.0]),
+              Group([7], [[3] * 6, [4] * 4, [5] * 6, [6] * 2], [1.0, 1.0, 1.0, 1.0]),  # flat: no signal
+              Group([2, 2, 2], [[3] * 3, [4] * 1, [5] * 2, [6] * 4], [2.0, 0.0, 0.0, 1.5], lengths=[4, 2, 2, 5])]
+    if advantages:
+        groups[0].advantages = [0.3, -0.1, 0.2, -0.4]
+    return Batch(groups)
+
+
+def _trl_token_grads(batch, loss_type, scale_rewards, max_completion_length):
+    """TRL GRPOTrainer's loss at the sampling policy (importance ratio exp(lp − lp.detach()) = 1, so its
+    clipping is inactive), written from its definition; returns −∂loss/∂logp[i, t] on every loss token."""
+    g = len(batch.groups[0].responses)
+    rewards = torch.tensor([r for grp in batch.groups for r in grp.rewards], dtype=torch.float64)
+    lengths = [n for grp in batch.groups for n in grp.loss_lengths()]
+    mean = rewards.view(-1, g).mean(1).repeat_interleave(g)
+    if scale_rewards == "group":
+        std = rewards.view(-1, g).std(1).repeat_interleave(g)  # Bessel, as TRL's nanstd
+    else:
+        std = rewards.std().expand_as(rewards)
+    adv = rewards - mean
+    if scale_rewards != "none":
+        adv = adv / (std + 1e-4)
+    n, width = len(lengths), max(lengths)
+    mask = torch.tensor([[1.0] * k + [0.0] * (width - k) for k in lengths], dtype=torch.float64)
+    lp = torch.randn(n, width, dtype=torch.float64, requires_grad=True)
+    ratio = torch.exp(lp - lp.detach())
+    per_token = -ratio * adv[:, None]
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (n * max_completion_length)
+    else:  # dapo: num_items_in_batch = the loss tokens of the whole batch
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return -grad, mask
+
+
+@pytest.mark.parametrize("scale_rewards", ["none", "group", "batch"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_y_weights_are_trls_loss(loss_type, scale_rewards):
+    from gradprobe.objective import y_weights_for_batch
+
+    batch = _loss_batch()
+    weights = y_weights_for_batch(batch, loss_type, scale_rewards, max_completion_length=8)
+    want, mask = _trl_token_grads(batch, loss_type, scale_rewards, 8)
+    # the probe's batch loss is the mean over the B groups of sum(w * S): S[i]'s weight is w[i] / B, and
+    # S[i] is the sum of its tokens' log-probabilities, so every loss token's gradient is w[i] / B
+    per_seq = torch.cat(weights) / batch.B
+    assert per_seq.abs().max() > 0
+    torch.testing.assert_close(per_seq[:, None] * mask, want * mask, rtol=1e-12, atol=1e-15)
+    assert torch.all(weights[1] == 0)  # the flat group: TRL gives it nothing either
+
+
+def test_gradprobes_own_loss_types_and_the_default():
+    from gradprobe.objective import group_y_weights, y_weights_for_batch
+
+    batch = _loss_batch()
+    for loss_type, scale in (("group_lmax", lambda n: max(n)), ("per_token", lambda n: torch.tensor(n))):
+        got = y_weights_for_batch(batch, loss_type)
+        for w, grp in zip(got, batch.groups):
+            r = torch.tensor(grp.rewards, dtype=torch.float64)
+            n = grp.loss_lengths()
+            torch.testing.assert_close(w, (r - r.mean()) / scale(n) / len(n), rtol=0, atol=0)
+    # the default config is group_lmax, which the probe's per-group path (probe.normalization) agrees with
+    from gradprobe.config import load_config
+    cfg = load_config()
+    assert cfg["probe"]["loss_type"] == "group_lmax" and cfg["probe"]["scale_rewards"] == "none"
+    for w, grp in zip(y_weights_for_batch(batch), batch.groups):
+        assert torch.equal(w, group_y_weights(grp, cfg["probe"]["normalization"]))
+    with pytest.raises(GradprobeError, match="needs the whole batch"):
+        group_y_weights(batch.groups[0], "dapo")
+    with pytest.raises(GradprobeError, match="max_completion_length"):
+        y_weights_for_batch(batch, "dr_grpo")
+
+
+def test_given_advantages_are_not_rescaled():
+    from gradprobe.objective import y_weights_for_batch
+
+    batch = _loss_batch(advantages=True)
+    a = y_weights_for_batch(batch, "dapo", "group")
+    b = y_weights_for_batch(batch, "dapo", "none")
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[2], b[2])
+    tokens = sum(sum(g.loss_lengths()) for g in batch.groups)
+    torch.testing.assert_close(a[0], batch.B * torch.tensor([0.3, -0.1, 0.2, -0.4], dtype=torch.float64) / tokens)
