@@ -93,7 +93,7 @@ def assert_parts_sum(parts, grads, want, params) -> None:
     eps = torch.finfo(torch.float32).eps
     for total, w, p, a, g, m, d in zip(parts.total(grads), want, params, parts.fresh, grads, parts.momentum,
                                        parts.decay):
-        terms = (parts.clip_factor * a * g).abs() + m.abs() + d.abs() + p.detach().abs()
+        terms = (parts.clip_factor * a * g.cpu()).abs() + m.abs() + d.abs() + p.detach().abs().cpu()
         bound = 1e-6 * w.abs().max() + 4 * eps * terms
         assert ((total - w).abs() <= bound).all(), ((total - w).abs() - bound).max()
 
