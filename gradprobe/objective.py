@@ -120,6 +120,17 @@ def batch_advantages(batch, scale_rewards: str = "none") -> list[torch.Tensor]:
     return out
 
 
+def y_weights(adv: torch.Tensor, lengths: torch.Tensor, normalization: str) -> torch.Tensor:
+    """One group's weights from its own advantages and loss lengths: (1/G) * A[g] / L, L the group's longest
+    response (group_lmax, or probe.normalization's dr_grpo) or each response's own (per_token)."""
+    g = adv.numel()
+    if LEGACY_NORMALIZATION.get(normalization, normalization) == "group_lmax":
+        denom = lengths.max().clamp(min=1).to(adv.dtype).expand_as(adv)
+    else:
+        denom = lengths.clamp(min=1).to(adv.dtype)
+    return adv / denom / g
+
+
 def y_weights_for_batch(batch, loss_type: str = "group_lmax", scale_rewards: str = "none",
                         max_completion_length: int | None = None) -> list[torch.Tensor]:
     """The Y weights of every group (fp64), scaled so that the run's batch loss is the MEAN over the B
@@ -142,11 +153,8 @@ def y_weights_for_batch(batch, loss_type: str = "group_lmax", scale_rewards: str
     tokens = max(sum(float(sum(g.loss_lengths())) for g in groups), 1.0)
     out = []
     for a, length in zip(adv, lengths):
-        g = a.numel()
-        if loss_type == "group_lmax":
-            w = a / length.max() / g
-        elif loss_type == "per_token":
-            w = a / length / g
+        if loss_type in ("group_lmax", "per_token"):
+            w = y_weights(a, length, loss_type)
         elif loss_type == "grpo":
             w = b * a / (n * length)
         elif loss_type == "dr_grpo":

@@ -206,7 +206,7 @@ def _settings(source, names, params, lr, max_grad_norm, no_decay, order, optimiz
     for key in ("maximize", "amsgrad"):
         present = [bool(g.get(key, False)) for g in groups]
         setattr(settings, key, _one(present, key, where))
-        sources[key] = read if any(key in g for g in groups) else f"assumed: {key} off ({library} has none)"
+        sources[key] = read if any(key in g for g in groups) else f"assumed: off ({name} has no {key})"
     if family == "adam":
         settings.betas = tuple(float(b) for b in _one([tuple(g["betas"])[:2] for g in groups], "betas", where))
         settings.eps = float(_one([g["eps"] for g in groups], "eps", where))
