@@ -23,7 +23,7 @@ from gradprobe.trainer_checkpoint import load_checkpoint
 from tests.support.export import save_preset
 
 SAVE_AT, MAX_STEPS = 3, 4  # the checkpoint is taken at step 3 and training goes on, so step 4's lr is observed
-MAX_GRAD_NORM = 0.3  # below the gradients' norm here, so the Trainer clips
+MAX_GRAD_NORM = 0.5  # below the gradient norms of this run, so that the Trainer really clips
 SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]
 SMALL_ARGS = [a for s in SMALL for a in ("--set", s)]
 
@@ -59,28 +59,30 @@ def _train(base_dir, out_dir, lora_kwargs, max_steps, save_steps, record=None):
                     record["expected"][names[id(p)]] = 1.0 / (v_hat.sqrt() + eps)
                     record["params"][names[id(p)]] = p.detach().clone()
 
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            """The step after the save: keep each gradient as backward leaves it, before the Trainer clips it."""
+            if record is None or state.global_step != SAVE_AT:
+                return
+            record["grads"], self.hooks = {}, []
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    self.hooks.append(p.register_post_accumulate_grad_hook(
+                        lambda q, name=name: record["grads"].__setitem__(name, q.grad.detach().clone())))
+
         def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kw):
             if record is not None and state.global_step == SAVE_AT:  # the step after the save (0-based count)
                 record["next_lr"] = [g["lr"] for g in optimizer.param_groups]
-                record["group"] = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
                 record["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    class Recording(Trainer):
-        """Keeps the gradient of the step after the save as the Trainer has it before clipping it."""
-
-        def _clip_grad_norm(self, model):
-            if record is not None and self.state.global_step == SAVE_AT:
-                record["grads"] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                record["before"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            return super()._clip_grad_norm(model)
+                for h in self.hooks:
+                    h.remove()
 
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
                              save_steps=save_steps, per_device_train_batch_size=4, learning_rate=1e-3,
                              lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01, optim="adamw_torch",
-                             logging_steps=1, disable_tqdm=True, seed=0, save_only_model=False,
-                             max_grad_norm=MAX_GRAD_NORM)
+                             max_grad_norm=MAX_GRAD_NORM, logging_steps=1, disable_tqdm=True, seed=0,
+                             save_only_model=False)
     with quiet_libraries():
-        Recording(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
     return out_dir
 
 
@@ -127,6 +129,29 @@ def test_checkpoint_preconditioner_and_lr_match_the_trainer(run, loaded):
         torch.testing.assert_close(scale.double(), run["expected"][name], rtol=1e-6, atol=0)
         # the checkpoint's adapter, not a fresh one (gradprobe keeps every trainable tensor in fp32)
         torch.testing.assert_close(p.detach(), run["params"][name].float(), rtol=0, atol=0)
+
+
+def test_real_update_from_the_checkpoint_is_the_trainers_next_step(run, loaded):
+    """gradprobe reads optimizer.pt and scheduler.pt of the checkpoint and, given the gradient of the step
+    after it, reconstructs the change that step made to every parameter, clipping included."""
+    from gradprobe.optim.update import real_update, step_settings
+
+    cfg, info, stack = loaded
+    no_decay = no_decay_names(stack.model)
+    path = run["a"] / "optimizer.pt"
+    grads = [run["grads"][n] for n in stack.names]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert norm > MAX_GRAD_NORM  # the Trainer clips this step: clipping is tested too
+    s = step_settings(path, stack.names, stack.params, no_decay=no_decay, max_grad_norm=MAX_GRAD_NORM)
+    assert (s.optimizer, s.step, s.betas, s.eps, s.decoupled) == ("AdamW", SAVE_AT + 1, (0.9, 0.999), 1e-8, True)
+    assert s.lr == run["next_lr"][0] and "scheduler.pt" in s.sources["lr"]
+    assert s.weight_decays == [0.0 if n in no_decay else 0.01 for n in stack.names] and 0.0 in s.weight_decays
+    delta = real_update(path, stack.params, grads, names=stack.names, no_decay=no_decay, max_grad_norm=MAX_GRAD_NORM)
+    for name, d in zip(stack.names, delta):
+        # in the dtype the Trainer held each parameter in: the 4-bit model's trainable biases are bf16
+        want = run["after"][name].float() - run["params"][name].float()
+        torch.testing.assert_close(d, want, rtol=1e-6, atol=1e-9)
+    assert {run["params"][n].dtype for n in stack.names} == {torch.float32, torch.bfloat16}
 
 
 def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):
@@ -287,43 +312,18 @@ def test_no_decay_names_match_the_trainer():
     assert {"0.ln_1.weight", "0.proj.bias", "1.final_norm"} <= expected and "0.proj.weight" not in expected
 
 
-def test_real_step_equals_the_trainers_next_step(run, loaded):
-    """The step gradprobe reconstructs from the checkpoint (optimizer.pt, scheduler.pt, Trainer order) for the
-    Trainer's own next gradient is the change that step made, clipping (max_grad_norm 1.0, the Trainer's
-    default) included; the settings are the ones that step used, and delta-h1 reports them."""
-    from gradprobe.optim.update import real_update, step_settings
-
+def test_delta_h1_reports_the_settings_of_the_trainers_next_step(run, loaded):
+    """The real-step block of delta-h1 on the checkpoint: the lr, betas, eps, weight decay and step count are
+    the ones the Trainer's next step used (its TrainingArguments and scheduler.pt), each marked read or given,
+    and deltaH comes with its parts."""
     cfg, _, stack = loaded
-    state = cfg["probe"]["optimizer_state"]
-    no_decay = no_decay_names(stack.model)
-    settings = step_settings(state, stack.names, stack.params, max_grad_norm=MAX_GRAD_NORM, no_decay=no_decay)
-    group = run["group"]
-    assert settings.optimizer == "AdamW" and settings.step == SAVE_AT + 1
-    assert settings.lr == pytest.approx(run["next_lr"][0], rel=1e-12)
-    assert settings.betas == tuple(group["betas"]) and settings.eps == group["eps"]
-    assert settings.weight_decay == group["weight_decay"] == 0.01
-    assert sorted(set(settings.weight_decays)) == [0.0, 0.01]  # the Trainer's no-decay group (the biases)
-    grads = [run["grads"][n] for n in stack.names]
-    norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
-    assert norm > MAX_GRAD_NORM  # the Trainer clipped this step: the test covers clipping
-    delta = real_update(state, stack.params, grads, max_grad_norm=MAX_GRAD_NORM, names=stack.names,
-                        no_decay=no_decay)
-    kinds = set()
-    for name, d in zip(stack.names, delta):
-        before, true = run["before"][name], (run["after"][name] - run["before"][name]).float()
-        kinds.add(before.dtype)
-        if before.dtype == torch.float32:  # the LoRA weights: the same fp32 arithmetic (the clip norm differs
-            # in rounding only: torch takes each tensor's norm in its own dtype, bf16 for the biases below)
-            assert float((d - true).norm()) < 2e-4 * float(true.norm()), name
-        else:  # the Trainer's 4-bit model keeps the trainable biases in bf16 and steps them in bf16 arithmetic
-            # (bf16 moments too): its change is the fp32 step up to bf16 rounding, of theta' (2 ulp) and of
-            # the step itself (4 ulp)
-            scale = torch.maximum(before.float().abs(), run["after"][name].float().abs())
-            assert bool(((d - true).abs() <= 2.0 ** -7 * scale + 2.0 ** -6 * true.abs() + 1e-8).all()), name
-    assert kinds == {torch.float32, torch.bfloat16}
     batch = build_batch(stack, cfg)
     r = delta_h1(stack, batch, {**cfg, "probe": {**cfg["probe"], "max_grad_norm": MAX_GRAD_NORM}})
-    assert r.step["lr"] == settings.lr and r.step["step"] == SAVE_AT + 1 and r.step["eps"] == group["eps"]
-    assert r.step["sources"]["max_grad_norm"].startswith("given") and r.step["sources"]["lr"].startswith("read")
-    assert r.step["max_grad_norm"] == MAX_GRAD_NORM and 0 < r.parts["clip_factor"] <= 1.0
-    assert math.isfinite(r.deltaH) and math.isfinite(r.se_deltaH) and r.parts["momentum"]["value"] != 0
+    step = r.step
+    assert (step["optimizer"], step["step"], tuple(step["betas"]), step["eps"]) == ("AdamW", SAVE_AT + 1, (0.9, 0.999),
+                                                                                   1e-8)
+    assert step["lr"] == run["next_lr"][0] and step["weight_decay"] == 0.01
+    assert step["max_grad_norm"] == MAX_GRAD_NORM and step["sources"]["max_grad_norm"].startswith("given")
+    assert all(step["sources"][k].startswith("read") for k in ("lr", "betas", "eps", "weight_decay", "step"))
+    assert 0 < r.parts["clip_factor"] <= 1.0 and r.parts["momentum"]["value"] != 0
+    assert math.isfinite(r.deltaH) and math.isfinite(r.se_deltaH) and r.entropy_batch == "same"

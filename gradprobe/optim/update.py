@@ -206,7 +206,7 @@ def _settings(source, names, params, lr, max_grad_norm, no_decay, order, optimiz
     for key in ("maximize", "amsgrad"):
         present = [bool(g.get(key, False)) for g in groups]
         setattr(settings, key, _one(present, key, where))
-        sources[key] = read if any(key in g for g in groups) else f"assumed: {key} off ({library} has none)"
+        sources[key] = read if any(key in g for g in groups) else f"assumed: off ({name} has no {key})"
     if family == "adam":
         settings.betas = tuple(float(b) for b in _one([tuple(g["betas"])[:2] for g in groups], "betas", where))
         settings.eps = float(_one([g["eps"] for g in groups], "eps", where))
@@ -292,13 +292,16 @@ def real_update(source: Any, params: list[torch.Tensor], grads: list[torch.Tenso
                 optimizer: str | None = None) -> list[torch.Tensor]:
     """The exact Δθ (fp32, CPU, probe order) the optimizer's next step makes with these loss gradients:
     its own step on cloned parameters and a deep copy of its state (gradients clipped first by
-    clip_grad_norm_ when max_grad_norm is given; `lr` replaces every group's rate). Neither the model nor
-    the optimizer changes. A state_dict (or its file) is mapped by `names` as state.map_state does."""
+    clip_grad_norm_ when max_grad_norm is given; `lr` replaces every group's rate), each parameter in the
+    dtype the run held it in (_run_dtype). Neither the model nor the optimizer changes. A state_dict (or its
+    file) is mapped by `names` as state.map_state does."""
     names = names if names is not None else [f"params[{i}]" for i in range(len(params))]
     settings, mapped = _settings(source, names, params, lr, max_grad_norm, no_decay, order, optimizer)
     if len(grads) != len(params):
         raise GradprobeError(f"real_update: {len(params)} parameters but {len(grads)} gradients")
-    clones = [torch.nn.Parameter(p.detach().clone(), requires_grad=True) for p in params]
+    dtypes = [_run_dtype(e, p) for e, p in zip(mapped.entries, params)] if mapped else [p.dtype for p in params]
+    starts = [p.detach().to(dt) for p, dt in zip(params, dtypes)]
+    clones = [torch.nn.Parameter(x.clone(), requires_grad=True) for x in starts]
     if mapped is None:  # plain SGD
         groups: list[dict[str, Any]] = [{"params": clones, "lr": settings.lr}]
         copy_opt: torch.optim.Optimizer = torch.optim.SGD(groups)
@@ -322,4 +325,12 @@ def real_update(source: Any, params: list[torch.Tensor], grads: list[torch.Tenso
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(clones, max_grad_norm)
     copy_opt.step()
-    return [(c.detach() - p.detach()).float().cpu() for c, p in zip(clones, params)]
+    return [(c.detach().float() - x.float()).cpu() for c, x in zip(clones, starts)]
+
+
+def _run_dtype(entry: dict[str, Any], p: torch.Tensor) -> torch.dtype:
+    """The dtype the run held the parameter in: torch Adam keeps its moments in the parameter's dtype, so
+    bf16 moments mean a bf16 parameter (e.g. a bias of a 4-bit model) that the run stepped in bf16, even
+    when the probe holds it in fp32."""
+    m = entry.get("exp_avg")
+    return m.dtype if torch.is_tensor(m) and m.is_floating_point() else p.dtype
