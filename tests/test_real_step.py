@@ -194,3 +194,34 @@ def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stac
         with torch.no_grad():
             for p, s in zip(stack.params, saved):
                 p.copy_(s)
+
+
+@pytest.mark.slow
+def test_validate_steps_along_the_real_update():
+    """validate.direction=real with a live AdamW (momentum, weight decay): d is the optimizer's own next step
+    on the update batch (eta = 1 is that step), the small-step truth follows the exact first-order term, and
+    the model and the optimizer are unchanged afterwards."""
+    from gradprobe.config import load_config
+    from gradprobe.stack import load_stack
+    from gradprobe.validate import GROUND_TRUTH, run_validate
+
+    cfg = load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12", "validate.points=3"])
+    stack = load_stack(cfg)
+    opt = torch.optim.AdamW(stack.params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p in stack.params:
+            p.grad = 1e-2 * torch.randn(p.shape, generator=g)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    theta = [p.detach().clone() for p in stack.params]
+    state = {k: v.clone() for k, v in opt.state[stack.params[3]].items()}
+    r = run_validate(stack, cfg, optimizer=opt)
+    assert r.direction == "real" and r.eta_run == 1.0 and r.step["optimizer"] == "AdamW" and r.step["step"] == 4
+    assert r.step_run == pytest.approx(r.d_norm / r.theta_norm)
+    assert abs(r.points[0].ratio_exact - 1) < 0.01 and abs(r.slope_fit / r.slope_exact - 1) < 0.01
+    assert all(torch.equal(p.detach(), t) for p, t in zip(stack.params, theta))
+    assert all(torch.equal(opt.state[stack.params[3]][k], v) for k, v in state.items())
+    plain = run_validate(stack, load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12",
+                                                       "validate.points=3", "validate.direction=plain"]))
+    assert plain.direction == "plain" and plain.d_norm != pytest.approx(r.d_norm, rel=0.1)
