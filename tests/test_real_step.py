@@ -225,3 +225,38 @@ def test_validate_steps_along_the_real_update():
     plain = run_validate(stack, load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12",
                                                        "validate.points=3", "validate.direction=plain"]))
     assert plain.direction == "plain" and plain.d_norm != pytest.approx(r.d_norm, rel=0.1)
+
+
+@pytest.mark.slow
+def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
+    """delta-h1 on the embedded default warms up 3 AdamW steps, reports deltaH with its parts and the step's
+    provenance first, deltaH1 after; --entropy-rollouts switches to the independent estimate; bad
+    combinations are one-line errors."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gradprobe.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert text.index("deltaH (real step)") < text.index("deltaH1 (plain step)")
+    assert "momentum" in text and "assumed max_grad_norm" in text and "and not deltaH1" in text
+    r = json.loads(out.read_text())["result"]
+    assert r["warmup_steps"] == 3 and r["entropy_batch"] == "same" and r["step"]["optimizer"] == "AdamW"
+    assert r["step"]["step"] == 4 and r["step"]["sources"]["betas"].startswith("read")
+    assert math.isfinite(r["deltaH"]) and r["se_deltaH"] > 0 and r["parts"]["momentum"]["value"] != 0
+    assert r["deltaH"] == pytest.approx(sum(r["parts"][k]["value"] for k in ("fresh", "momentum", "weight_decay")))
+    assert math.isfinite(r["deltaH1"]) and r["se_unbiased"] > 0
+    res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--entropy-rollouts", rollouts_file,
+                              "--json", "-", "--quiet"])
+    assert res.exit_code == 0, res.output
+    r2 = json.loads(res.stdout)["result"]
+    assert r2["entropy_batch"] == "independent" and r2["same_batch"]["deltaH"] == pytest.approx(r["deltaH"])
+    bad = runner.invoke(app, ["delta-h1", "--set", f"batch.entropy_rollouts={rollouts_file}"])
+    assert bad.exit_code == 2 and "probe.entropy_batch=independent" in bad.stderr
+    bad = runner.invoke(app, ["delta-h1", "--set", "probe.warmup_steps=-1"])
+    assert bad.exit_code == 2 and "probe.warmup_steps" in bad.stderr
