@@ -260,3 +260,26 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
     assert bad.exit_code == 2 and "probe.entropy_batch=independent" in bad.stderr
     bad = runner.invoke(app, ["delta-h1", "--set", "probe.warmup_steps=-1"])
     assert bad.exit_code == 2 and "probe.warmup_steps" in bad.stderr
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_probe_y_is_the_runs_loss_type(fp32_stacks, rollouts_file, loss_type):
+    """The probe's per-unit Y gradient is the run's own loss: sum_g w[u,g] grad S[u,g] with the weights of
+    objective.y_weights_for_batch for probe.loss_type (one sequence at a time, by brute force)."""
+    import gradprobe as gp
+    from gradprobe.objective import y_weights_for_batch
+    from gradprobe.optim.precondition import Preconditioner
+
+    from .test_probe_exact import sequence_grad
+
+    stack = fp32_stacks["non_reentrant"]
+    cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", "checkpointing=non_reentrant",
+                                    f"batch.rollouts={rollouts_file}", f"probe.loss_type={loss_type}",
+                                    "probe.scale_rewards=group"])
+    batch = gp.build_batch(stack, cfg)
+    y = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"].double()
+    weights = y_weights_for_batch(batch, loss_type, "group")
+    for u in (0, 3):
+        grp = batch.groups[u]
+        want = sum(float(w) * sequence_grad(stack, grp.prompt, r)[1] for w, r in zip(weights[u], grp.responses))
+        assert torch.allclose(y[u], want, rtol=1e-4, atol=1e-7)
