@@ -149,7 +149,7 @@ def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
     result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, step_parts=parts)
     result.timings["probe"] = time.perf_counter() - t0
     result.step = step_summary(settings)
-    if settings.family == "sgd" and settings.optimizer == "SGD" and mapped is None:
+    if mapped is None and math.isfinite(result.deltaH):
         result.real_step_note = "no optimizer state: the real step is plain SGD (identity P, no momentum, no decay)"
     if entropy_batch is None and cfg["probe"]["entropy_batch"] == "independent":
         entropy_batch = build_entropy_batch(stack, cfg)
