@@ -50,13 +50,17 @@ def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
 
 
 def warmup_steps(cfg: dict[str, Any]) -> int:
-    """probe.warmup_steps, where null means: 3 on a built-in model with random weights and no optimizer
-    state (the embedded default, so that its first run has momentum to show), else 0."""
+    """probe.warmup_steps, where null means: 2 on a built-in model with random weights and no optimizer
+    state (the embedded default, so that its first run has momentum to show: after 2 steps about half of
+    Adam's m is the earlier gradients), else 0."""
     n = cfg["probe"]["warmup_steps"]
     if n is not None:
         return n
     fresh = not (cfg["model"]["name_or_path"] or cfg["lora"]["adapter_path"] or cfg["probe"]["optimizer_state"])
-    return 3 if fresh else 0
+    return AUTO_WARMUP_STEPS if fresh else 0
+
+
+AUTO_WARMUP_STEPS = 2
 
 
 WARMUP_BETAS = (0.9, 0.999)

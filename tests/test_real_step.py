@@ -229,7 +229,7 @@ def test_validate_steps_along_the_real_update():
 
 @pytest.mark.slow
 def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
-    """delta-h1 on the embedded default warms up 3 AdamW steps, reports deltaH with its parts and the step's
+    """delta-h1 on the embedded default warms up 2 AdamW steps, reports deltaH with its parts and the step's
     provenance first, deltaH1 after; --entropy-rollouts switches to the independent estimate; bad
     combinations are one-line errors."""
     import json
@@ -246,8 +246,8 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
     assert text.index("deltaH (real step)") < text.index("deltaH1 (plain step)")
     assert "momentum" in text and "assumed max_grad_norm" in text and "and not deltaH1" in text
     r = json.loads(out.read_text())["result"]
-    assert r["warmup_steps"] == 3 and r["entropy_batch"] == "same" and r["step"]["optimizer"] == "AdamW"
-    assert r["step"]["step"] == 4 and r["step"]["sources"]["betas"].startswith("read")
+    assert r["warmup_steps"] == 2 and r["entropy_batch"] == "same" and r["step"]["optimizer"] == "AdamW"
+    assert r["step"]["step"] == 3 and r["step"]["sources"]["betas"].startswith("read")
     assert math.isfinite(r["deltaH"]) and r["se_deltaH"] > 0 and r["parts"]["momentum"]["value"] != 0
     assert r["deltaH"] == pytest.approx(sum(r["parts"][k]["value"] for k in ("fresh", "momentum", "weight_decay")))
     assert math.isfinite(r["deltaH1"]) and r["se_unbiased"] > 0
