@@ -49,6 +49,11 @@ def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
     return precond.learning_rate
 
 
+AUTO_WARMUP_STEPS = 2
+WARMUP_BETAS = (0.9, 0.999)
+WARMUP_WEIGHT_DECAY = 0.01
+
+
 def warmup_steps(cfg: dict[str, Any]) -> int:
     """probe.warmup_steps, where null means: 2 on a built-in model with random weights and no optimizer
     state (the embedded default, so that its first run has momentum to show: after 2 steps about half of
@@ -59,12 +64,6 @@ def warmup_steps(cfg: dict[str, Any]) -> int:
     fresh = not (cfg["model"]["name_or_path"] or cfg["lora"]["adapter_path"] or cfg["probe"]["optimizer_state"])
     return AUTO_WARMUP_STEPS if fresh else 0
 
-
-AUTO_WARMUP_STEPS = 2
-
-
-WARMUP_BETAS = (0.9, 0.999)
-WARMUP_WEIGHT_DECAY = 0.01
 
 
 def warm_up(stack, cfg: dict[str, Any], steps: int) -> torch.optim.Optimizer:
