@@ -1,7 +1,7 @@
 """gradprobe: gradient-flow diagnosis and first-order entropy-change probes for QLoRA RL fine-tuning."""
 
 from .api import build_batch, delta_h1
-from .checks import diagnose
+from .diagnose import diagnose
 from .config import load_config
 from .errors import CheckFailed, GradprobeError
 from .probe import ProbeResult

@@ -1,8 +1,8 @@
-"""The verdict: which documented root causes hold, in order of impact, in plain words with the fix.
+"""The rules: each reads the gathered facts and, when its root cause holds, returns it with its evidence.
 
-ROOT_CAUSES is the stable list (ids never change meaning; new ones go in at their rank). Impact order:
-causes that stop every gradient come first, then those that corrupt what does arrive, then those
-that only break `torch.autograd.grad` while backward() still works.
+A rule states what it saw in numbers and names; the fix, the rank and whether the differential run can
+confirm it live in the cause's record (causes.py). Rules read the state the model was in *during* the
+user's forward (the adapter-layer hooks of measure.py), not only the state after it.
 """
 
 from __future__ import annotations
@@ -13,60 +13,6 @@ from typing import Any
 from .differential import DiffRun
 from .facts import Facts
 
-ROOT_CAUSES: dict[str, str] = {
-    "grad_disabled": "the loss was built with gradient recording off (torch.no_grad / inference_mode)",
-    "graph_detached": "S is cut from the graph between the model's logits and the loss",
-    "adapter_disabled": "the adapter layers are disabled or merged, so their weights take no part in the forward",
-    "adapter_not_trainable": "the adapter weights do not require grad (loaded without is_trainable=True)",
-    "param_identity_mismatch": "the parameter list is not the model's current trainable parameters",
-    "checkpoint_inputs_no_grad": "reentrant checkpointing without an input that requires grad",
-    "empty_generation": "every response is empty, so S has no generated token to differentiate",
-    "nonfinite_gradients": "NaN/Inf in the weights, the loss or the gradients",
-    "optimizer_state_mismatch": "the optimizer state belongs to another model or adapter (counts or shapes differ)",
-    "missing_optimizer_state": "the optimizer state lacks Adam moments for some parameters",
-    "no_learning_signal": "every measured group has identical rewards, so Y is exactly zero",
-    "unexplained_missing_gradients": "backward() leaves parameters without gradient and no check explains it",
-    "reentrant_checkpointing_hides_params": "reentrant activation checkpointing hides the parameters from "
-                                            "torch.autograd.grad (backward() still fills them)",
-    "autograd_grad_mismatch": "torch.autograd.grad misses parameters that backward() fills, cause not identified",
-    "healthy": "no gradient-flow problem found",
-}
-
-FIXES: dict[str, str] = {
-    "grad_disabled": "Build the loss outside torch.no_grad()/torch.inference_mode(); keep those for generation only.",
-    "graph_detached": "Compute S from the logits with torch operations end to end; use .detach()/.item() only for "
-                      "logging.",
-    "adapter_disabled": "Build the loss with the adapters enabled and unmerged (outside `with model.disable_adapter()`,"
-                        " after model.unmerge_adapter()).",
-    "adapter_not_trainable": "Load the adapter with PeftModel.from_pretrained(base, path, is_trainable=True) (or call "
-                             "requires_grad_(True) on its weights) before building the optimizer and the list.",
-    "param_identity_mismatch": "Take the list from the model you run, after every wrapper: [p for n, p in "
-                               "model.named_parameters() if p.requires_grad]; build the optimizer from the same list.",
-    "checkpoint_inputs_no_grad": "Call model.enable_input_require_grads(), or enable checkpointing with "
-                                 "use_reentrant=False.",
-    "empty_generation": "Fix generation or the rollouts file: max_new_tokens, EOS handling, prompt truncation and the "
-                        "mask marking the generated region.",
-    "nonfinite_gradients": "Reload the last finite checkpoint and find the step that produced NaN/Inf (learning rate, "
-                           "fp16 overflow without a GradScaler).",
-    "optimizer_state_mismatch": "Give the optimizer state saved with this adapter (the same checkpoint directory); "
-                                "a state from another rank or target modules cannot precondition this one.",
-    "missing_optimizer_state": "Use the state of an optimizer that has stepped every trainable parameter, or probe "
-                               "with precondition=identity; never fill the gap with zeros (P = 1/eps ≈ 1e8).",
-    "no_learning_signal": "Use groups whose rewards differ (a larger G or a reward with spread): a flat group "
-                          "contributes nothing to the update.",
-    "unexplained_missing_gradients": "Compare the parameters listed as missing with the modules your forward runs "
-                                     "(hooks, wrappers, frozen submodules).",
-    "reentrant_checkpointing_hides_params": "Read gradients from backward() and param.grad (as `gradprobe delta-h1` "
-                                            "does), or enable checkpointing with use_reentrant=False: "
-                                            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                                            "{'use_reentrant': False}).",
-    "autograd_grad_mismatch": "Read gradients from backward() and param.grad; report the model to the gradprobe "
-                              "issue tracker with this JSON.",
-    "healthy": "Nothing to fix.",
-}
-
-IMPACT = list(ROOT_CAUSES)
-
 
 @dataclass
 class Cause:
@@ -75,23 +21,11 @@ class Cause:
     evidence: dict[str, Any] = field(default_factory=dict)
     confirmed_by: list[str] = field(default_factory=list)  # differential factors that remove the symptom
     fix: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Verdict:
-    root_cause: str
-    causes: list[Cause]
-    summary: str
-    fix: str
-    probe_path_healthy: bool
-    expected_zeros: list[str] = field(default_factory=list)
+    after: str | None = None  # ranked right after this cause when both hold (it is implied by it)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["causes"] = [c.to_dict() for c in self.causes]
+        out.pop("after")
         return out
 
 
@@ -121,6 +55,8 @@ def _graph_detached(f: Facts) -> Cause | None:
     t, key = f.m.trace, f.m.primary
     prim = f.m.tensors[key]
     grad_on = t.grad_enabled is not False and not t.inference_mode
+    if f.m.loss_error:
+        return None
     if prim.requires_grad and prim.grad_fn is not None or not grad_on or not (t.logits_require_grad or t.calls == 0):
         return None
     how = "the loss function returned a Python number" if prim.python_number else \
@@ -136,14 +72,58 @@ def _graph_detached(f: Facts) -> Cause | None:
 
 
 def _adapter_disabled(f: Facts) -> Cause | None:
-    a = f.adapters
-    if not (a["adapter_layers"] and (a["disabled_layers"] or a["merged_layers"])):
+    """Adapter layers that ran disabled or merged in every call of the user's forward, their weights starved."""
+    a, t = f.adapters, f.m.trace
+    ran_disabled = f.layers_where(lambda s: s.calls and not s.effective and s.disabled)
+    ran_merged = f.layers_where(lambda s: s.calls and not s.effective and s.merged)
+    seen = any(s.calls for s in t.layers.values())
+    after = a["disabled_layers"] or a["merged_layers"]
+    if not (ran_disabled or ran_merged or (not seen and after and f.starved())):
         return None
+    if not seen:
+        ran_disabled, ran_merged = [f"{a['disabled_layers']} layers (read after the loss)"], []
+    only_in_loss = seen and not after
+    where = ("only while the loss ran (they are enabled again now: the loss code disables or merges them, e.g. "
+             "`with model.disable_adapter()` around the forward that should train them)") if only_in_loss else \
+        "and still are"
     return Cause("adapter_disabled",
-                 f"{a['disabled_layers']} of {a['adapter_layers']} adapter layers are disabled and "
-                 f"{a['merged_layers']} merged: their LoRA weights do not take part in the forward.",
-                 {"disabled_layers": a["disabled_layers"], "merged_layers": a["merged_layers"]},
+                 f"{len(ran_disabled)} of {len(t.layers) or a['adapter_layers']} adapter layers ran disabled and "
+                 f"{len(ran_merged)} merged during the forward, {where}: their LoRA weights take no part in the "
+                 f"output, so backward() leaves them without gradient: {', '.join((ran_disabled + ran_merged)[:4])}.",
+                 {"ran_disabled": ran_disabled, "ran_merged": ran_merged, "adapter_layers": len(t.layers),
+                  "disabled_only_in_loss": only_in_loss, "disabled_after_loss": a["disabled_layers"],
+                  "merged_after_loss": a["merged_layers"]},
                  _fixers(f.differential, "backward_missing") + _fixers(f.differential, "no_graph"))
+
+
+def _adapter_bypassed(f: Facts) -> Cause | None:
+    """Adapter layers that never ran, or ran with the list's adapter inactive or scaled to zero."""
+    t = f.m.trace
+    if not t.layers:
+        return None
+    absent = f.layers_where(lambda s: s.calls == 0)
+    inactive = f.layers_where(lambda s: s.calls and not s.effective and s.inactive and not (s.disabled or s.merged))
+    zero = f.layers_where(lambda s: s.calls and not s.effective and s.zero_scaling and not s.inactive)
+    if not (absent or inactive or zero):
+        return None
+    total = len(t.layers)
+    parts = []
+    if absent:
+        how = "the loss runs another module (a copy, or the model before it was wrapped)" if t.calls == 0 else \
+            "the forward went around them (a module swapped for its base layer, a hook or a custom forward)"
+        parts.append(f"{len(absent)} of {total} adapter layers never ran during the loss: {how}")
+    if inactive:
+        active = sorted({a for s in t.layers.values() for a in s.active})
+        parts.append(f"{len(inactive)} ran with another adapter active ({', '.join(active) or 'none'}) than the one "
+                     f"whose weights are in the list")
+    if zero:
+        parts.append(f"{len(zero)} ran with their LoRA scaling at 0")
+    names = absent + inactive + zero
+    return Cause("adapter_bypassed",
+                 "; ".join(parts) + f". Their weights get no gradient: {', '.join(names[:4])}.",
+                 {"never_ran": absent, "other_adapter_active": inactive, "zero_scaling": zero,
+                  "adapter_layers": total, "model_forward_calls": t.calls},
+                 _fixers(f.differential, "backward_missing"))
 
 
 def _adapter_not_trainable(f: Facts) -> Cause | None:
@@ -176,12 +156,14 @@ def _param_identity(f: Facts) -> Cause | None:
                      f"{', '.join(f.label(idn.frozen_not_adapter, 4))}")
     if idn.not_in_optimizer:
         parts.append(f"{len(idn.not_in_optimizer)} tensors of the list are not in the optimizer's param_groups")
+    only_optimizer = not (idn.not_in_model or idn.trainable_not_in_list or idn.frozen_not_adapter)
     return Cause("param_identity_mismatch",
                  "; ".join(parts) + f". Through this list backward() shows {_count(bw, n)} gradients.",
                  {"in_model": f"{idn.in_model}/{n}", "not_in_model": len(idn.not_in_model),
                   "trainable_not_in_list": len(idn.trainable_not_in_list), "frozen_in_list": len(idn.frozen_in_list),
                   "not_in_optimizer": len(idn.not_in_optimizer), "backward_fills_list": _count(bw, n)},
-                 [r.factor for r in f.differential if r.factor == "params=model_trainable" and r.fixes_all])
+                 [r.factor for r in f.differential if r.factor == "params=model_trainable" and r.fixes_all],
+                 after="missing_optimizer_state" if only_optimizer else None)
 
 
 def _checkpoint_inputs(f: Facts) -> Cause | None:
@@ -274,18 +256,12 @@ def _autograd_gap(f: Facts) -> Cause | None:
                  {**counts, "checkpointing": "reentrant", "strict_error": m.strict_error}, fixers)
 
 
-RULES = [_grad_disabled, _graph_detached, _adapter_disabled, _adapter_not_trainable, _param_identity,
-         _checkpoint_inputs, _empty_generation, _nonfinite, _optimizer_state, _no_learning_signal, _autograd_gap]
 
-# Causes that account for missing backward() gradients; without one of them the gap is reported as unexplained.
-EXPLAINS_MISSING = {"grad_disabled", "graph_detached", "adapter_disabled", "adapter_not_trainable",
-                    "param_identity_mismatch", "checkpoint_inputs_no_grad", "empty_generation", "no_learning_signal"}
-
-
-def _unexplained(f: Facts, found: list[Cause]) -> Cause | None:
+def unexplained(f: Facts, found: list[Cause], explains: set[str]) -> Cause | None:
+    """The catch-all: gradients missing while no cause in `explains` (those that account for it) holds."""
     bw = f.m.get(f.m.primary, "backward")
     missing = f.unexplained(bw, f.m.primary)
-    if not missing or EXPLAINS_MISSING & {c.id for c in found}:
+    if not missing or explains & {c.id for c in found}:
         return None
     return Cause("unexplained_missing_gradients",
                  f"backward() leaves {len(missing)}/{f.n} tensors without a non-zero gradient and no check explains "
@@ -294,90 +270,81 @@ def _unexplained(f: Facts, found: list[Cause]) -> Cause | None:
                  _fixers(f.differential, "backward_missing"))
 
 
-def _causes(f: Facts) -> list[Cause]:
-    """Every rule that holds, in order of impact, each with its fix."""
-    found = [c for rule in RULES if (c := rule(f)) is not None]
-    extra = _unexplained(f, found)
-    found += [extra] if extra else []
-    for c in found:
-        c.fix = FIXES[c.id]
-    return sorted(found, key=lambda c: IMPACT.index(c.id))
+
+def _eval_mode(f: Facts) -> Cause | None:
+    """The forward ran in eval mode while dropout with p > 0 is configured: the gradient is not a training one."""
+    t = f.m.trace
+    layers_eval = sum(1 for s in t.layers.values() if s.calls and s.training is False)
+    if not ((t.training is False or layers_eval) and f.dropout):
+        return None
+    run = next((r for r in f.differential if r.factor == "train_mode" and r.applied), None)
+    change = f" With model.train() the gradient changes by {run.after['grad_rel_change']:.3g} (relative L2)." \
+        if run and "grad_rel_change" in run.after else ""
+    return Cause("eval_mode",
+                 f"The model ran its forward in eval mode (model.training={t.training}, {layers_eval} of "
+                 f"{len(t.layers)} adapter layers in eval) although dropout is configured "
+                 f"({', '.join(f.dropout[:4])}): dropout is off, so the gradient is not the one a training step "
+                 f"takes; activation checkpointing is off as well.{change}",
+                 {"training_at_forward": t.training, "adapter_layers_in_eval": layers_eval,
+                  "dropout": f.dropout[:8], **({"grad_rel_change": run.after.get("grad_rel_change")} if run else {})},
+                 _fixers(f.differential, "eval_mode"))
 
 
-def _probe_path(f: Facts) -> tuple[bool, str]:
-    n = f.n
-    parts, healthy = [], True
-    for loss, label in (("LX", "X"), ("LY", "Y")):
-        st = f.stats(loss, "backward")
-        if st is None:
-            continue
-        ok = not f.unexplained(st, loss) and not st.nonfinite and st.error is None
-        healthy &= ok
-        parts.append(f"{label} {st.nonnull}/{n} filled ({st.nonzero}/{n} non-zero)")
-    if not parts:
-        st = f.stats(f.m.primary, "backward")
-        healthy = st is not None and not f.unexplained(st, f.m.primary) and not st.nonfinite
-        parts.append(f"{f.m.primary} {_count(st, n)} filled")
-    healthy &= f.identity.not_in_model == [] and not f.identity.trainable_not_in_list
-    what = "healthy" if healthy else "affected too"
-    return healthy, (f"The backward()-based probe path (what `gradprobe delta-h1` uses) is {what}: "
-                     f"{', '.join(parts)}.")
+def _gradient_underflow(f: Facts) -> Cause | None:
+    """Gradients exactly zero that become non-zero when the loss is scaled: they underflowed in half precision."""
+    run = next((r for r in f.differential if r.factor.startswith("loss_scale=") and "backward_zero" in r.resolved),
+               None)
+    if run is None:
+        return None
+    bw = f.m.get(f.m.primary, "backward")
+    dtypes = sorted({d for s in f.m.trace.layers.values() for d in s.input_dtypes})
+    return Cause("gradient_underflow",
+                 f"backward() returns exactly zero for {len(bw.zero) if bw else 'n/a'} of {f.n} tensors, and "
+                 f"{run.after.get('backward_nonzero')}/{f.n} are non-zero when the loss is multiplied by "
+                 f"{run.factor.split('=')[1]}: the gradients underflow to zero in half precision (autocast "
+                 f"{f.m.trace.autocast}, adapter-layer inputs {', '.join(dtypes) or 'unseen'}) because the loss is "
+                 f"too small to survive the backward without loss scaling.",
+                 {"zero_tensors": len(bw.zero) if bw else None, "nonzero_after_scaling": run.after.get("backward_nonzero"),
+                  "scale": run.factor.split("=")[1], "autocast_at_forward": f.m.trace.autocast,
+                  "adapter_input_dtypes": dtypes},
+                 [run.factor])
 
 
-def _outcome(r: DiffRun) -> str:
-    """What the change did to the symptom it removed, in the API that showed the symptom."""
-    a, n = r.after, r.after.get("params")
-    parts = []
-    if "no_graph" in r.resolved:
-        parts.append("the loss gets a graph")
-    if "autograd_grad_gap" in r.resolved:
-        parts.append(f"autograd.grad returns {a.get('autograd_grad_nonnull')}/{n}")
-    if "backward_missing" in r.resolved or "no_graph" in r.resolved:
-        parts.append(f"backward() fills {a.get('backward_nonnull')}/{n} ({a.get('backward_nonzero')} non-zero)")
-    return " and ".join(parts) or "the symptom goes away"
+ERROR_TEXT = {
+    "inference_tensors": "a tensor the loss uses was created under torch.inference_mode() (generation-time "
+                         "tensors, cached inputs or logits): autograd cannot record or save it for backward",
+    "checkpoint_recompute_mismatch": "activation checkpointing recomputed a block during backward and it did not "
+                                     "see what the original forward saw: something the forward depends on changed "
+                                     "in between (adapters enabled/disabled or merged, train/eval, autocast)",
+    "dtype_mismatch": "two tensors of the loss meet with dtypes that do not fit (index tensors must be int64, "
+                      "activations and weights must agree or run under autocast)",
+    "device_mismatch": "the loss combines tensors on different devices",
+    "loss_exception": "the loss code failed for a reason of its own",
+}
 
 
-# Causes no factor of the differential run could remove: it says nothing about them.
-OUTSIDE_DIFFERENTIAL = {"empty_generation", "nonfinite_gradients", "optimizer_state_mismatch",
-                        "missing_optimizer_state", "no_learning_signal"}
-
-
-def _confirmation(c: Cause, runs: list[DiffRun]) -> str:
-    tried = [r for r in runs if r.applied]
-    if c.id in OUTSIDE_DIFFERENTIAL and not c.confirmed_by:
-        return ""
-    if c.confirmed_by:
-        detail = [f"with {r.change}, {_outcome(r)}" for r in runs if r.factor in c.confirmed_by]
-        others = [r.factor for r in tried if r.factor not in c.confirmed_by]
-        tail = f"; changing {', '.join(others)} alone does not" if others else ""
-        return f" Confirmed by the differential run: {'; '.join(detail)}{tail}."
-    if tried:
-        return f" No single change among {', '.join(r.factor for r in tried)} removes the symptom."
-    return ""
-
-
-def decide(f: Facts) -> Verdict:
-    causes = _causes(f)
-    healthy, path = _probe_path(f)
-    expected = []
-    if f.expected_zero:
-        expected.append(f"{len(f.expected_zero)} lora_A tensors have exactly zero gradient because their lora_B is "
-                        f"zero (a fresh adapter, lora.init=zero_b): dL/dA = B^T (...) = 0. Expected, not a bug; B "
-                        f"moves first and A follows after the first step.")
-    if not causes:
-        n = f.n
-        summary = (f"No gradient-flow problem found: autograd.grad and backward() agree on all {n} parameter tensors, "
-                   f"S carries a graph and the list is the model's trainable parameters. {path}")
-        if expected:
-            summary += " " + " ".join(expected)
-        return Verdict("healthy", [], summary, FIXES["healthy"], healthy, expected)
-    first = causes[0]
-    summary = first.summary + _confirmation(first, f.differential)
-    if first.id in ("reentrant_checkpointing_hides_params", "autograd_grad_mismatch") or healthy:
-        summary += " " + path
-    if len(causes) > 1:
-        summary += " Also (in order of impact): " + " ".join(
-            f"[{c.id}] {c.summary}{_confirmation(c, f.differential)}" for c in causes[1:])
-    if expected:
-        summary += " " + " ".join(expected)
-    return Verdict(first.id, causes, summary, first.fix, healthy, expected)
+def _raised(kind: str):
+    def rule(f: Facts) -> Cause | None:
+        r = f.m.raised
+        if r is None or r.kind != kind:
+            return None
+        t = f.m.trace
+        changed = [name for name in f.layers_where(lambda s: s.calls and (s.disabled or s.merged or s.inactive))]
+        ev: dict[str, Any] = {"phase": r.phase, "exception": r.type, "message": r.message}
+        tail = ""
+        if changed:
+            ev["adapter_layers_disabled_at_forward"] = changed
+            tail = (f" During the forward {len(changed)} adapter layers ran disabled, merged or with another adapter "
+                    f"active ({', '.join(changed[:3])}); "
+                    + ("they are back to their normal state now, so a recomputation sees other weights."
+                       if not (f.adapters["disabled_layers"] or f.adapters["merged_layers"]) else "they still are."))
+        if kind == "checkpoint_recompute_mismatch":
+            ev["checkpointing"] = f.ckpt["mode"]
+            ev["training_at_forward"] = t.training
+        where = "The loss function raised" if r.phase == "loss" else "backward() through the loss raised"
+        measured = "no gradient could be measured" if r.phase == "loss" else \
+            "the gradient checks saw no gradient through backward()"
+        return Cause(kind, f"{where} {r.type}: {r.message} — {ERROR_TEXT[kind]}; {measured}.{tail}", ev,
+                     _fixers(f.differential, "loss_error") + _fixers(f.differential, "backward_error"))
+    rule.__name__ = f"_raised_{kind}"
+    return rule
