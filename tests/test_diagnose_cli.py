@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from gradprobe import schemas
-from gradprobe.diagnose.causes import ids
-from gradprobe.diagnose.battery import ALL
 from gradprobe.cli import app
+from gradprobe.diagnose.battery import ALL
+from gradprobe.diagnose.causes import ids
 
 runner = CliRunner()
 SMALL = ["--set", "batch.num_prompts=4", "--set", "batch.max_new_tokens=8"]

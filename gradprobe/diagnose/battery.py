@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .causes import BY_ID
 from .check import FAIL, PASS, WARN, Check
 from .facts import Facts
 from .measure import GradStats
 from .model_state import short_name
-from .causes import BY_ID
 
 BACKWARD_FIX = "Take gradients with loss.backward() and read param.grad (as `gradprobe delta-h1` does)."
 NON_REENTRANT_FIX = ("or switch checkpointing to non-reentrant: model.gradient_checkpointing_enable("

@@ -304,7 +304,8 @@ def _gradient_underflow(f: Facts) -> Cause | None:
                  f"{run.factor.split('=')[1]}: the gradients underflow to zero in half precision (autocast "
                  f"{f.m.trace.autocast}, adapter-layer inputs {', '.join(dtypes) or 'unseen'}) because the loss is "
                  f"too small to survive the backward without loss scaling.",
-                 {"zero_tensors": len(bw.zero) if bw else None, "nonzero_after_scaling": run.after.get("backward_nonzero"),
+                 {"zero_tensors": len(bw.zero) if bw else None,
+                  "nonzero_after_scaling": run.after.get("backward_nonzero"),
                   "scale": run.factor.split("=")[1], "autocast_at_forward": f.m.trace.autocast,
                   "adapter_input_dtypes": dtypes},
                  [run.factor])
