@@ -173,9 +173,11 @@ def probe_path(f: Facts) -> Check:
 def generation(f: Facts) -> Check:
     g = f.generation
     if not g.given:
-        return Check("generation", "generated lengths", PASS, {"batch": "not given (pass batch= to check)"})
-    ev = {"rows": g.rows, "mean_length": round(g.mean_length, 2), "max_length": g.max_length,
-          "empty_rows": f"{g.empty_rows}/{g.rows}", "flat_reward_groups": f"{g.flat_groups}/{g.groups}",
+        return Check("generation", "generated lengths", PASS, {"batch": "not given (pass rewards=/lengths= or batch= to check)"})
+    ev = {"rows": g.rows, "mean_length": round(g.mean_length, 2) if g.lengths_known else "not given",
+          "max_length": g.max_length if g.lengths_known else "not given",
+          "empty_rows": f"{g.empty_rows}/{g.rows}" if g.lengths_known else "not given",
+          "flat_reward_groups": f"{g.flat_groups}/{g.groups}",
           "measured_groups": len(g.measured_groups)}
     fix = ("Check generation: max_new_tokens, EOS handling, prompt truncation and the mask that marks the "
            "generated region.")

@@ -63,6 +63,7 @@ class Generation:
     flat_groups: int = 0  # groups whose advantages are all zero: their Y is exactly zero
     measured_groups: list[int] = field(default_factory=list)
     measured_flat: bool = False  # every measured group is flat
+    lengths_known: bool = True  # False when the caller gave rewards without lengths
 
 
 @dataclass
@@ -109,9 +110,12 @@ class Facts:
         """Tensors the primary backward left without a non-zero gradient that nothing explains."""
         return set(self.unexplained(self.m.get(self.m.primary, "backward"), self.m.primary))
 
-    def layers_where(self, pick) -> list[str]:
+    def layers_where(self, pick, starved_only: bool = True) -> list[str]:
         """Adapter layers (short names) that `pick(seen)` selects and whose tensors in the list get no gradient
-        (every selected one when no gradient was measured: the loss raised)."""
+        (every selected one when no gradient was measured: the backward raised; or with starved_only=False)."""
+        if not starved_only:
+            return [short_name(name) for name, seen in self.m.trace.layers.items()
+                    if pick(seen) and self.layer_idx.get(name)]
         measured = self.m.get(self.m.primary, "backward") is not None and self.m.raised is None
         starved = self.starved()
         return [short_name(name) for name, seen in self.m.trace.layers.items()
@@ -214,11 +218,13 @@ def _generation(s: Subject) -> Generation:
     b = s.batch
     if b is None:
         return Generation(given=False)
-    lengths = [] if b.meta.get("lengths_unknown") else [n for grp in b.lengths() for n in grp]
+    known = not b.meta.get("lengths_unknown")
+    lengths = [n for grp in b.lengths() for n in grp]
     flat = [is_flat(g) for g in b.groups]
     measured = s.measured_groups or []
-    return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths),
-                      mean_length=sum(lengths) / max(len(lengths), 1), max_length=max(lengths, default=0),
+    return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths) if known else 0,
+                      mean_length=sum(lengths) / max(len(lengths), 1) if known else 0.0,
+                      max_length=max(lengths, default=0) if known else 0, lengths_known=known,
                       groups=b.B, flat_groups=sum(flat), measured_groups=list(measured),
                       measured_flat=bool(measured) and all(flat[i] for i in measured))
 

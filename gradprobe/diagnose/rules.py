@@ -74,8 +74,13 @@ def _graph_detached(f: Facts) -> Cause | None:
 def _adapter_disabled(f: Facts) -> Cause | None:
     """Adapter layers that ran disabled or merged in every call of the user's forward, their weights starved."""
     a, t = f.adapters, f.m.trace
-    ran_disabled = f.layers_where(lambda s: s.calls and not s.effective and s.disabled)
-    ran_merged = f.layers_where(lambda s: s.calls and not s.effective and s.merged)
+    if f.m.loss_error:
+        return None  # the forward did not finish
+    # under live checkpointing the gradients come from a recomputation that may see other adapter state:
+    # a layer that ran disabled is a finding even when its weights get a gradient
+    recomputed = f.ckpt["active"]
+    ran_disabled = f.layers_where(lambda s: s.calls and not s.effective and s.disabled, not recomputed)
+    ran_merged = f.layers_where(lambda s: s.calls and not s.effective and s.merged, not recomputed)
     seen = any(s.calls for s in t.layers.values())
     after = a["disabled_layers"] or a["merged_layers"]
     if not (ran_disabled or ran_merged or (not seen and after and f.starved())):
@@ -86,10 +91,14 @@ def _adapter_disabled(f: Facts) -> Cause | None:
     where = ("only while the loss ran (they are enabled again now: the loss code disables or merges them, e.g. "
              "`with model.disable_adapter()` around the forward that should train them)") if only_in_loss else \
         "and still are"
+    starved = set(f.layers_where(lambda s: s.calls and not s.effective))
+    effect = "so backward() leaves them without gradient" if starved else \
+        ("yet backward() fills them: checkpointing recomputes the blocks during backward with the adapters as they "
+         "are then, so the gradient is not the one of the output the loss saw")
     return Cause("adapter_disabled",
                  f"{len(ran_disabled)} of {len(t.layers) or a['adapter_layers']} adapter layers ran disabled and "
                  f"{len(ran_merged)} merged during the forward, {where}: their LoRA weights take no part in the "
-                 f"output, so backward() leaves them without gradient: {', '.join((ran_disabled + ran_merged)[:4])}.",
+                 f"output, {effect}: {', '.join((ran_disabled + ran_merged)[:4])}.",
                  {"ran_disabled": ran_disabled, "ran_merged": ran_merged, "adapter_layers": len(t.layers),
                   "disabled_only_in_loss": only_in_loss, "disabled_after_loss": a["disabled_layers"],
                   "merged_after_loss": a["merged_layers"]},
@@ -99,8 +108,8 @@ def _adapter_disabled(f: Facts) -> Cause | None:
 def _adapter_bypassed(f: Facts) -> Cause | None:
     """Adapter layers that never ran, or ran with the list's adapter inactive or scaled to zero."""
     t = f.m.trace
-    if not t.layers:
-        return None
+    if not t.layers or f.m.loss_error:
+        return None  # no adapter layers, or the forward did not finish
     absent = f.layers_where(lambda s: s.calls == 0)
     inactive = f.layers_where(lambda s: s.calls and not s.effective and s.inactive and not (s.disabled or s.merged))
     zero = f.layers_where(lambda s: s.calls and not s.effective and s.zero_scaling and not s.inactive)
@@ -330,15 +339,22 @@ def _raised(kind: str):
         if r is None or r.kind != kind:
             return None
         t = f.m.trace
-        changed = [name for name in f.layers_where(lambda s: s.calls and (s.disabled or s.merged or s.inactive))]
         ev: dict[str, Any] = {"phase": r.phase, "exception": r.type, "message": r.message}
         tail = ""
-        if changed:
-            ev["adapter_layers_disabled_at_forward"] = changed
-            tail = (f" During the forward {len(changed)} adapter layers ran disabled, merged or with another adapter "
-                    f"active ({', '.join(changed[:3])}); "
-                    + ("they are back to their normal state now, so a recomputation sees other weights."
-                       if not (f.adapters["disabled_layers"] or f.adapters["merged_layers"]) else "they still are."))
+        if r.phase == "backward":  # the forward finished: say how the adapter layers ran in it
+            changed = f.layers_where(lambda s: s.calls and not s.effective)
+            absent = f.layers_where(lambda s: s.calls == 0)
+            if changed:
+                ev["adapter_layers_off_at_forward"] = changed
+                tail += (f" During the forward {len(changed)} adapter layers ran disabled, merged or with another "
+                         f"adapter active ({', '.join(changed[:3])}); "
+                         + ("they are back to normal now, so a recomputation in backward sees other weights."
+                            if not (f.adapters["disabled_layers"] or f.adapters["merged_layers"]) else
+                            "they still are."))
+            if absent:
+                ev["adapter_layers_bypassed_at_forward"] = absent
+                tail += (f" The forward went around {len(absent)} adapter layers ({', '.join(absent[:3])}), which a "
+                         f"recomputation in backward runs again.")
         if kind == "checkpoint_recompute_mismatch":
             ev["checkpointing"] = f.ckpt["mode"]
             ev["training_at_forward"] = t.training
