@@ -173,7 +173,8 @@ def probe_path(f: Facts) -> Check:
 def generation(f: Facts) -> Check:
     g = f.generation
     if not g.given:
-        return Check("generation", "generated lengths", PASS, {"batch": "not given (pass rewards=/lengths= or batch= to check)"})
+        return Check("generation", "generated lengths", PASS,
+                     {"batch": "not given (pass rewards=/lengths= or batch= to check)"})
     ev = {"rows": g.rows, "mean_length": round(g.mean_length, 2) if g.lengths_known else "not given",
           "max_length": g.max_length if g.lengths_known else "not given",
           "empty_rows": f"{g.empty_rows}/{g.rows}" if g.lengths_known else "not given",
@@ -227,6 +228,19 @@ def loss_runs(f: Facts) -> Check:
         return Check("loss_runs", "loss and backward run", PASS, {"loss": f.m.primary})
     ev = {"phase": r.phase, "exception": r.type, "message": r.message, "class": r.kind}
     return Check("loss_runs", "loss and backward run", FAIL, ev, BY_ID[r.kind].fix)
+
+
+def old_logprobs(f: Facts) -> Check:
+    g = f.logprobs
+    if g is None:
+        return Check("old_logprobs", "old log-probs", PASS, {"old_logprobs": "not given"})
+    ev = dict(g.evidence, result=g.kind)
+    if g.kind == "not_compared":
+        return Check("old_logprobs", "old log-probs", WARN, ev, "Return S (per-sequence log-probs) from the loss "
+                     "function, e.g. {'S': s, 'LY': loss}, to compare it with the old log-probs.")
+    if g.kind != "match":
+        return Check("old_logprobs", "old log-probs", FAIL, ev, BY_ID["logprob_mismatch"].fix)
+    return Check("old_logprobs", "old log-probs", PASS, ev)
 
 
 def adapter_forward(f: Facts) -> Check:
@@ -388,7 +402,7 @@ def optimizer_state(f: Facts) -> Check:
 ALL: list[Callable[[Facts], Check]] = [
     loss_runs, strict_autograd_grad, s_alive, param_identity, coverage, probe_path, generation, grad_mode,
     train_mode, checkpointing, input_grads, adapters, adapter_forward, quantization, lora_dtype, nonfinite,
-    optimizer_state,
+    optimizer_state, old_logprobs,
 ]
 
 # what needs a loss to differentiate: not measured when the loss function raised

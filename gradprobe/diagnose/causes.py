@@ -104,6 +104,11 @@ CAUSES: list[RootCause] = [
               "Use groups whose rewards differ (a larger G or a reward with spread): a flat group contributes nothing "
               "to the update.",
               rules._no_learning_signal, False, True),
+    RootCause("logprob_mismatch", "the sampling-time (old) log-probs differ from the recomputed ones: temperature, "
+              "padding or truncation",
+              "Recompute the log-probs exactly as they were sampled: the same temperature (divide the logits by it), "
+              "the same padding side with position ids counted from the first real token, the same response range.",
+              rules._logprob_mismatch, False),
     RootCause("unexplained_missing_gradients", "backward() leaves parameters without gradient and no check explains it",
               "Compare the parameters listed as missing with the modules your forward runs (hooks, wrappers, frozen "
               "submodules).",

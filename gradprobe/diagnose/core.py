@@ -90,8 +90,8 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
              optimizer_state: dict[str, Any] | None = None, optimizer_source: str = "optimizer state_dict",
              batch: Batch | None = None, groups: list[int] | None = None,
              rewards: list[list[float]] | None = None, lengths: list[list[int]] | None = None,
-             advantages: list[list[float]] | None = None, stack=None, cfg: dict[str, Any] | None = None,
-             run_differential: bool = True) -> DiagnoseResult:
+             advantages: list[list[float]] | None = None, old_logprobs: Any = None, stack=None,
+             cfg: dict[str, Any] | None = None, run_differential: bool = True) -> DiagnoseResult:
     """Run every gradient-flow check and name the root cause.
 
     Point it at your own code:  diagnose(model, params, loss_fn, optimizer=opt)
@@ -106,6 +106,8 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
       lengths    the same shape: each response's generated length (the tokens S sums over)
       advantages the same shape, when the loss uses given advantages instead of group-centred rewards
       batch      or a gradprobe Batch, with groups= the indices of its groups the loss measured (default all)
+      old_logprobs  the sampling-time log-probs of the sequences S covers (per-sequence sums, or one list of
+                 per-token values per sequence): compared with the recomputed S, a gap is named and sized
     Or at a stack gradprobe built:  diagnose(stack=stack, batch=batch, cfg=cfg)
     (params=, loss_fn= and optimizer= still override the stack's, e.g. to test your own list).
     """
@@ -141,6 +143,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         raise GradprobeError("the parameter list is empty")
     names = param_names(model, plist)
     subject = Subject(model=model, params=plist, names=names, adapters=list_adapters(names),
+                      old_logprobs=old_logprobs,
                       loss_fn=loss_fn or base.loss_fn, optimizer=optimizer, optimizer_state=state,
                       optimizer_source=source, optimizer_order=cfg["probe"]["optimizer_order"] if cfg else "auto",
                       batch=batch, measured_groups=groups,
@@ -149,7 +152,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
 
     saved_grads = [(p, p.grad) for p in {id(p): p for p in [*model.parameters(), *plist]}.values()]
     try:
-        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters)
+        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None)
         t1 = time.perf_counter()
         facts = gather(subject, m, caller_grad, caller_inf)
         facts.differential = differential.run(facts) if run_differential else []

@@ -11,6 +11,7 @@ from ..errors import GradprobeError
 from ..objective import is_flat
 from ..optim.precondition import from_adam_state
 from ..optim.state import StateMismatch, has_second_moment, live_state_dict, no_decay_names
+from .logprobs import LogprobGap, compare
 from .measure import GradStats, Measurement
 from .model_state import (
     adapter_params,
@@ -84,6 +85,7 @@ class Facts:
     caller_inference_mode: bool
     layer_idx: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> its tensors in the list
     dropout: list[str] = field(default_factory=list)  # modules (and config fields) with dropout p > 0
+    logprobs: LogprobGap | None = None  # old log-probs against the recomputed S (when given)
     differential: list[Any] = field(default_factory=list)
 
     @property
@@ -229,6 +231,19 @@ def _generation(s: Subject) -> Generation:
                       measured_flat=bool(measured) and all(flat[i] for i in measured))
 
 
+def _logprobs(s: Subject, m: Measurement) -> LogprobGap | None:
+    if s.old_logprobs is None or m.loss_error:
+        return None
+    b = s.batch
+    lengths = None
+    if b is not None and not b.meta.get("lengths_unknown"):
+        groups = s.measured_groups if s.measured_groups is not None else range(b.B)
+        lengths = [n for g in groups for n in b.groups[g].loss_lengths()]
+    out = compare(s.old_logprobs, m.trace.captured, lengths)
+    m.trace.captured.clear()  # the logits are large: keep the numbers only
+    return out
+
+
 def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool) -> Facts:
     names = s.names
     nonfinite = [i for i, p in enumerate(s.params)
@@ -240,4 +255,4 @@ def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool
                  identity=_identity(s), optimizer=_optimizer(s, names), generation=_generation(s),
                  expected_zero=expected, nonfinite_params=nonfinite,
                  caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference,
-                 layer_idx=_layer_idx(s, m), dropout=_dropout(s.model))
+                 layer_idx=_layer_idx(s, m), dropout=_dropout(s.model), logprobs=_logprobs(s, m))

@@ -32,6 +32,7 @@ class ForwardTrace:
     inputs_require_grad: bool | None = None  # the input embeddings' output
     logits_require_grad: bool | None = None  # the output layer's output
     layers: dict[str, LayerSeen] = field(default_factory=dict)  # every adapter layer, by module name
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)  # first forward's ids, mask, logits (if asked)
 
 
 @dataclass
@@ -214,15 +215,23 @@ def _layer_hook(seen: LayerSeen, model: torch.nn.Module, wanted: set[str]):
 
 
 @contextlib.contextmanager
-def traced(model: torch.nn.Module, adapters: set[str] | None = None) -> Iterator[ForwardTrace]:
+def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bool = False) -> Iterator[ForwardTrace]:
     """Hooks on the input embeddings, the output layer and every adapter layer while the loss runs.
-    `adapters`: the adapter names whose weights are in the parameter list (the ones that should take part)."""
+    `adapters`: the adapter names whose weights are in the parameter list (the ones that should take part);
+    capture=True keeps the first forward's input ids, attention mask and logits (detached)."""
     trace = ForwardTrace()
     inp, outp = _io_modules(model)
+
+    def on_model(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if capture and "attention_mask" not in trace.captured and isinstance(mask, torch.Tensor):
+            trace.captured["attention_mask"] = mask.detach()
 
     def on_input(module, args, out):
         t = _first_tensor(out)
         trace.calls += 1
+        if capture and trace.calls == 1 and args and isinstance(args[0], torch.Tensor):
+            trace.captured["input_ids"] = args[0].detach()
         if trace.calls == 1:
             trace.grad_enabled = torch.is_grad_enabled()
             trace.inference_mode = torch.is_inference_mode_enabled()
@@ -234,8 +243,10 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None) -> Iterator
         t = _first_tensor(out)
         if trace.logits_require_grad is None:
             trace.logits_require_grad = bool(t is not None and t.requires_grad)
+            if capture and t is not None:
+                trace.captured["logits"] = t.detach().float()
 
-    handles = [inp.register_forward_hook(on_input)]
+    handles = [inp.register_forward_hook(on_input), model.register_forward_pre_hook(on_model, with_kwargs=True)]
     handles.append(outp.register_forward_hook(on_output))
     for name, layer in _adapter_layers(model):
         trace.layers[name] = seen = LayerSeen()
@@ -381,11 +392,11 @@ def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -
 def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callable[[], Any],
             losses: tuple[str, ...] = ("LY", "LX", "S"), strict: bool = True,
             wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            adapters: set[str] | None = None, scale: float = 1.0) -> Measurement:
+            adapters: set[str] | None = None, scale: float = 1.0, capture: bool = False) -> Measurement:
     """Build the loss once under `wrap()` and measure gradient coverage through both APIs.
     An exception of the loss code (or of a backward through its graph) is recorded, classified, as the outcome.
     `scale` multiplies every loss before its backward (the differential's loss-scaling run)."""
-    with traced(model, adapters) as trace:
+    with traced(model, adapters, capture) as trace:
         try:
             with wrap():
                 out = normalize(loss_fn())
@@ -397,6 +408,8 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
                                loss_error=raised.text(), raised=raised)
     tensors = {k: info(out.get(k)) for k in LOSS_KEYS}
     m = Measurement(trace, tensors, primary_key(out))
+    if capture and isinstance(out.get("S"), torch.Tensor):
+        trace.captured["S"] = out["S"].detach().float()
     if strict:
         m.strict_error = strict_grad(as_loss(out, m.primary), params, model)
     for key in losses:

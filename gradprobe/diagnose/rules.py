@@ -365,3 +365,28 @@ def _raised(kind: str):
                      _fixers(f.differential, "loss_error") + _fixers(f.differential, "backward_error"))
     rule.__name__ = f"_raised_{kind}"
     return rule
+
+
+LOGPROB_TEXT = {
+    "temperature": "they were taken at another temperature than the loss uses (the old ones fit temperature "
+                   "{old_fits_temperature}, the loss's S fits {loss_fits_temperature}, both from the captured logits)",
+    "padding": "the gap sits on the {padded_rows} padded rows only (mean {gap_on_padded_rows} nats per token there, at "
+               "most {gap_on_unpadded_rows} on the others): padding is handled differently (position ids or attention "
+               "mask of left-padded rows)",
+    "truncation": "{rows_with_other_token_count} sequences cover another number of tokens in the old log-probs than "
+                  "in the loss ({examples}): a truncated or shifted response range",
+    "unclassified": "the gap fits none of temperature, padding or truncation",
+}
+
+
+def _logprob_mismatch(f: Facts) -> Cause | None:
+    g = f.logprobs
+    if g is None or g.kind in ("match", "not_compared"):
+        return None
+    ev = dict(g.evidence, kind=g.kind)
+    fmt = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in g.evidence.items()}
+    size = f"mean {g.mean_gap:.3g} nats per sequence, max {g.max_gap:.3g}" + \
+        (f", {g.per_token:.3g} per token" if g.per_token is not None else "")
+    return Cause("logprob_mismatch",
+                 f"The sampling-time log-probs differ from the ones the loss recomputes ({size}): "
+                 f"{LOGPROB_TEXT[g.kind].format(**fmt)}. The importance ratio and KL are off by this much.", ev)

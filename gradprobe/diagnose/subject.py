@@ -37,6 +37,7 @@ class Subject:
     params_note: str = ""
     params_source: str = "given"
     adapters: set[str] | None = None  # adapter names whose weights are in the list (the ones that should take part)
+    old_logprobs: Any = None  # sampling-time log-probs: per-sequence sums or per-token lists
 
 
 ADAPTER_WEIGHT = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(?:\.|$)")
