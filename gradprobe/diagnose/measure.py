@@ -203,7 +203,7 @@ def _layer_hook(seen: LayerSeen, model: torch.nn.Module, wanted: set[str]):
         seen.inactive += not mine
         seen.zero_scaling += zero
         seen.effective += not (disabled or merged or not mine or zero)
-        if seen.calls == 1:
+        if seen.calls == 1 or (not _recording(seen) and _recording_now()):
             seen.active = active
             seen.scaling = {a: v for a, v in scales.items() if v is not None}
             seen.grad_enabled = torch.is_grad_enabled()
@@ -212,6 +212,14 @@ def _layer_hook(seen: LayerSeen, model: torch.nn.Module, wanted: set[str]):
         if x is not None and (d := str(x.dtype).removeprefix("torch.")) not in seen.input_dtypes:
             seen.input_dtypes.append(d)
     return hook
+
+
+def _recording_now() -> bool:
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def _recording(seen) -> bool:
+    return bool(seen.grad_enabled) and not seen.inference_mode
 
 
 @contextlib.contextmanager
@@ -232,7 +240,9 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
         trace.calls += 1
         if capture and trace.calls == 1 and args and isinstance(args[0], torch.Tensor):
             trace.captured["input_ids"] = args[0].detach()
-        if trace.calls == 1:
+        # the first forward, or a later one that records a graph where the earlier did not (a no-grad
+        # reference forward before the policy forward is the usual pattern, not a fault)
+        if trace.calls == 1 or (not _recording(trace) and _recording_now()):
             trace.grad_enabled = torch.is_grad_enabled()
             trace.inference_mode = torch.is_inference_mode_enabled()
             trace.autocast = _autocast_now(t.device.type if t is not None else "cpu")
