@@ -112,7 +112,7 @@ CAUSES: list[RootCause] = [
     RootCause("unexplained_missing_gradients", "backward() leaves parameters without gradient and no check explains it",
               "Compare the parameters listed as missing with the modules your forward runs (hooks, wrappers, frozen "
               "submodules).",
-              None, False),
+              None, True),
     RootCause("reentrant_checkpointing_hides_params", "reentrant activation checkpointing hides the parameters from "
               "torch.autograd.grad (backward() still fills them)",
               "Read gradients from backward() and param.grad (as `gradprobe delta-h1` does), or enable checkpointing "
