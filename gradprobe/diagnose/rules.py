@@ -126,7 +126,7 @@ def _adapter_bypassed(f: Facts) -> Cause | None:
         parts.append(f"{len(inactive)} ran with another adapter active ({', '.join(active) or 'none'}) than the one "
                      f"whose weights are in the list")
     if zero:
-        parts.append(f"{len(zero)} ran with their LoRA scaling at 0")
+        parts.append(f"{len(zero)} of {total} adapter layers ran with their LoRA scaling at 0")
     names = absent + inactive + zero
     return Cause("adapter_bypassed",
                  "; ".join(parts) + f". Their weights get no gradient: {', '.join(names[:4])}.",
