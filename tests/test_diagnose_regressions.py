@@ -50,7 +50,8 @@ def s_fn(stack, batch):
     return lambda: sequence_logprobs(stack.model, tb, batch.temperature, stack.autocast())
 
 
-@pytest.mark.parametrize("name", ["PagedAdamW8bit", "AdamW8bit", "AdamW32bit"])
+@pytest.mark.parametrize("name", [pytest.param("PagedAdamW8bit", marks=pytest.mark.slow), "AdamW8bit",
+                                  pytest.param("AdamW32bit", marks=pytest.mark.slow)])
 def test_live_bitsandbytes_optimizer_after_real_steps_is_healthy(nr, name, tmp_path):
     """On a CPU the paged variant falls back to unpaged memory (bitsandbytes warns); its state layout is the same."""
     stack, batch, cfg = nr

@@ -161,7 +161,9 @@ def run(f: Facts) -> list[DiffRun]:
     if eval_case:
         factors.append(("train_mode", "the model switched to train mode (model.train()) for the forward",
                         lambda: _train_mode(s.model), "model"))
-    if "backward_zero" in base:
+    g = f.generation
+    all_empty = g.given and g.lengths_known and g.rows and g.empty_rows == g.rows
+    if "backward_zero" in base and not all_empty:  # empty responses: zero is the exact answer, not underflow
         factors += [(f"loss_scale={int(k)}", f"the loss multiplied by {int(k)} before backward (loss scaling)",
                      contextlib.nullcontext, "scale") for k in SCALES]
     before = summary(f.m, f.n)
