@@ -15,7 +15,10 @@ import pytest
 import torch
 
 import gradprobe as gp
+from gradprobe.diagnose.render import payload
 from gradprobe.objective import pack, sequence_logprobs
+
+from .test_diagnose_cli import SCHEMA, validate
 
 SMALL = ["batch.num_prompts=4", "batch.group_size=4", "batch.max_new_tokens=8", "probe.microbatch_size=8"]
 GROUPS = (0, 1)
@@ -79,6 +82,8 @@ def diff(result, factor):
 
 
 def ids(result) -> list[str]:
+    """The causes, ranked; and the JSON a script would get validates against the shipped schema."""
+    assert validate(payload(result, None, result.exit_code()), SCHEMA, SCHEMA) == []
     return [c.id for c in result.verdict.causes]
 
 
@@ -283,7 +288,7 @@ def test_eval_mode_with_dropout_changes_the_gradient(nr):
         assert any(not torch.allclose(x, y) for x, y in zip(a, t))  # train mode: dropout changes it
         result = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb))
         assert not stack.model.training  # put back as found
-    assert result.verdict.root_cause == "eval_mode"
+    assert ids(result) == ["eval_mode"]
     ev = result.verdict.causes[0].evidence
     assert ev["training_at_forward"] is False and ev["grad_rel_change"] > 0.05
     assert any("lora_dropout" in d for d in ev["dropout"])
@@ -315,7 +320,7 @@ def test_gradient_underflow_in_fp16(nr):
     scaled = grads_of(stack, loss_fn() * 65536)
     assert all(g.any() for g in scaled)  # and back when the loss is scaled
     result = gp.diagnose(stack.model, stack.params, loss_fn)
-    assert result.verdict.root_cause == "gradient_underflow"
+    assert ids(result) == ["gradient_underflow"]
     ev = result.verdict.causes[0].evidence
     assert ev["zero_tensors"] == len(stack.params) and ev["nonzero_after_scaling"] == len(stack.params)
     assert "float16" in ev["adapter_input_dtypes"] and ev["autocast_at_forward"] == "float16"
@@ -331,7 +336,7 @@ def test_inputs_created_under_inference_mode(nr):
     with pytest.raises(RuntimeError, match="Inference tensors"):
         s_of(stack, tb)
     result = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb))
-    assert result.verdict.root_cause == "inference_tensors"
+    assert ids(result) == ["inference_tensors"]
     assert result.verdict.causes[0].evidence["phase"] == "loss"
     assert result.check("loss_runs").status == "fail"
     assert result.check("probe_path").evidence == {"not_measured": "the loss function raised (see loss_runs)"}
@@ -436,7 +441,7 @@ def test_old_logprobs_sampled_at_another_temperature(nr):
     assert ok.verdict.root_cause == "healthy" and ok.check("old_logprobs").evidence["result"] == "match"
     result = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb), old_logprobs=hot.tolist(),
                          lengths=lengths(batch), rewards=rewards(batch))
-    assert result.verdict.root_cause == "logprob_mismatch"
+    assert ids(result) == ["logprob_mismatch"]
     ev = result.verdict.causes[0].evidence
     assert ev["kind"] == "temperature" and abs(ev["old_fits_temperature"] - 0.7) < 0.03
     assert abs(ev["loss_fits_temperature"] - 1.0) < 0.03

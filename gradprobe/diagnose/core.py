@@ -113,6 +113,9 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
     """
     t0 = time.perf_counter()
     caller_grad, caller_inf = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    if groups is not None and (batch is None or any(not 0 <= g < batch.B for g in groups)):
+        raise GradprobeError(f"groups= must index the groups of batch= ({batch.B if batch else 'none given'}); "
+                             f"got {groups}")
     if stack is not None:
         if batch is None and loss_fn is None:
             raise GradprobeError("diagnose(stack=...) needs batch= (or loss_fn=)")
@@ -131,8 +134,6 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         batch, groups = told, list(range(told.B))
     if groups is None and batch is not None:
         groups = base.measured_groups if base is not None else list(range(batch.B))
-    if groups is not None and batch is not None and any(not 0 <= g < batch.B for g in groups):
-        raise GradprobeError(f"groups= must index the batch's {batch.B} groups; got {groups}")
     if params is None and base is not None and base.params:
         plist, psource, note = base.params, base.params_source, ""
     elif params is None:

@@ -76,6 +76,8 @@ def summary(m: Measurement, n: int) -> dict[str, Any]:
         out["backward_nonzero"] = bw.nonzero
     if ag is not None:
         out["autograd_grad_nonnull"] = ag.nonnull
+    if m.raised is not None:
+        out["raised"] = m.raised.text()[:200]
     out["params"] = n
     return out
 
@@ -201,7 +203,8 @@ def _one(f: Facts, factor: str, change: str, make, where: str, before: dict[str,
             if not applied:
                 r.note = "this model offers no way to switch it"
                 return r
-            m = measure(s.model, s.params, s.loss_fn, losses=keys, strict=False, adapters=s.adapters)
+            m = measure(s.model, s.params, s.loss_fn, losses=keys, strict=False, adapters=s.adapters,
+                        keep=factor == "train_mode")
     r.applied = True
     if factor == "autocast=off" and m.trace.autocast not in (None, "off"):
         r.applied = False

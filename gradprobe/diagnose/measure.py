@@ -402,10 +402,12 @@ def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -
 def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callable[[], Any],
             losses: tuple[str, ...] = ("LY", "LX", "S"), strict: bool = True,
             wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            adapters: set[str] | None = None, scale: float = 1.0, capture: bool = False) -> Measurement:
+            adapters: set[str] | None = None, scale: float = 1.0, capture: bool = False,
+            keep: bool | None = None) -> Measurement:
     """Build the loss once under `wrap()` and measure gradient coverage through both APIs.
     An exception of the loss code (or of a backward through its graph) is recorded, classified, as the outcome.
-    `scale` multiplies every loss before its backward (the differential's loss-scaling run)."""
+    `scale` multiplies every loss before its backward (the differential's loss-scaling run); keep=True keeps the
+    primary loss's flat gradient (default: only for a forward in eval mode, which the train-mode run compares)."""
     with traced(model, adapters, capture) as trace:
         try:
             with wrap():
@@ -430,7 +432,9 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
             loss = loss * scale
         if key != "S":
             m.stats[f"{key}/autograd.grad"] = via_autograd(loss, params, model)
-        m.stats[f"{key}/backward"] = st = via_backward(loss, params, model, keep=key == m.primary)
+        in_eval = trace.training is False or any(s.calls and s.training is False for s in trace.layers.values())
+        keep_it = key == m.primary and (keep if keep is not None else in_eval)
+        m.stats[f"{key}/backward"] = st = via_backward(loss, params, model, keep=keep_it)
         if key == m.primary and st.raised is not None:
             m.raised = st.raised
     del out
