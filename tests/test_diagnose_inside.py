@@ -473,3 +473,30 @@ def test_bad_api_input_is_one_clear_error(nr):
         gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb), rewards=[[1.0, 0.0]], lengths=[[1], [2]])
     with pytest.raises(gp.GradprobeError, match="old_logprobs has 3 sequences"):
         gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb), old_logprobs=[0.0, 1.0, 2.0])
+
+
+@pytest.mark.slow
+def test_old_logprobs_against_a_loss_that_ignores_the_padding(nr):
+    stack, batch = nr
+    tb = tokens(stack, batch)
+    with torch.no_grad():
+        sampled = s_of(stack, tb)  # what the sampler saw: left padding masked out
+    keep = tb.max_response + 1
+
+    def loss_fn():  # the fault: the recomputation passes no attention mask, so padded rows attend to the pads
+        with stack.autocast():
+            z = stack.model(input_ids=tb.input_ids, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
+        picked = z.gather(-1, tb.input_ids[:, -keep + 1:, None])[..., 0] - torch.logsumexp(z, -1)
+        return torch.where(tb.gen_mask[:, -keep + 1:], picked, torch.zeros(())).sum(-1)
+
+    padded = (tb.attention_mask == 0).any(-1)
+    with torch.no_grad():
+        gap = (loss_fn() - sampled).abs()
+    assert padded.any() and (~padded).any()
+    assert float(gap[~padded].max()) == 0.0 and float(gap[padded].min()) > 0.0  # plain torch: padded rows only
+    result = gp.diagnose(stack.model, stack.params, loss_fn, old_logprobs=sampled.tolist(), lengths=lengths(batch),
+                         rewards=rewards(batch))
+    assert ids(result) == ["logprob_mismatch"]
+    ev = result.verdict.causes[0].evidence
+    assert ev["kind"] == "padding" and ev["padded_rows"] == int(padded.sum())
+    assert ev["mean_gap"] == pytest.approx(float(gap.mean()), abs=1e-3)

@@ -91,6 +91,23 @@ def _positions(captured: dict[str, torch.Tensor], tokens: list[int]):
     return zsel, torch.tensor(targets, device=z.device), r
 
 
+def _padded_rows(captured: dict[str, torch.Tensor], n: int) -> torch.Tensor | None:
+    """Which rows carry padding: from the attention mask the forward got, else (a loss that passes no mask)
+    from a run of one repeated token at the start of rows, the left padding's signature."""
+    mask = captured.get("attention_mask")
+    if mask is not None and mask.shape[0] == n:
+        return (mask == 0).any(-1).cpu()
+    ids = captured.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.shape[0] != n or ids.shape[1] < 2:
+        return None
+    ids = ids.cpu()
+    runs = ids[:, 0] == ids[:, 1]
+    if not runs.any():
+        return None
+    pad = int(torch.mode(ids[runs, 0]).values)
+    return (ids[:, 0] == pad) & runs
+
+
 def compare(old: Any, captured: dict[str, torch.Tensor], lengths: list[int] | None) -> LogprobGap:
     s = captured.get("S")
     if s is None or s.dim() != 1:
@@ -116,9 +133,8 @@ def compare(old: Any, captured: dict[str, torch.Tensor], lengths: list[int] | No
         out.evidence.update(rows_with_other_token_count=len(bad),
                             examples=[f"row {i}: {counts[i]} old vs {lengths[i]} in the loss" for i in bad[:4]])
         return out
-    mask = captured.get("attention_mask")
-    if mask is not None and mask.shape[0] == n:
-        padded = (mask == 0).any(-1).cpu()
+    padded = _padded_rows(captured, n)
+    if padded is not None:
         scale = torch.tensor(tokens, dtype=torch.float64).clamp(min=1) if tokens is not None else 1.0
         per_row = (gap.abs() / scale)
         if padded.any() and (~padded).any() and float(per_row[~padded].max()) <= TOL \
