@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
+from .model_state import tuner_layers
 
 LOSS_KEYS = ("S", "LX", "LY")
 
@@ -174,20 +175,12 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
-def _adapter_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return []
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-
-
 def _scaling(layer: torch.nn.Module, adapter: str) -> float | None:
     value = getattr(layer, "scaling", {}).get(adapter) if isinstance(getattr(layer, "scaling", None), dict) else None
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def _layer_hook(seen: LayerSeen, model: torch.nn.Module, wanted: set[str]):
+def _layer_hook(seen: LayerSeen, wanted: set[str]):
     """A forward pre-hook recording the adapter state the layer runs in (read at that moment, not after)."""
     def hook(module, args):
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
@@ -258,9 +251,9 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
 
     handles = [inp.register_forward_hook(on_input), model.register_forward_pre_hook(on_model, with_kwargs=True)]
     handles.append(outp.register_forward_hook(on_output))
-    for name, layer in _adapter_layers(model):
+    for name, layer in tuner_layers(model):
         trace.layers[name] = seen = LayerSeen()
-        handles.append(layer.register_forward_pre_hook(_layer_hook(seen, model, adapters or set())))
+        handles.append(layer.register_forward_pre_hook(_layer_hook(seen, adapters or set())))
     try:
         yield trace
     finally:
