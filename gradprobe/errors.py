@@ -1,4 +1,4 @@
-"""Exceptions that the CLI maps to exit codes (2: bad input, 1: a check failed)."""
+"""Exceptions that the CLI maps to exit codes (2: bad input, 1: a check failed, 4: interrupted)."""
 
 
 class GradprobeError(Exception):
@@ -7,3 +7,11 @@ class GradprobeError(Exception):
 
 class CheckFailed(Exception):
     """A check ran and failed: exit code 1."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived (a batch scheduler's preemption, Ctrl-C): write what was done, then exit 4."""
+
+    def __init__(self, signame: str = "SIGINT"):
+        super().__init__(signame)
+        self.signame = signame

@@ -7,21 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import GradprobeError
+from ..files import load_torch_file
 
 DEFAULT_LEARNING_RATE = 1e-5
 
 
 def scheduler_rates(path: Path) -> list[float] | None:
     """The scheduler's _last_lr: one rate per parameter group, the one the next step will use."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GradprobeError(f"cannot read scheduler state {path} (truncated, or not a torch.save file that loads "
-                             f"with weights_only=True): {first}") from exc
+    state = load_torch_file(path, "scheduler state")
     last = state.get("_last_lr") if isinstance(state, dict) else None
     if not isinstance(last, (list, tuple)) or not last:
         return None

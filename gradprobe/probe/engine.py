@@ -319,8 +319,10 @@ class _UnitSink:
 
 @without_cudnn_attention()
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
-              learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
+              learning_rate: float, progress: Callable[[int, int], None] | None = None,
+              store: Any = None) -> ProbeResult:
+    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch. `store` (resume.UnitStore:
+    save(u, x, raw y, x_present, y_present) after each unit, load(u) before it) makes a run resumable."""
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
@@ -336,6 +338,9 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     y_present: list[int] = []
 
     schedule = probe_cfg["schedule"]
+    if store is not None and schedule == "literal":
+        raise GradprobeError("the literal schedule sums every unit before its per-unit loop, so it cannot resume; "
+                             "use probe.schedule=fused (the default) with --state")
     cross = None  # K[u, v] = X[u].Y[v]: only the schedules that bank every unit's gradients have it
     if schedule == "literal":
         pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
@@ -392,6 +397,18 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
             grads = FlatGrads(stack.params, layout) if streams is None and FlatGrads.usable(stack.params) else None
             try:
                 for u in range(m):  # one forward and two backwards per unit (one backward with streams)
+                    saved = store.load(u) if store is not None else None
+                    if saved is not None:  # a resumed run: this unit's saved fp32 bits, summed in the same order
+                        sink.wait_free()
+                        fx.copy_(saved["x"])
+                        fy.copy_(saved["y"])
+                        x_present.append(saved["x_present"])
+                        y_present.append(saved["y_present"])
+                        sink.push(u, fx, fy)
+                        if progress:
+                            progress(u + 1, m)
+                        continue
+                    nx, ny = len(x_present), len(y_present)
                     chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
                     eng.prepare(chunks)
                     for k, chunk in enumerate(chunks):
@@ -415,6 +432,8 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
                             else:
                                 eng.backward((s * w).sum(), retain=retain)
                                 present.append(reader.add(buf))
+                    if store is not None:  # before push(), which may scale fy by P in place
+                        store.save(u, fx, fy, min(x_present[nx:]), min(y_present[ny:]))
                     sink.push(u, fx, fy)
                     if progress:
                         progress(u + 1, m)
