@@ -111,8 +111,8 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> object:
                     raise
                 return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        why = "a plain pickle, or one holding objects other than tensors and containers" \
-            if "Weights only load failed" in str(exc) else "not a torch.save file"
+        why = ("it holds objects other than tensors and plain containers" if "Unsupported global" in str(exc)
+               else "not a torch.save file (a plain pickle, or another format)")
         raise _load_error(p, what, why) from None
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         text = str(exc).strip()

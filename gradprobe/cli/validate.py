@@ -72,7 +72,7 @@ def command(
         cfg, ckpt = apply_checkpoint(make_config(config, [*base, *(set_ or [])], seed, rollouts), checkpoint,
                                      optimizer_state)
         check_config(cfg)
-        check_paths({"--json": json_, "--plot": plot}, cfg)
+        check_paths({"--json": json_, "--plot": plot}, cfg, (config, checkpoint, optimizer_state))
         run.cfg = cfg
         if plot is not None:
             try:
