@@ -15,3 +15,11 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signame: str = "SIGINT"):
         super().__init__(signame)
         self.signame = signame
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, MPS), Python's MemoryError, or an allocator's RuntimeError: exit 5."""
+    if type(exc).__name__ in ("OutOfMemoryError", "MemoryError"):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import load_config
-from ..errors import CheckFailed, GradprobeError, Interrupted
+from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
 from ..files import check_outputs, write_atomic
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).",
@@ -163,6 +163,8 @@ class Run:
         return f"{self.stage}{units}"
 
     def partial(self, signame: str) -> dict[str, Any]:
+        if self.state_dir is not None and self.stage == "probe":  # the units a resumed run will not recompute
+            self.units_done = len(list(Path(self.state_dir).glob("unit-*.pt")))
         return {"schema": PARTIAL_SCHEMA, "command": self.command, "complete": False, "interrupted_by": signame,
                 "config": self.cfg, "progress": {"stage": self.stage, "units_done": self.units_done,
                                                  "units": self.units},
@@ -214,13 +216,6 @@ def _oom_hint(run: Run | None) -> str:
             "or fewer prompts")
 
 
-def _is_oom(exc: BaseException) -> bool:
-    if type(exc).__name__ in ("OutOfMemoryError", "MemoryError"):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _interrupted(exc: Interrupted, err: Console, run: Run | None) -> int:
     """Write the partial result (to --json and into the state directory), say where, return exit code 4."""
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the partial file short
@@ -266,7 +261,7 @@ def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None 
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if _is_oom(exc):
+        if is_out_of_memory(exc):
             err.print(f"[bold red]out of memory[/] during {run.done() if run else 'the run'} "
                       f"{_oom_hint(run)}: {escape(first[:200])}")
             raise typer.Exit(EXIT_OUT_OF_MEMORY) from None

@@ -70,6 +70,7 @@ def command(
 
     def body() -> int:
         from ..api import build_batch, delta_h1, preconditioner  # heavy imports (torch) only when the command runs
+        from ..probe.engine import units_of
         from ..report import delta_h1_payload, render_delta_h1
         from ..resume import ROLLOUTS, UnitStore, fingerprint, prepare_state_dir, read_resume
         from ..rollouts import read_rollouts, write_rollouts
@@ -114,7 +115,7 @@ def command(
                 write_rollouts(batch, saved_batch)
             store = UnitStore(state_dir, fingerprint(cfg, batch, stack.params, precond.flat(stack.params[0].device)))
             run.facts = {"fingerprint": store.fingerprint, "units_saved": store.done()}
-        run.stage = "probe"
+        run.stage, run.units = "probe", len(units_of(batch, cfg["probe"]["mode"], cfg["probe"]["block_size"]))
         with progress_bar(err, not quiet, "probing units") as bar:
             result = delta_h1(stack, batch, cfg, progress=run.progress(bar), precond=precond, store=store)
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
