@@ -39,6 +39,7 @@ def run_json(args: list[str], path: Path, code: int = 0) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_same_seed_same_json(tmp_path):
     args = ["delta-h1", "--set", "batch.num_prompts=4", "--set", "batch.max_new_tokens=8", "--seed", "7"]
     a = run_json(args, tmp_path / "a.json")
@@ -50,6 +51,7 @@ def test_same_seed_same_json(tmp_path):
     assert strip(c)["result"]["deltaH1"] != strip(a)["result"]["deltaH1"]  # the seed is not ignored
 
 
+@pytest.mark.slow
 def test_sigterm_after_k_units_then_resume_equals_the_uninterrupted_run(tmp_path, rollouts_file, monkeypatch):
     """In-process: the k-th unit's save sends SIGTERM to this process; the CLI writes a partial result and
     exits 4; --resume then recomputes only the rest and ends with the uninterrupted run's numbers."""
@@ -85,6 +87,7 @@ def test_sigterm_after_k_units_then_resume_equals_the_uninterrupted_run(tmp_path
     assert math.isfinite(resumed["result"]["se_unbiased"])
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_real_process_writes_a_partial_result_and_exit_4(tmp_path):
     """A separate process, as a batch scheduler would preempt it; then resumed from its state directory."""
     state, out = tmp_path / "state", tmp_path / "r.json"
@@ -165,6 +168,7 @@ def test_no_headline_se_below_four_units(tmp_path, rollouts_file, b):
         assert r["se"] > 0 and "unreliable at B" in row
 
 
+@pytest.mark.slow
 def test_first_command_exits_zero_and_piped_fix_stays_whole():
     """The README's first command, piped as in a script: exit 0 once the diagnosis is complete, and the fix's
     code is on one line, not cut at 80 columns; without --exit-zero a failed check is still exit 1."""
