@@ -3,6 +3,7 @@ every earlier output file as it was (contents and modification times)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ def states(tmp_path_factory) -> dict:
 
     def damaged(name: str, edit: Callable[[dict], None]) -> str:
         sd = {"state": {k: {kk: (vv.clone() if torch.is_tensor(vv) else vv) for kk, vv in v.items()}
-                        for k, v in base["state"].items()}, "param_groups": base["param_groups"]}
+                        for k, v in base["state"].items()}, "param_groups": copy.deepcopy(base["param_groups"])}
         edit(sd)
         torch.save(sd, d / name)
         return str(d / name)
@@ -57,6 +58,8 @@ def states(tmp_path_factory) -> dict:
     (d / "plain.pkl").write_bytes(pickle.dumps({"state": {}, "param_groups": []}, protocol=4))
     return {"names": stack.names, "nan": damaged("nan.pt", set_v(3, float("nan"))),
             "neg": damaged("neg.pt", set_v(5, -1e-3, 7)), "inf": damaged("inf.pt", set_v(0, float("inf"))),
+            "lr_nan": damaged("lr.pt", lambda sd: sd["param_groups"][0].__setitem__("lr", float("nan"))),
+            "lr_zero": damaged("lr0.pt", lambda sd: sd["param_groups"][0].__setitem__("lr", 0.0)),
             "step_nan": damaged("step.pt", lambda sd: sd["state"][2].__setitem__("step", torch.tensor(float("nan")))),
             "truncated": str(d / "truncated.pt"), "text": str(d / "text.pt"), "plain": str(d / "plain.pkl")}
 
@@ -160,6 +163,8 @@ CASES: list[tuple[str, Callable[[Path, dict], list[str]], tuple[str, ...]]] = [
     ("moment_nan", lambda d, s: ["delta-h1", *adam(s["nan"])], ("non-finite", "index 3")),
     ("moment_negative", lambda d, s: ["delta-h1", *adam(s["neg"])], ("negative", "index 5")),
     ("moment_inf", lambda d, s: ["delta-h1", *adam(s["inf"])], ("non-finite", "index 0")),
+    ("optimizer_lr_nan", lambda d, s: ["delta-h1", *adam(s["lr_nan"])], ("learning rate nan, not a finite number",)),
+    ("optimizer_lr_zero", lambda d, s: ["delta-h1", *adam(s["lr_zero"])], ("is 0 (a schedule at its end",)),
     ("adam_step_nan", lambda d, s: ["delta-h1", *adam(s["step_nan"])], ("step nan",)),
     ("optimizer_state_truncated", lambda d, s: ["delta-h1", *adam(s["truncated"])], ("truncated",)),
     ("optimizer_state_text", lambda d, s: ["delta-h1", *adam(s["text"])], ("not a torch.save file",)),
