@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import GradprobeError
+from .probe.schedules import NAMES as SCHEDULE_NAMES
 
 # The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
 DEFAULTS: dict[str, Any] = {
@@ -77,7 +78,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "autocast": ("bf16", "fp16", "off"),
     "checkpointing": ("reentrant", "non_reentrant", "off"),
     "probe.mode": ("exact", "blocks"),
-    "probe.schedule": ("fused", "literal", "one_backward"),
+    "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),

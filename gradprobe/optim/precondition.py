@@ -27,11 +27,6 @@ class Preconditioner:
     source: str = "identity"
     learning_rate_source: str = ""
 
-    def flat(self, device: torch.device) -> torch.Tensor | None:
-        if self.scales is None:
-            return None
-        return torch.cat([s.reshape(-1).float() for s in self.scales]).to(device)
-
 
 def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
                     source: str = "optimizer state", no_decay: set[str] | None = None,
