@@ -15,10 +15,6 @@ import pytest  # noqa: E402
 import gradprobe as gp  # noqa: E402
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line("markers", "slow: needs more than a few seconds (a subprocess, a sweep, many examples)")
-
-
 # fp32 everywhere the numbers are compared to 1e-4: 4-bit base dequantised to fp32, no autocast.
 FP32 = ["autocast=off", "quant.compute_dtype=float32"]
 
