@@ -14,7 +14,6 @@ import pytest  # noqa: E402
 
 import gradprobe as gp  # noqa: E402
 
-
 # fp32 everywhere the numbers are compared to 1e-4: 4-bit base dequantised to fp32, no autocast.
 FP32 = ["autocast=off", "quant.compute_dtype=float32"]
 
