@@ -23,13 +23,13 @@ META = "meta.json"
 ROLLOUTS = "rollouts.jsonl"
 
 
-def fingerprint(cfg: dict[str, Any], batch, params: list[torch.Tensor], scales: torch.Tensor | None) -> str:
+def fingerprint(cfg: dict[str, Any], batch, params: list[torch.Tensor], scales: list[torch.Tensor] | None) -> str:
     """sha256 of what the numbers depend on: the configuration, the batch, the trainable values and P."""
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     for g in batch.groups:
         h.update(json.dumps([g.prompt, g.responses, g.rewards, g.advantages, g.lengths]).encode())
     h.update(repr(batch.temperature).encode())
-    for p in [*params, *([scales] if scales is not None else [])]:
+    for p in [*params, *(scales or [])]:
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

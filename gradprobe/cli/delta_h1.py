@@ -113,7 +113,7 @@ def command(
         if state_dir is not None:
             if not saved_batch.is_file():
                 write_rollouts(batch, saved_batch)
-            store = UnitStore(state_dir, fingerprint(cfg, batch, stack.params, precond.flat(stack.params[0].device)))
+            store = UnitStore(state_dir, fingerprint(cfg, batch, stack.params, precond.scales))
             run.facts = {"fingerprint": store.fingerprint, "units_saved": store.done()}
         run.stage, run.units = "probe", len(units_of(batch, cfg["probe"]["mode"], cfg["probe"]["block_size"]))
         with progress_bar(err, not quiet, "probing units") as bar:
