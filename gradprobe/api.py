@@ -17,7 +17,7 @@ from typing import Any
 from .optim.precondition import Preconditioner, build_preconditioner
 from .probe import ProbeResult, run_probe
 from .rewards import load_reward
-from .rollouts import Batch, generate_batch, read_rollouts
+from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
 
 
 def build_batch(stack, cfg: dict[str, Any]) -> Batch:
@@ -25,7 +25,8 @@ def build_batch(stack, cfg: dict[str, Any]) -> Batch:
     bcfg = cfg["batch"]
     vocab = stack.model.get_input_embeddings().num_embeddings
     if bcfg["rollouts"]:
-        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
+        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"],
+                             max_positions=context_length(stack.model))
     return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
                           bcfg["max_new_tokens"], seed=cfg["seed"], reward_fn=load_reward(bcfg["reward"]))
 
@@ -41,12 +42,14 @@ def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
 
 
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
-             progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None) -> ProbeResult:
+             progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None,
+             store: Any = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
     earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling)."""
+    check_probe_batch(batch)
     precond = precond if precond is not None else preconditioner(stack, cfg)
     lr = learning_rate(cfg, precond)
     t0 = time.perf_counter()
-    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress)
+    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, store=store)
     result.timings["probe"] = time.perf_counter() - t0
     return result

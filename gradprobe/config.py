@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import GradprobeError
+from .probe.schedules import NAMES as SCHEDULE_NAMES
 
 # The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
 DEFAULTS: dict[str, Any] = {
@@ -76,7 +78,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "autocast": ("bf16", "fp16", "off"),
     "checkpointing": ("reentrant", "non_reentrant", "off"),
     "probe.mode": ("exact", "blocks"),
-    "probe.schedule": ("fused", "literal", "one_backward"),
+    "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
@@ -160,11 +162,15 @@ def _check(flat: dict[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise GradprobeError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    if flat["batch.group_size"] < 2:
+        raise GradprobeError(f"batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses; "
+                             f"got {flat['batch.group_size']}")
     for key in POSITIVE_INTS:
         if flat[key] < 1:
             raise GradprobeError(f"config key '{key}' must be >= 1; got {flat[key]}")
-    if flat["batch.group_size"] < 2:
-        raise GradprobeError("batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GradprobeError(f"config key '{key}' must be a finite number; got {value}")
     units = -(-flat["batch.num_prompts"] // (flat["probe.block_size"] if flat["probe.mode"] == "blocks" else 1))
     if not flat["batch.rollouts"] and units < 2:
         raise GradprobeError(f"the U-statistic needs at least 2 units; batch.num_prompts={flat['batch.num_prompts']} "
@@ -212,6 +218,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise _unknown(key)
     value = yaml.safe_load(raw) if raw.strip() else None
     return key, value
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A whole configuration as a result file stored it (--resume), validated like a YAML file."""
+    tree = copy.deepcopy(DEFAULTS)
+    _merge_file(tree, data, source)
+    _check(flatten(tree))
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

@@ -74,18 +74,14 @@ class FlatLayout:
 
 
 class GradReader:
-    """Adds the current .grad of every trainable tensor into one flat fp32 buffer (packed end to end,
-    or at a FlatLayout's offsets)."""
+    """Adds the current .grad of every trainable tensor into one flat fp32 buffer at a FlatLayout's offsets
+    (default: packed end to end, FlatLayout(params, block=1))."""
 
     def __init__(self, params: list[torch.nn.Parameter], layout: FlatLayout | None = None):
         self.params = params
-        self.sizes = [p.numel() for p in params]
-        if layout is not None:
-            self.offsets = layout.offsets
-        else:
-            self.offsets = [0]
-            for n in self.sizes:
-                self.offsets.append(self.offsets[-1] + n)
+        layout = layout if layout is not None else FlatLayout(params, block=1)
+        self.sizes = layout.sizes
+        self.offsets = layout.offsets
 
     def add(self, out: torch.Tensor) -> int:
         present = 0

@@ -94,28 +94,29 @@ def test_one_backward_equals_literal(stacks, mode):
     assert all("forward" not in vars(m) for m in stack.model.modules())
 
 
-def test_one_backward_falls_back_when_a_tensor_is_not_a_lora_weight(stacks):
+def test_one_backward_refuses_when_a_tensor_is_not_a_lora_weight(stacks):
+    """No silent fallback: the schedule names the tensor and the schedule that can run."""
     stack = stacks["reentrant"]
-    norm = next(p for n, p in stack.model.named_parameters() if n.endswith("norm.weight"))
+    norm_name, norm = next((n, p) for n, p in stack.model.named_parameters() if n.endswith("norm.weight"))
     cfg = gp.load_config(overrides=[*FP32, "batch.num_prompts=3", "batch.group_size=2", "batch.max_new_tokens=6",
                                     "probe.microbatch_size=2"])
     batch = gp.build_batch(stack, cfg)
     norm.requires_grad_(True)
     stack.refresh_params()
     try:
-        out = {}
-        for schedule in ("literal", "one_backward"):
-            cfg["probe"]["schedule"] = schedule
-            out[schedule] = gp.delta_h1(stack, batch, cfg)
+        cfg["probe"]["schedule"] = "one_backward"
+        with pytest.raises(gp.GradprobeError, match=rf"'{norm_name}' is not the weight of one.*schedule=fused"):
+            gp.delta_h1(stack, batch, cfg)
+        cfg["probe"]["schedule"] = "fused"
+        assert gp.delta_h1(stack, batch, cfg).x_nonnull == len(stack.params)  # the norm weight is counted
     finally:
         norm.requires_grad_(False)
         stack.refresh_params()
-    assert out["one_backward"].schedule == "fused"
-    assert out["one_backward"].U_cross == pytest.approx(out["literal"].U_cross, rel=1e-5)
+    assert all("forward" not in vars(m) for m in stack.model.modules())
 
 
 def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatch):
-    import gradprobe.probe.engine as probe
+    import gradprobe.probe.sink as probe
 
     stack = stacks["non_reentrant"]
     cfg = gp.load_config(overrides=[*FP32, "checkpointing=non_reentrant", "batch.num_prompts=4", "batch.group_size=2"])

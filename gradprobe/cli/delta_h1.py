@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ..config import config_from_dict
+from ..errors import GradprobeError
 from .common import (
     CheckpointOpt,
     ConfigOpt,
@@ -16,9 +18,11 @@ from .common import (
     OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
+    Run,
     SeedOpt,
     SetOpt,
     apply_checkpoint,
+    check_paths,
     consoles,
     emit,
     guarded,
@@ -35,6 +39,8 @@ EPILOG = """Examples:
   gradprobe delta-h1 --config configs/qwen2.5-1.5b-qlora.yaml --rollouts batch.jsonl --json result.json
 
   gradprobe delta-h1 --checkpoint outputs/checkpoint-500 --rollouts batch.jsonl
+
+  gradprobe delta-h1 --state run1/ --json r.json     # after a SIGTERM (exit 4): gradprobe delta-h1 --resume run1/
 """
 
 
@@ -47,32 +53,74 @@ def command(
     optimizer_state: OptimizerStateOpt = None,
     save_rollouts: Annotated[Path | None, typer.Option("--save-rollouts", help="Write the batch used as JSONL.",
                                                           show_default=False)] = None,
+    state: Annotated[Path | None, typer.Option(
+        "--state", help="Keep each finished unit's gradients in this new directory (2 x trainable values x 4 bytes "
+        "per unit) so that an interrupted run can continue with --resume.", show_default=False)] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue an interrupted run: its partial JSON or its --state directory. The "
+        "configuration and the batch come from there; the result equals an uninterrupted run's.",
+        show_default=False)] = None,
     json_: JsonOpt = None,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Predict how much one Adam step changes the policy's entropy (deltaH1 = -lr * U_cross) with an SE."""
     out, err = consoles(quiet, json_ == "-")
+    run = Run("delta-h1", json_)
 
     def body() -> int:
         from ..api import build_batch, delta_h1, preconditioner  # heavy imports (torch) only when the command runs
+        from ..probe.engine import units_of
         from ..report import delta_h1_payload, render_delta_h1
-        from ..rollouts import write_rollouts
+        from ..resume import ROLLOUTS, UnitStore, fingerprint, prepare_state_dir, read_resume
+        from ..rollouts import read_rollouts, write_rollouts
         from ..stack import load_stack
 
-        cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
+        if resume is not None:
+            given = [name for name, v in (("--config", config), ("--set", set_), ("--seed", seed),
+                                          ("--rollouts", rollouts), ("--checkpoint", checkpoint),
+                                          ("--optimizer-state", optimizer_state), ("--state", state)) if v]
+            if given:
+                raise GradprobeError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
+            state_dir, stored = read_resume(resume)
+            cfg, ckpt = config_from_dict(stored, str(state_dir / "meta.json")), None
+            # the partial JSON given to --resume may be replaced by the final result
+            check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (state_dir / "meta.json",))
+        else:
+            cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
+            check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (config, checkpoint, optimizer_state))
+            if state is not None and cfg["probe"]["schedule"] == "literal":
+                raise GradprobeError("--state needs probe.schedule=fused or one_backward: the literal schedule "
+                                     "sums every unit before its per-unit loop, so it cannot resume")
+            state_dir = prepare_state_dir(state, cfg) if state is not None else None
+        run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
+        run.stage = "model load"
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         precond = preconditioner(stack, cfg)  # a mismatched optimizer state fails here, before sampling
         t1 = time.perf_counter()
-        batch = build_batch(stack, cfg)
+        run.stage = "batch"
+        saved_batch = state_dir / ROLLOUTS if state_dir is not None else None
+        if resume is not None and saved_batch.is_file():
+            vocab = stack.model.get_input_embeddings().num_embeddings
+            batch = read_rollouts(saved_batch, stack.tokenizer, vocab, temperature=cfg["batch"]["temperature"])
+        else:
+            batch = build_batch(stack, cfg)
         t2 = time.perf_counter()
         if save_rollouts is not None:
             write_rollouts(batch, save_rollouts)
-        with progress_bar(err, not quiet, "probing units") as progress:
-            result = delta_h1(stack, batch, cfg, progress=progress, precond=precond)
+        store = None
+        if state_dir is not None:
+            if not saved_batch.is_file():
+                write_rollouts(batch, saved_batch)
+            store = UnitStore(state_dir, fingerprint(cfg, batch, stack.params, precond.scales))
+            run.facts = {"fingerprint": store.fingerprint, "units_saved": store.done()}
+        run.stage, run.units = "probe", len(units_of(batch, cfg["probe"]["mode"], cfg["probe"]["block_size"]))
+        with progress_bar(err, not quiet, "probing units") as bar:
+            result = delta_h1(stack, batch, cfg, progress=run.progress(bar), precond=precond, store=store)
         result.timings.update(stack=t1 - t0, batch=t2 - t1)
+        run.stage = "report"
         emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), json_)
         return 0
 
-    guarded(debug, err, body)
+    guarded(debug, err, body, run)

@@ -16,9 +16,11 @@ from .common import (
     OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
+    Run,
     SeedOpt,
     SetOpt,
     apply_checkpoint,
+    check_paths,
     consoles,
     emit,
     guarded,
@@ -58,6 +60,7 @@ def command(
 ) -> None:
     """Step along the batch's update direction and compare the true entropy change with deltaH1's."""
     out, err = consoles(quiet, json_ == "-")
+    run = Run("validate", json_, what="points")
 
     def body() -> int:
         from ..report_validate import render_validate, save_plot, validate_payload
@@ -69,6 +72,8 @@ def command(
         cfg, ckpt = apply_checkpoint(make_config(config, [*base, *(set_ or [])], seed, rollouts), checkpoint,
                                      optimizer_state)
         check_config(cfg)
+        check_paths({"--json": json_, "--plot": plot}, cfg, (config, checkpoint, optimizer_state))
+        run.cfg = cfg
         if plot is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -76,15 +81,18 @@ def command(
                 from ..errors import GradprobeError
 
                 raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from None
+        run.stage = "model load"
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         t1 = time.perf_counter()
-        with progress_bar(err, not quiet, "sweeping eta") as progress:
-            result = run_validate(stack, cfg, progress=progress)
+        run.stage = "sweep"
+        with progress_bar(err, not quiet, "sweeping eta") as bar:
+            result = run_validate(stack, cfg, progress=run.progress(bar))
+        run.stage = "report"
         result.timings = {"stack": t1 - t0, **result.timings}
         emit(out, ckpt, lambda: render_validate(out, result), validate_payload(result, cfg), json_)
         if plot is not None:
             save_plot(result, plot)
         return 0
 
-    guarded(debug, err, body)
+    guarded(debug, err, body, run)

@@ -29,6 +29,10 @@ def evidence_text(evidence: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {_value(v)}" for k, v in evidence.items())
 
 
+def _longest_word(texts) -> int:
+    return max((len(w) for text in texts for w in text.split()), default=1)
+
+
 def payload(result: DiagnoseResult, cfg: dict[str, Any] | None, exit_code: int) -> dict[str, Any]:
     return {"schema": SCHEMA, "command": "diagnose", "config": cfg, "exit_code": exit_code, **result.to_dict()}
 
@@ -37,8 +41,13 @@ def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
     t = Table(title="gradprobe diagnose", title_justify="left", show_lines=True)
     t.add_column("check", style="bold", ratio=1)
     t.add_column("status", no_wrap=True)
-    t.add_column("evidence", ratio=3, overflow="fold")
-    t.add_column("fix", ratio=2, overflow="fold")
+    # piped or logged (no terminal): a column is never narrower than its longest word, so a fix or a code
+    # line is never folded mid-token (a terminal keeps its width and folds what cannot fit)
+    piped = not out.is_terminal
+    t.add_column("evidence", ratio=3, overflow="fold",
+                 min_width=_longest_word(evidence_text(c.evidence) for c in result.checks) if piped else None)
+    t.add_column("fix", ratio=2, overflow="fold",
+                 min_width=_longest_word(c.fix for c in result.checks) if piped else None)
     for c in result.checks:
         t.add_row(c.title, f"[{STYLE[c.status]}]{c.status.upper()}[/]", escape(evidence_text(c.evidence)),
                   escape(c.fix))

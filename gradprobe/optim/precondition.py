@@ -27,11 +27,6 @@ class Preconditioner:
     source: str = "identity"
     learning_rate_source: str = ""
 
-    def flat(self, device: torch.device) -> torch.Tensor | None:
-        if self.scales is None:
-            return None
-        return torch.cat([s.reshape(-1).float() for s in self.scales]).to(device)
-
 
 def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
                     source: str = "optimizer state", no_decay: set[str] | None = None,
@@ -66,8 +61,8 @@ def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[t
             raise GradprobeError(f"{where} has no Adam state; use probe.precondition=identity to probe without it")
         v = second_moment(st, group, where)
         step = float(st.get("step", 0))
-        if step < 1:
-            raise GradprobeError(f"{where} has step {step}; Adam state needs step >= 1")
+        if not (step >= 1 and step != float("inf")):
+            raise GradprobeError(f"{where} has step {step:g}; Adam state needs a finite step >= 1")
         beta2 = float(group.get("betas", (0.9, 0.999))[1])
         eps = float(group.get("eps", 1e-8))
         v_hat = v.double() / (1.0 - beta2 ** step)

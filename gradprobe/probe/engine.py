@@ -1,40 +1,30 @@
 """The delta-H1 probe: per-unit gradients X[u], Y[u] = P grad LY[u] from backward() alone.
 
-Three schedules compute the same estimator:
-  literal       the seed's Plan A: an X-pass and a Y-pass for the sums, then a diagonal loop with two
-                fresh forwards and backwards per unit (about 4 forwards + 4 backwards per unit);
-  fused         (default) one forward and two backwards per unit (retain_graph between them);
-  one_backward  one forward and ONE backward per unit: the X and Y gradients of the LoRA weights are
-                formed where the weight gradient is (lora_grads.py); exact in real arithmetic, but its
-                bf16 rounding differs from Plan A's (bench/RESULTS.md), so it is opt-in.
-In fused and one_backward, backward() adds straight into two flat fp32 buffers behind .grad (X[u] and
-grad LY[u]); P, the diagonal dots and the running sums run on the device without a host round trip; the
-per-unit gradients go to a host bank asynchronously, because the row means need X[u].sum_v Y[v] and
-that sum is known only after the last unit (bench/RESULTS.md counts the buffers); the bank also gives the
-cross matrix X[u].Y[v] behind the unbiased SE (ustat.py). Dot products take fp32 products and fp64 sums.
+The engine splits a batch into units and forwards, runs forwards and weighted backwards, and turns what a
+schedule returns into the result. The schedules themselves (how forwards and backwards are arranged, and
+where per-unit gradients go) live in schedules/, one module each; probe.schedule picks one by name.
+Dot products take fp32 products and fp64 sums.
 """
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..attention import without_cudnn_attention
-from ..environment import available_host_memory
 from ..errors import GradprobeError
 from ..objective import group_y_weights, pack, sequence_logprobs, x_weights
 from ..optim.precondition import Preconditioner
-from ..params import FlatGrads, FlatLayout, GradReader, layer_name, module_name
+from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
-from . import lora_grads, ustat
+from . import schedules, ustat
+from .schedules.base import Context
 
 Chunk = list[tuple[int, int, int]]  # (prompt, first response, end response)
 
@@ -79,6 +69,7 @@ class ProbeResult:
     peak_memory_bytes: int
     peak_memory_kind: str
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the schedule decided and why (e.g. where the bank lives)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -200,233 +191,30 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
-def host_bank(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two [m, n] fp32 host banks, refused up front (not by the OOM killer at unit m) when they do not fit."""
-    need = 2 * m * n * 4
-    avail = available_host_memory()
-    if avail is not None and need > 0.9 * avail:
-        raise GradprobeError(
-            f"the fused schedule keeps every unit's X and Y on the host: {need / 2**30:.1f} GiB for {m} units x "
-            f"{n:,} trainable values, but {avail / 2**30:.1f} GiB is available; use probe.mode=blocks with "
-            f"probe.block_size=k (k times less), fewer prompts, or probe.schedule=literal (no bank, slower)")
-    return torch.empty(m, n), torch.empty(m, n)
-
-
-class _UnitSink:
-    """Takes each unit's X[u] and raw grad LY[u] from the flat device buffers: the preconditioner, the
-    diagonal dots X[u].Y[u], the running sums, and a host bank of the per-unit gradients.
-
-    The row means need X[u].sum_v Y[v], a sum known only after the last unit, so X[u] and Y[u] wait on
-    the host (2 x n fp32 per unit, never on the device); one pass at the end forms K[u, v] = X[u].Y[v],
-    whose row and column sums are X[u].sum Y and Y[u].sum X.
-    With sums on the device, P, the dots and the sums run there and the host only stores; with sums on
-    the host (accumulate_on=cpu) the device holds nothing but the two gradient buffers. On CUDA the copy
-    to the host runs on a side stream into pinned double buffers and a worker thread (with half the
-    CPU threads, so the thread launching kernels keeps a core) does the host side."""
-
-    def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
-                 pvec: torch.Tensor | None):
-        n = layout.n
-        self.layout = layout
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.on_device = self.cuda and sums_on_device
-        where = device if self.on_device else torch.device("cpu")
-        self.pvec = pvec.to(where) if pvec is not None else None  # padded
-        self.bank_x, self.bank_y = host_bank(m, n)
-        self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
-        self.sx = torch.zeros(n, device=where)
-        self.sy = torch.zeros(n, device=where)
-        self._tmp = None if self.on_device else torch.empty(n)
-        self._last: torch.cuda.Event | None = None
-        if self.cuda:
-            threads = max(1, torch.get_num_threads() // 2)
-            self._stream = torch.cuda.Stream(device)
-            self._staging = [torch.empty(2, n, pin_memory=True) for _ in range(2)]
-            self._copied = [torch.cuda.Event() for _ in range(2)]
-            self._pending: list[Future | None] = [None, None]
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank",
-                                            initializer=torch.set_num_threads, initargs=(threads,))
-
-    def wait_free(self) -> None:
-        """Before overwriting the buffers given to the last push(): wait (on the device) for their copy."""
-        if self._last is not None:
-            torch.cuda.current_stream(self.device).wait_event(self._last)
-
-    def push(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """x = X[u], y = raw grad LY[u]; y may be scaled by P in place."""
-        if self.on_device:
-            if self.pvec is not None:
-                y.mul_(self.pvec)
-            self.diag_t[u] = self.layout.dots(x, y)
-            self.sx.add_(x)
-            self.sy.add_(y)
-        if not self.cuda:
-            self._host(u, x, y)
-            return
-        slot = u % 2
-        if self._pending[slot] is not None:
-            self._pending[slot].result()
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
-        stage = self._staging[slot]
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(ready)
-            stage[0].copy_(x, non_blocking=True)
-            stage[1].copy_(y, non_blocking=True)
-            self._copied[slot].record(self._stream)
-        self._last = self._copied[slot]
-        self._pending[slot] = self._pool.submit(self._drain, u, slot)
-
-    def _drain(self, u: int, slot: int) -> None:
-        self._copied[slot].synchronize()
-        self._host(u, self._staging[slot][0], self._staging[slot][1])
-
-    def _host(self, u: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        bx, by = self.bank_x[u], self.bank_y[u]
-        bx.copy_(x)
-        if self.on_device:
-            by.copy_(y)
-            return
-        if self.pvec is not None:
-            torch.mul(y, self.pvec, out=by)
-        else:
-            by.copy_(y)
-        self.diag_t[u] = self.layout.dots(bx, by, tmp=self._tmp)
-        self.sx.add_(bx)
-        self.sy.add_(by)
-
-    def finish(self) -> torch.Tensor:
-        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m)."""
-        if self.cuda:
-            for f in self._pending:
-                if f is not None:
-                    f.result()
-            self._pool.shutdown()
-            if self.on_device:
-                stage = self._staging[0]  # pinned: a pageable copy of this size runs at a tenth of the speed
-                stage[0].copy_(self.sx, non_blocking=True)
-                stage[1].copy_(self.sy, non_blocking=True)
-                torch.cuda.synchronize(self.device)
-                self.sx, self.sy = stage[0], stage[1]
-                self.diag_t = self.diag_t.cpu()
-            self._staging = []
-        out = self.layout.cross_dots(self.bank_x, self.bank_y)
-        self.bank_x = self.bank_y = torch.empty(0)
-        self._tmp = None
-        return out
-
-
 @without_cudnn_attention()
 def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
-              learning_rate: float, progress: Callable[[int, int], None] | None = None) -> ProbeResult:
-    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch."""
+              learning_rate: float, progress: Callable[[int, int], None] | None = None,
+              store: Any = None) -> ProbeResult:
+    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch. `store` (resume.UnitStore:
+    save(u, x, raw y, x_present, y_present) after each unit, load(u) before it) makes a run resumable."""
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
     layout = FlatLayout(stack.params)
     n = stack.n_params
-    reader = GradReader(stack.params, layout)
     m = len(units)
+    if store is not None and probe_cfg["schedule"] == "literal":
+        raise GradprobeError("the literal schedule sums every unit before its per-unit loop, so it cannot resume; "
+                             "use probe.schedule=fused (the default) with --state")
+    ctx = Context(stack, batch, probe_cfg, precond, units, eng, layout, acc, progress, store=store)
     if stack.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()
-    x_present: list[int] = []
-    y_present: list[int] = []
-
-    schedule = probe_cfg["schedule"]
-    cross = None  # K[u, v] = X[u].Y[v]: only the schedules that bank every unit's gradients have it
-    if schedule == "literal":
-        pvec = layout.gather(precond.scales, acc) if precond.scales is not None else None
-        sx, sy, xu, yu = (torch.zeros(layout.n, device=acc) for _ in range(4))
-        diag_t = torch.zeros(m, len(stack.params), dtype=torch.float64, device=acc)
-        x_dot_sy = torch.zeros(m, dtype=torch.float64, device=acc)
-        y_dot_sx = torch.zeros(m, dtype=torch.float64, device=acc)
-
-        def pass_sum(kind: str, out: torch.Tensor) -> None:
-            """The X-pass or the Y-pass: sum of per-unit gradients over packed forwards."""
-            chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
-            eng.prepare(chunks)
-            for chunk in chunks:
-                s = eng.forward(chunk)
-                wx, wy = eng.weights(chunk, s)
-                eng.backward((s * (wx if kind == "x" else wy)).sum())
-                (x_present if kind == "x" else y_present).append(reader.add(out))
-            stack.model.zero_grad(set_to_none=True)
-
-        pass_sum("x", sx)
-        pass_sum("y", sy)
-        if pvec is not None:
-            sy.mul_(pvec)
-        for u in range(m):  # the diagonal loop: two fresh forwards and backwards per unit
-            xu.zero_()
-            yu.zero_()
-            chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
-            eng.prepare(chunks)
-            for chunk in chunks:
-                for kind, out in (("x", xu), ("y", yu)):
-                    s = eng.forward(chunk)
-                    w = eng.weights(chunk, s)[kind == "y"]
-                    eng.backward((s * w).sum())
-                    (x_present if kind == "x" else y_present).append(reader.add(out))
-            stack.model.zero_grad(set_to_none=True)
-            if pvec is not None:
-                yu.mul_(pvec)
-            diag_t[u] = layout.dots(xu, yu)
-            x_dot_sy[u] = layout.dots(xu, sy).sum()
-            y_dot_sx[u] = layout.dots(yu, sx).sum()
-            if progress:
-                progress(u + 1, m)
-        del xu, yu
-    else:
-        pvec_host = layout.gather(precond.scales, torch.device("cpu")) if precond.scales is not None else None
-        sink = _UnitSink(layout, m, stack.device, acc.type == "cuda", pvec_host)
-        fx = torch.zeros(layout.n, device=stack.device)
-        fy = torch.zeros(layout.n, device=stack.device)
-        one = schedule == "one_backward"
-        with (lora_grads.patch(stack.model, stack.params, layout.views(fx), layout.views(fy)) if one
-              else contextlib.nullcontext()) as streams:
-            if one and streams is None:
-                schedule = "fused"  # a trainable tensor that is not a LoRA linear weight: two backwards
-            grads = FlatGrads(stack.params, layout) if streams is None and FlatGrads.usable(stack.params) else None
-            try:
-                for u in range(m):  # one forward and two backwards per unit (one backward with streams)
-                    chunks = plan_chunks(units[u], eng.group_sizes, eng.mb)
-                    eng.prepare(chunks)
-                    for k, chunk in enumerate(chunks):
-                        s = eng.forward(chunk)
-                        wx, wy = eng.weights(chunk, s)
-                        if k == 0:
-                            sink.wait_free()
-                            fx.zero_()
-                            fy.zero_()
-                        if streams is not None:
-                            streams.wx, streams.wy = wx, wy
-                            eng.backward(s.sum(), zero=False)
-                            x_present.append(streams.take())
-                            y_present.append(x_present[-1])
-                            continue
-                        for buf, w, retain, present in ((fx, wx, True, x_present), (fy, wy, False, y_present)):
-                            if grads is not None:
-                                grads.point(buf)
-                                eng.backward((s * w).sum(), retain=retain, zero=False)
-                                present.append(grads.take())
-                            else:
-                                eng.backward((s * w).sum(), retain=retain)
-                                present.append(reader.add(buf))
-                    sink.push(u, fx, fy)
-                    if progress:
-                        progress(u + 1, m)
-            finally:
-                if grads is not None:
-                    grads.close()
-                stack.model.zero_grad(set_to_none=True)
-        del fx, fy
-        cross = sink.finish()
-        x_dot_sy, y_dot_sx = cross.sum(1), cross.sum(0)
-        diag_t, sx, sy = sink.diag_t, sink.sx, sink.sy
-
+    out = schedules.get(probe_cfg["schedule"])(ctx)
+    sx, sy, diag_t, cross = out.sx, out.sy, out.diag_t, out.cross
+    x_dot_sy, y_dot_sx = out.x_dot_sy, out.y_dot_sx
+    x_present, y_present = ctx.x_present, ctx.y_present
     if stack.device.type == "cuda":
         torch.cuda.synchronize(stack.device)
     seconds = time.perf_counter() - t0
@@ -452,10 +240,10 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         row_means=st.row_means,
         modules=_group_contributions(stack.names, per_tensor, module_name),
         layers=_group_contributions(stack.names, per_tensor, layer_name),
-        mode=probe_cfg["mode"], schedule=schedule, microbatch_size=eng.mb,
+        mode=probe_cfg["mode"], schedule=out.schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
         forwards=eng.forwards, backwards=eng.backwards, tokens=eng.tokens,
-        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes,
     )
 
 
@@ -467,8 +255,9 @@ def unit_gradients(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Prec
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
-    reader = GradReader(stack.params)
-    out = {k: torch.zeros(len(units), stack.n_params) for k in kinds}
+    layout = FlatLayout(stack.params, block=1)  # unpadded: rows are [units, n_params]
+    reader = GradReader(stack.params, layout)
+    out = {k: torch.zeros(len(units), layout.n) for k in kinds}
     for u, ps in enumerate(units):
         chunks = plan_chunks(ps, eng.group_sizes, eng.mb)
         eng.prepare(chunks)
@@ -479,7 +268,7 @@ def unit_gradients(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Prec
                 eng.backward((s * (wx if k == "x" else wy)).sum(), retain=i + 1 < len(kinds))
                 reader.add(out[k][u])
         stack.model.zero_grad(set_to_none=True)
-    pvec = precond.flat(torch.device("cpu"))
+    pvec = layout.gather(precond.scales, torch.device("cpu")) if precond.scales is not None else None
     if "y" in out and pvec is not None:
         out["y"].mul_(pvec)
     return out

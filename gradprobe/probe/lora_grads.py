@@ -6,7 +6,7 @@ gradient under sum_i S[i], and a linear layer's weight gradient sum_t g[t] x[t]^
 one backward of sum_i S[i], with each sequence's rows scaled by wx[i] (or wy[i]) where the weight
 gradient is formed, gives both gradients exactly. The activation gradients flow once; only the small
 LoRA weight products are done twice. Applies when every trainable tensor is the weight of a bias-free
-nn.Linear (LoRA A and B); otherwise `patch` returns None and the probe takes two backwards.
+nn.Linear (LoRA A and B); `require_linear` names the first tensor that is not.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import GradprobeError
 
 
 class Streams:
@@ -59,21 +61,25 @@ class _Linear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def _owners(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> list[torch.nn.Linear] | None:
-    by_id = {id(m.weight): m for m in model.modules()
-             if type(m) is torch.nn.Linear and m.bias is None}
+def require_linear(model: torch.nn.Module, params: list[torch.nn.Parameter], names: list[str],
+                   schedule: str) -> list[torch.nn.Linear]:
+    """The bias-free nn.Linear owning each trainable tensor; a clear refusal naming the first that has none
+    (DoRA magnitudes, modules_to_save heads, biases, norms)."""
+    by_id = {id(m.weight): m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is None}
     owners = [by_id.get(id(p)) for p in params]
-    return None if any(o is None for o in owners) else owners
+    for name, owner in zip(names, owners):
+        if owner is None:
+            raise GradprobeError(
+                f"probe.schedule={schedule} forms gradients inside bias-free linear layers (LoRA A/B), but trainable "
+                f"tensor '{name}' is not the weight of one; use probe.schedule=fused (two backwards per unit)")
+    return owners
 
 
 @contextlib.contextmanager
 def patch(model: torch.nn.Module, params: list[torch.nn.Parameter], x_views: list[torch.Tensor],
-          y_views: list[torch.Tensor]) -> Iterator[Streams | None]:
-    """Route the trainable linear layers through _Linear while inside; None when they do not qualify."""
-    owners = _owners(model, params)
-    if owners is None:
-        yield None
-        return
+          y_views: list[torch.Tensor]) -> Iterator[Streams]:
+    """Route the trainable linear layers through _Linear while inside (require_linear has checked them)."""
+    owners = require_linear(model, params, [f"params[{i}]" for i in range(len(params))], "one_backward")
     streams = Streams(x_views, y_views)
 
     def make(index: int, module: torch.nn.Linear):

@@ -1,0 +1,61 @@
+"""fused: one forward and two backwards per unit (retain_graph between them). backward() adds straight into
+two flat fp32 buffers behind .grad (X[u] and grad LY[u]); the unit sink (sink.py) takes them from there."""
+
+from __future__ import annotations
+
+import torch
+
+from ...params import FlatGrads, GradReader
+from ..engine import plan_chunks
+from ..sink import UnitSink
+from .base import Context, Outcome
+
+
+def new_sink(ctx: Context) -> UnitSink:
+    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.acc.type == "cuda", ctx.pvec(torch.device("cpu")))
+
+
+def finish(ctx: Context, sink: UnitSink, schedule: str) -> Outcome:
+    cross = sink.finish()
+    return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, schedule)
+
+
+def run(ctx: Context) -> Outcome:
+    eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    sink = new_sink(ctx)
+    fx = torch.zeros(layout.n, device=stack.device)
+    fy = torch.zeros(layout.n, device=stack.device)
+    reader = GradReader(stack.params, layout)
+    grads = FlatGrads(stack.params, layout) if FlatGrads.usable(stack.params) else None
+    try:
+        for u in range(ctx.m):
+            if ctx.restored(u, sink, fx, fy):
+                continue
+            nx, ny = len(ctx.x_present), len(ctx.y_present)
+            chunks = plan_chunks(ctx.units[u], eng.group_sizes, eng.mb)
+            eng.prepare(chunks)
+            for k, chunk in enumerate(chunks):
+                s = eng.forward(chunk)
+                wx, wy = eng.weights(chunk, s)
+                if k == 0:
+                    sink.wait_free()
+                    fx.zero_()
+                    fy.zero_()
+                for buf, w, retain, present in ((fx, wx, True, ctx.x_present), (fy, wy, False, ctx.y_present)):
+                    if grads is not None:
+                        grads.point(buf)
+                        eng.backward((s * w).sum(), retain=retain, zero=False)
+                        present.append(grads.take())
+                    else:
+                        eng.backward((s * w).sum(), retain=retain)
+                        present.append(reader.add(buf))
+            ctx.save(u, fx, fy, nx, ny)
+            sink.push(u, fx, fy)
+            if ctx.progress:
+                ctx.progress(u + 1, ctx.m)
+    finally:
+        if grads is not None:
+            grads.close()
+        stack.model.zero_grad(set_to_none=True)
+    del fx, fy
+    return finish(ctx, sink, "fused")
