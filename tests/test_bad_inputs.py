@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from gradprobe.checks.check import FAIL
 from typer.testing import CliRunner
 
 import gradprobe as gp
-from gradprobe.checks.check import FAIL
 from gradprobe.cli import app
 
 from .conftest import make_cfg
