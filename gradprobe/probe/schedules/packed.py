@@ -1,0 +1,65 @@
+"""packed (default): k units per forward and ONE backward of sum S over them; every unit's X[u] and grad LY[u]
+of the LoRA weights are formed inside that backward as one batched product per layer (lora_grads.py).
+k = microbatch_size // G for whole groups (a unit longer than a microbatch splits across forwards, its
+leave-one-out baseline from engine.prepare). The per-unit gradients go to a bank on the device when it
+fits, else on the host (sink.choose_bank; probe.bank), reported in the result's notes. Refuses, naming the
+tensor, when a trainable tensor is not the weight of a bias-free linear layer (use fused there)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import lora_grads
+from ..engine import Chunk, plan_chunks
+from ..sink import UnitSink, choose_bank
+from .base import Context, Outcome
+
+
+def forwards(ctx: Context, one_unit_each: bool) -> list[Chunk]:
+    """Forwards of whole groups in unit order; with one_unit_each, no forward holds two units."""
+    eng = ctx.eng
+    if one_unit_each:
+        return [c for ps in ctx.units for c in plan_chunks(ps, eng.group_sizes, eng.mb)]
+    return plan_chunks([p for ps in ctx.units for p in ps], eng.group_sizes, eng.mb)
+
+
+def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
+    eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    lora_grads.require_linear(stack.model, stack.params, stack.names, name)
+    chunks = forwards(ctx, one_unit_each)
+    unit_of = eng.unit_of_prompt
+    chunk_units = [sorted({unit_of[p] for p, _, _ in c}) for c in chunks]
+    last = {u: i for i, us in enumerate(chunk_units) for u in us}  # the forward that completes each unit
+    where, why = choose_bank(ctx.cfg.get("bank", "auto"), ctx.m, layout.n, stack.device, ctx.batch.B)
+    pvec = ctx.pvec(torch.device("cpu"))
+    sink = UnitSink(layout, ctx.m, stack.device, ctx.cfg["accumulate_on"] == "device", pvec, bank=where,
+                    slots=max(len(us) for us in chunk_units))
+    eng.prepare(chunks)
+    done = 0
+    try:
+        with lora_grads.patch(stack.model, stack.params, stack.names, layout, name) as streams:
+            for i, (chunk, us) in enumerate(zip(chunks, chunk_units)):
+                s = eng.forward(chunk)
+                wx, wy = eng.weights(chunk, s)
+                counts = [sum(b - a for p, a, b in chunk if unit_of[p] == u) for u in us]
+                xbuf, ybuf = sink.rows(us)
+                streams.set_forward(wx, wy, counts, xbuf, ybuf)
+                eng.backward(s.sum(), zero=False)
+                ctx.x_present.append(streams.take())
+                ctx.y_present.append(ctx.x_present[-1])
+                for j, u in enumerate(us):
+                    if last[u] == i:
+                        sink.push(u, xbuf[j], ybuf[j])
+                        done += 1
+                        if ctx.progress:
+                            ctx.progress(done, ctx.m)
+    finally:
+        stack.model.zero_grad(set_to_none=True)
+    cross = sink.finish()
+    k = max(len(us) for us in chunk_units)
+    return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, name,
+                   notes=[f"{name}: up to {k} unit(s) per forward, one backward each", why])
+
+
+def run(ctx: Context) -> Outcome:
+    return run_packed(ctx, "packed")
