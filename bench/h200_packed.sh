@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The packed-schedule measurements on one H200 (bench/RESULTS.md, "The packed schedule").
 # Usage: bench/h200_packed.sh OUTDIR 1|2   (call 1: GPU tests + 1.5B targets, fp32 check, B sweep;
-#                                           call 2: 0.5B shapes + 7B shapes with a profile)
+#                                           call 2: 1.5B again with the device bank, 0.5B, 7B with a profile)
 set -o pipefail
 out=$1
 export PYTHONUNBUFFERED=1
@@ -16,11 +16,14 @@ if [ "$2" = 1 ]; then
     --full 8 --full-rows packed@64,literal@8 --full-precision fp32 --full-checkpointing reentrant,non_reentrant \
     --sweep 8,16,32,64,128 --sweep-rows step@64,packed@64 \
     --json "$out/qwen15b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen15b.txt"
-else
-  timeout 120 python3 bench/probe_bench.py --preset qwen2.5-0.5b --prompts 64 "${common[@]}" \
+elif [ "$2" = 2 ]; then
+  timeout 240 python3 bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 "${common[@]}" \
+    --rows step@64,packed@64,fused@8 --sweep 64,128 --sweep-rows step@64,packed@64 \
+    --json "$out/qwen15b_packed_run2_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen15b_run2.txt"
+  timeout 100 python3 bench/probe_bench.py --preset qwen2.5-0.5b --prompts 64 "${common[@]}" \
     --rows step@8,step@64,packed@64,fused@8 --checkpointing reentrant \
     --json "$out/qwen05b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen05b.txt"
-  timeout 400 python3 bench/probe_bench.py --preset qwen2.5-7b --prompts 32 "${common[@]}" \
+  timeout 250 python3 bench/probe_bench.py --preset qwen2.5-7b --prompts 32 "${common[@]}" \
     --rows step@32,packed@32 --checkpointing reentrant,non_reentrant --microbatch 32 \
     --profile "$out/profile_packed_7b.txt" --profile-row packed@32 \
     --json "$out/qwen7b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen7b.txt"

@@ -25,6 +25,7 @@ def choose_bank(setting: str, m: int, n: int, device: torch.device, n_prompts: i
     host_cap = 0.9 * host if host is not None else float("inf")
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
         dev_cap = 0.6 * free
     else:
         free, dev_cap = host, host_cap  # the CPU's memory is the host's
