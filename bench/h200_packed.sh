@@ -17,13 +17,13 @@ if [ "$2" = 1 ]; then
     --sweep 8,16,32,64,128 --sweep-rows step@64,packed@64 \
     --json "$out/qwen15b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen15b.txt"
 elif [ "$2" = 2 ]; then
-  timeout 240 python3 bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 "${common[@]}" \
+  timeout 230 python3 bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 "${common[@]}" \
     --rows step@64,packed@64,fused@8 --sweep 64,128 --sweep-rows step@64,packed@64 \
     --json "$out/qwen15b_packed_run2_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen15b_run2.txt"
-  timeout 100 python3 bench/probe_bench.py --preset qwen2.5-0.5b --prompts 64 "${common[@]}" \
-    --rows step@8,step@64,packed@64,fused@8 --checkpointing reentrant \
+  timeout 100 python3 bench/probe_bench.py --preset qwen2.5-0.5b --prompts 32 "${common[@]}" \
+    --rows step@64,packed@64,fused@8 --checkpointing reentrant \
     --json "$out/qwen05b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen05b.txt"
-  timeout 250 python3 bench/probe_bench.py --preset qwen2.5-7b --prompts 32 "${common[@]}" \
+  timeout 230 python3 bench/probe_bench.py --preset qwen2.5-7b --prompts 32 "${common[@]}" \
     --rows step@32,packed@32 --checkpointing reentrant,non_reentrant --microbatch 32 \
     --profile "$out/profile_packed_7b.txt" --profile-row packed@32 \
     --json "$out/qwen7b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen7b.txt"
