@@ -13,7 +13,7 @@ Precision: the r-sized side (LoRA's rank) is weighted in fp32 and rounded once t
 CUDA the products take bf16/fp16 operands with fp32 accumulation and an fp32 output (torch.bmm out_dtype;
 design notes: 1.02-1.03x a packed training step, 0.2% from fp32-operand products); on the CPU, fp32.
 The same backward gives per-unit directional derivatives X[u].v and grad LY[u].v for fixed vectors v
-without forming the products (directions()).
+without forming the products (set Streams.vx / vy; schedules/packed.py directions()).
 Applies when every trainable tensor is the weight of a bias-free nn.Linear (LoRA A and B);
 `require_linear` names the first tensor that is not.
 """
@@ -41,16 +41,16 @@ class Streams:
         self.wy: torch.Tensor | None = None
         self.counts: list[int] = []  # rows of each unit, in order
         self.unit_of_row: torch.Tensor | None = None  # [rows] long
-        self.vx: torch.Tensor | None = None  # [layout.n] direction for X (directions())
-        self.vy: torch.Tensor | None = None
+        self.vx: torch.Tensor | None = None  # [layout.n] direction v for X[u].v (None: none)
+        self.vy: torch.Tensor | None = None  # [layout.n] direction for grad LY[u].v
         self.dx: torch.Tensor | None = None  # [k] fp64: X[u].vx accumulated
         self.dy: torch.Tensor | None = None
         self._reached: set[int] = set()
 
-    def set_forward(self, wx: torch.Tensor, wy: torch.Tensor, counts: list[int],
+    def set_forward(self, wx: torch.Tensor, wy: torch.Tensor | None, counts: list[int],
                     xbuf: torch.Tensor | None = None, ybuf: torch.Tensor | None = None) -> None:
         self.wx, self.wy, self.counts, self.xbuf, self.ybuf = wx, wy, counts, xbuf, ybuf
-        if self.vx is not None:
+        if self.vx is not None or self.vy is not None:
             self.unit_of_row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(wx.device)
             self.dx = torch.zeros(len(counts), dtype=torch.float64, device=wx.device)
             self.dy = torch.zeros(len(counts), dtype=torch.float64, device=wx.device)
@@ -109,8 +109,8 @@ class _Linear(torch.autograd.Function):
         x3 = x.reshape(rows, -1, n_in)
         lay = st.layout
         o, size = lay.offsets[ctx.index], lay.sizes[ctx.index]
-        if st.xbuf is not None:
-            for w, buf in ((st.wx, st.xbuf), (st.wy, st.ybuf)):
+        for w, buf in ((st.wx, st.xbuf), (st.wy, st.ybuf)):
+            if buf is not None:
                 wr = w[:, None, None]
                 # weight the rank-sized side in fp32, round once
                 if n_out <= n_in:
@@ -118,8 +118,8 @@ class _Linear(torch.autograd.Function):
                 else:
                     gs, xs = g3.to(cd), (x3.float() * wr).to(cd)
                 _products(gs, xs, st.counts, buf[:, o:o + size].view(-1, n_out, n_in))
-        if st.vx is not None:
-            for v, w, acc in ((st.vx, st.wx, st.dx), (st.vy, st.wy, st.dy)):
+        for v, w, acc in ((st.vx, st.wx, st.dx), (st.vy, st.wy, st.dy)):
+            if v is not None:
                 h = x3.float() @ v[o:o + size].view(n_out, n_in).t()  # [rows, T, out]
                 d = (g3.float() * h).sum((1, 2), dtype=torch.float64)  # [rows]: g . (V x) per sequence
                 acc.index_add_(0, st.unit_of_row, d * w.double())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ...params import FlatLayout
 from .. import lora_grads
 from ..engine import Chunk, plan_chunks
 from ..sink import UnitSink, choose_bank
@@ -59,6 +60,36 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     k = max(len(us) for us in chunk_units)
     return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, name,
                    notes=[f"{name}: up to {k} unit(s) per forward, one backward each", why])
+
+
+def directions(ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X[u].v and Y[u].v = grad LY[u].(P v) for every unit (fp64 [m] each) from the packed forwards and one
+    backward each, without forming any per-unit gradient: per layer and sequence, g . (V x) weighted.
+    v: [n_params] in the probe's parameter order (FlatLayout(params, block=1))."""
+    eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    chunks = forwards(ctx, one_unit_each=False)
+    unit_of = eng.unit_of_prompt
+    flat = FlatLayout(stack.params, block=1)
+    vx = layout.gather(flat.views(v.float().to(stack.device)), stack.device)
+    pvec = ctx.pvec(stack.device)
+    vy = vx * pvec if pvec is not None else vx
+    out_x = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
+    out_y = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
+    eng.prepare(chunks)
+    try:
+        with lora_grads.patch(stack.model, stack.params, stack.names, layout, "packed") as streams:
+            streams.vx, streams.vy = vx, vy
+            for chunk in chunks:
+                us = sorted({unit_of[p] for p, _, _ in chunk})
+                s = eng.forward(chunk)
+                wx, wy = eng.weights(chunk, s)
+                streams.set_forward(wx, wy, [sum(b - a for p, a, b in chunk if unit_of[p] == u) for u in us])
+                eng.backward(s.sum(), zero=False)
+                out_x[us[0]:us[-1] + 1] += streams.dx
+                out_y[us[0]:us[-1] + 1] += streams.dy
+    finally:
+        stack.model.zero_grad(set_to_none=True)
+    return out_x.cpu(), out_y.cpu()
 
 
 def run(ctx: Context) -> Outcome:
