@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "probe": {
         "mode": "exact",
-        "schedule": "fused",
+        "schedule": "packed",
         "microbatch_size": 8,
         "block_size": 2,
         "accumulate_on": "device",

@@ -37,8 +37,10 @@ def test_schedules_agree_on_the_gpu(bf16):
     stack, batch, cfg = bf16
     mode = cfg["checkpointing"]
     run = {name: gp.delta_h1(stack, batch, _cfg(f"checkpointing={mode}", *sets)) for name, sets in {
-        "fused": [], "literal": ["probe.schedule=literal"], "one_backward": ["probe.schedule=one_backward"],
-        "host": ["probe.accumulate_on=cpu"], "mb2": ["probe.microbatch_size=2"],
+        "fused": ["probe.schedule=fused"], "literal": ["probe.schedule=literal"],
+        "one_backward": ["probe.schedule=one_backward"],
+        "host": ["probe.schedule=fused", "probe.accumulate_on=cpu"],
+        "mb2": ["probe.schedule=fused", "probe.microbatch_size=2"],
         "packed": ["probe.schedule=packed"], "packed_host": ["probe.schedule=packed", "probe.bank=host"],
         "packed_mb12": ["probe.schedule=packed", "probe.microbatch_size=12"]}.items()}
     fused = run["fused"]
@@ -61,7 +63,7 @@ def test_schedules_agree_on_the_gpu(bf16):
 
 
 def test_fp32_fused_equals_literal_on_the_gpu():
-    cfg = _cfg(*FP32, "checkpointing=reentrant", "batch.num_prompts=6")
+    cfg = _cfg(*FP32, "checkpointing=reentrant", "batch.num_prompts=6", "probe.schedule=fused")
     stack = gp.load_stack(cfg)
     batch = gp.build_batch(stack, cfg)
     fused = gp.delta_h1(stack, batch, cfg)
