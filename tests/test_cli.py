@@ -20,6 +20,7 @@ from .conftest import make_cfg
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_default_delta_h1_runs_and_reports_finite_numbers(tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "gradprobe", "delta-h1", "--json", str(out)],
@@ -136,6 +137,7 @@ def test_optimizer_state_that_does_not_match(tmp_path):
     (["diagnose", "--fail-on", "bogus"], "Invalid value for '--fail-on'"),
     (["no-such-command"], "No such command 'no-such-command'"),
 ])
+@pytest.mark.slow
 def test_usage_errors_from_the_console_script_are_one_line(argv, says):
     """What a shell script sees: the installed entry point, not the in-process runner."""
     res = subprocess.run([sys.executable, "-m", "gradprobe", *argv], capture_output=True, text=True, timeout=120)

@@ -129,6 +129,7 @@ def test_unbiased_exactly_over_a_finite_unit_law(b):
     assert min(abs(e_jack / var_u - 1), abs(e_hoef / var_u - 1)) > 0.05  # exact sums: a real gap
 
 
+@pytest.mark.slow
 def test_unbiased_by_monte_carlo_with_noisy_units():
     """20,000 batches of B=8 i.i.d. units whose pairwise noise dominates (s2^2 >> s1^2, as for score
     gradients): mean unbiased_variance - (U - mean U)^2 is zero within 4 SE; the row-mean forms are not."""

@@ -167,6 +167,7 @@ def test_render_json_and_plot(small_run, tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_importance_sampling_tracks_the_exact_change(micro, pool):
     _, stack = micro
     prompts = pool[:6]
@@ -254,6 +255,7 @@ def _summary(x, y):
     return ustat.summarize_cross(x @ y.T)
 
 
+@pytest.mark.slow
 def test_unbiasedness_and_calibrated_standard_errors(micro, pool, enums):
     """Many independent batches of B=16 units (G=8): the mean of Xbar points along -grad H, U_cross is
     unbiased for E[X].E[Y], the mean reported SE (row-mean Hoeffding, jackknife, pairwise from K) matches
@@ -306,6 +308,7 @@ def test_unbiasedness_and_calibrated_standard_errors(micro, pool, enums):
     assert abs(float(d.mean())) < 3 * float(d.std()) / math.sqrt(n_batches), (float(d.mean()), float(d.std()))
 
 
+@pytest.mark.slow
 def test_validate_cli_no_arguments(micro):
     result = CliRunner().invoke(app, ["validate", "--json", "-"])
     assert result.exit_code == 0, result.output
