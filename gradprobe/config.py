@@ -80,7 +80,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.mode": ("exact", "blocks"),
     "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
-    "probe.bank": ("auto", "device", "host"),
+    "probe.bank": ("auto", "device", "host", "none"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),

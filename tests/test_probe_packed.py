@@ -98,21 +98,34 @@ def test_packing_counts_and_the_bank_on_either_side(fp32_stacks, rollouts_file):
     assert host.row_means == pytest.approx(dev.row_means, rel=1e-9)
 
 
-def test_a_bank_that_fits_nowhere_is_refused_with_the_setting_that_fits(fp32_stacks, rollouts_file, monkeypatch):
+def test_without_room_for_a_bank_sums_stream_and_a_named_bank_is_refused(fp32_stacks, rollouts_file, monkeypatch):
+    """auto: no bank fits, so the row means come from a second pass of directional derivatives (no K, no
+    pairwise SE) and the result says so; a bank asked for by name is refused with the settings that fit."""
     import gradprobe.probe.sink as sink
 
     stack = fp32_stacks["reentrant"]
-    cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", "probe.schedule=packed")
+    cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", "probe.schedule=packed", "probe.microbatch_size=8")
     batch = gp.build_batch(stack, cfg)
+    banked = gp.delta_h1(stack, batch, cfg)
     n = gp.probe.engine.FlatLayout(stack.params).n
     monkeypatch.setattr(sink, "available_host_memory", lambda: int(3 * 8 * n / 0.9) + 1)  # 3 units fit
-    with pytest.raises(gp.GradprobeError, match=r"needs .* for 6 units .*probe\.block_size=2 \(3 units fit\)"):
+    streamed = gp.delta_h1(stack, batch, cfg)
+    assert any(note.startswith("no bank") for note in streamed.notes)
+    assert streamed.forwards == streamed.backwards == 2 * banked.forwards  # the second pass
+    assert streamed.U_cross == pytest.approx(banked.U_cross, rel=1e-9)
+    assert streamed.row_means == pytest.approx(banked.row_means, rel=1e-5, abs=1e-9 * max(map(abs, banked.row_means)))
+    assert streamed.se == pytest.approx(banked.se, rel=1e-5)
+    assert math.isnan(streamed.se_unbiased) and not math.isnan(banked.se_unbiased)
+    cfg["probe"]["bank"] = "host"
+    with pytest.raises(gp.GradprobeError, match=r"needs .* for 6 units .*probe\.block_size=2 \(3 units fit\)"
+                                                r".*probe\.bank=none"):
         gp.delta_h1(stack, batch, cfg)
     cfg["probe"]["mode"], cfg["probe"]["block_size"] = "blocks", 2
-    assert gp.delta_h1(stack, batch, cfg).B == 3  # the suggested setting runs
+    assert gp.delta_h1(stack, batch, cfg).B == 3  # the suggested setting runs with a bank
 
 
-def test_packed_refuses_a_tensor_that_is_not_a_lora_weight(fp32_stacks, rollouts_file):
+def test_packed_says_when_a_tensor_is_not_a_lora_weight_and_takes_two_backwards(fp32_stacks, rollouts_file):
+    """Never a silent fallback: the result names the schedule that ran and why; the numbers stay exact."""
     stack = fp32_stacks["reentrant"]
     name, norm = next((n, p) for n, p in stack.model.named_parameters() if n.endswith("norm.weight"))
     cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", "probe.schedule=packed")
@@ -120,11 +133,16 @@ def test_packed_refuses_a_tensor_that_is_not_a_lora_weight(fp32_stacks, rollouts
     norm.requires_grad_(True)
     stack.refresh_params()
     try:
-        with pytest.raises(gp.GradprobeError, match=rf"schedule=packed .*'{name}' is not the weight of one"):
-            gp.delta_h1(stack, batch, cfg)
+        res = gp.delta_h1(stack, batch, cfg)
+        cfg["probe"]["schedule"] = "literal"
+        literal = gp.delta_h1(stack, batch, cfg)
     finally:
         norm.requires_grad_(False)
         stack.refresh_params()
+    assert res.schedule == "fused" and res.backwards == 2 * batch.B
+    assert any(f"1 tensor(s) are not (first: '{name}'): ran fused" in note for note in res.notes)
+    assert res.x_nonnull == res.n_tensors == len(stack.params) + 1
+    assert res.U_cross == pytest.approx(literal.U_cross, rel=1e-5)
 
 
 @pytest.mark.parametrize("mb", [pytest.param(3, marks=pytest.mark.slow), 12])

@@ -127,10 +127,16 @@ class _Linear(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+def not_linear(model: torch.nn.Module, params: list[torch.nn.Parameter], names: list[str]) -> list[str]:
+    """Names of the trainable tensors that are not the weight of a bias-free nn.Linear (DoRA magnitudes,
+    modules_to_save heads, biases, norms): the ones whose gradients cannot be formed here."""
+    by_id = {id(m.weight) for m in model.modules() if type(m) is torch.nn.Linear and m.bias is None}
+    return [n for n, p in zip(names, params) if id(p) not in by_id]
+
+
 def require_linear(model: torch.nn.Module, params: list[torch.nn.Parameter], names: list[str],
                    schedule: str) -> list[torch.nn.Linear]:
-    """The bias-free nn.Linear owning each trainable tensor; a clear refusal naming the first that has none
-    (DoRA magnitudes, modules_to_save heads, biases, norms)."""
+    """The bias-free nn.Linear owning each trainable tensor; a clear refusal naming the first that has none."""
     by_id = {id(m.weight): m for m in model.modules() if type(m) is torch.nn.Linear and m.bias is None}
     owners = [by_id.get(id(p)) for p in params]
     for name, owner in zip(names, owners):

@@ -18,8 +18,10 @@ def _gib(b: float) -> str:
 
 def choose_bank(setting: str, m: int, n: int, device: torch.device, n_prompts: int) -> tuple[str, str]:
     """Where the [m, n] fp32 banks of X[u] and Y[u] live: 'device' when they fit in 60% of the free device
-    memory (the rest is for the forwards), else 'host' when they fit in 90% of the available host memory;
-    refused before any work otherwise, naming the setting that fits. Returns (where, the reason)."""
+    memory (the rest is for the forwards), else 'host' when they fit in 90% of the available host memory,
+    else (setting 'auto') 'none': no bank, streaming sums and a second pass for the row means, without the
+    cross matrix. A bank asked for by name that does not fit is refused before any work, naming the
+    settings that fit. Returns (where, the reason)."""
     need = 2 * m * n * 4
     host = available_host_memory()
     host_cap = 0.9 * host if host is not None else float("inf")
@@ -35,14 +37,18 @@ def choose_bank(setting: str, m: int, n: int, device: torch.device, n_prompts: i
     if setting in ("auto", "host") and need <= host_cap:
         why = "" if setting == "host" else f" (over 60% of the {_gib(free)} free on {device.type})"
         return "host", f"bank of per-unit gradients on the host: {what}{why}"
-    cap = dev_cap if setting == "device" else max(dev_cap, host_cap) if setting == "auto" else host_cap
+    if setting in ("auto", "none"):
+        why = "" if setting == "none" else f" ({what} fits neither on {device.type} nor on the host)"
+        return "none", (f"no bank of per-unit gradients{why}: streaming sums and a second pass for the row means; "
+                        f"no pairwise SE")
+    cap = dev_cap if setting == "device" else host_cap
     fits = int(cap // (8 * n))
-    hint = (f"probe.mode=blocks with probe.block_size={-(-n_prompts // fits)} ({fits} units fit)" if fits >= 2
-            else "fewer trainable parameters")
-    where = {"device": f"{_gib(dev_cap)} usable on {device.type}", "host": f"{_gib(host_cap)} usable on the host",
-             "auto": f"{_gib(dev_cap)} usable on {device.type} and {_gib(host_cap)} on the host"}[setting]
-    raise GradprobeError(f"the bank of per-unit gradients needs {what}, but {where}; use {hint}, "
-                         f"or probe.schedule=literal (no bank, slower)")
+    hint = (f"probe.mode=blocks with probe.block_size={-(-n_prompts // fits)} ({fits} units fit), " if fits >= 2
+            else "")
+    where = f"{_gib(dev_cap if setting == 'device' else host_cap)} usable on " + (
+        device.type if setting == "device" else "the host")
+    raise GradprobeError(f"the bank of per-unit gradients needs {what}, but {where}; use {hint}probe.bank=auto, "
+                         f"or probe.bank=none (no bank: a second pass, no pairwise SE)")
 
 
 def host_bank(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,15 +87,17 @@ class UnitSink:
         self.device = device
         self.bank = bank
         self.cuda = device.type == "cuda" and bank == "host"  # host transfers
-        self.on_device = sums_on_device or bank == "device"
+        self.on_device = sums_on_device or bank != "host"
         where = device if self.on_device else torch.device("cpu")
         self.pvec = pvec.to(where) if pvec is not None else None  # padded
         if bank == "device":
             self.bank_x = torch.zeros(m, n, device=device)
             self.bank_y = torch.zeros(m, n, device=device)
-        else:
+        elif bank == "host":
             self.bank_x, self.bank_y = host_bank(m, n)
-        self._slots = torch.zeros(2, slots, n, device=device) if slots and bank == "host" else None
+        else:  # none: the sums and dots only
+            self.bank_x = self.bank_y = torch.empty(0)
+        self._slots = torch.zeros(2, slots, n, device=device) if slots and bank != "device" else None
         self._open: tuple[int, int] | None = None  # (unit, slot) left open by the last rows() call
         self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
         self.sx = torch.zeros(n, device=where)
@@ -132,8 +140,8 @@ class UnitSink:
             self.diag_t[u] = self.layout.dots(x, y)
             self.sx.add_(x)
             self.sy.add_(y)
-            if self.bank == "device":
-                return  # x and y are the bank's rows
+            if self.bank != "host":
+                return  # x and y are the bank's rows, or there is no bank
         if not self.cuda:
             self._host(u, x, y)
             return
@@ -169,8 +177,9 @@ class UnitSink:
         self.sx.add_(bx)
         self.sy.add_(by)
 
-    def finish(self) -> torch.Tensor:
-        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m)."""
+    def finish(self) -> torch.Tensor | None:
+        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m),
+        or None without a bank."""
         if self.cuda:
             for f in self._pending:
                 if f is not None:
@@ -184,8 +193,8 @@ class UnitSink:
                 self.sx, self.sy = stage[0], stage[1]
                 self.diag_t = self.diag_t.cpu()
             self._staging = []
-        out = self.layout.cross_dots(self.bank_x, self.bank_y).cpu()
-        if self.bank == "device":
+        out = self.layout.cross_dots(self.bank_x, self.bank_y).cpu() if self.bank != "none" else None
+        if self.bank != "host":
             self.diag_t = self.diag_t.cpu()
         self.bank_x = self.bank_y = torch.empty(0)
         self._tmp = None

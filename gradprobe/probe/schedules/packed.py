@@ -2,8 +2,11 @@
 of the LoRA weights are formed inside that backward as one batched product per layer (lora_grads.py).
 k = microbatch_size // G for whole groups (a unit longer than a microbatch splits across forwards, its
 leave-one-out baseline from engine.prepare). The per-unit gradients go to a bank on the device when it
-fits, else on the host (sink.choose_bank; probe.bank), reported in the result's notes. Refuses, naming the
-tensor, when a trainable tensor is not the weight of a bias-free linear layer (use fused there)."""
+fits, else on the host, else nowhere (streaming sums and a second pass; sink.choose_bank, probe.bank), reported
+in the result's notes. When a trainable tensor is not the weight of a bias-free linear layer (DoRA magnitudes,
+modules_to_save heads, biases), its per-unit gradient can only come from backward() into .grad: the whole
+probe then takes the two-backward path (fused), and the result says so (schedule 'fused', a note naming the
+tensors). one_backward refuses instead."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from ...params import FlatLayout
 from .. import lora_grads
 from ..engine import Chunk, plan_chunks
 from ..sink import UnitSink, choose_bank
+from . import fused
 from .base import Context, Outcome
 
 
@@ -58,26 +62,36 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
         stack.model.zero_grad(set_to_none=True)
     cross = sink.finish()
     k = max(len(us) for us in chunk_units)
-    return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, name,
-                   notes=[f"{name}: up to {k} unit(s) per forward, one backward each", why])
+    notes = [f"{name}: up to {k} unit(s) per forward, one backward each", why]
+    if cross is not None:
+        return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, name, notes=notes)
+    # no bank: X[u].sum Y and Y[u].sum X = grad LY[u].(P sum X) as directional derivatives, a second pass
+    pvec = ctx.pvec(stack.device)
+    x_dot_sy, y_dot_sx = _directions(ctx, sink.sy, sink.sx * pvec if pvec is not None else sink.sx, name)
+    return Outcome(sink.sx, sink.sy, sink.diag_t, x_dot_sy, y_dot_sx, None, name, notes=notes)
 
 
 def directions(ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """X[u].v and Y[u].v = grad LY[u].(P v) for every unit (fp64 [m] each) from the packed forwards and one
     backward each, without forming any per-unit gradient: per layer and sequence, g . (V x) weighted.
     v: [n_params] in the probe's parameter order (FlatLayout(params, block=1))."""
+    stack = ctx.stack
+    flat = FlatLayout(stack.params, block=1)
+    vx = ctx.layout.gather(flat.views(v.float().to(stack.device)), stack.device)
+    pvec = ctx.pvec(stack.device)
+    return _directions(ctx, vx, vx * pvec if pvec is not None else vx, "packed")
+
+
+def _directions(ctx: Context, vx: torch.Tensor, vy: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """X[u].vx and grad LY[u].vy (fp64 [m], CPU) for flat vectors at the layout's offsets."""
     eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
     chunks = forwards(ctx, one_unit_each=False)
     unit_of = eng.unit_of_prompt
-    flat = FlatLayout(stack.params, block=1)
-    vx = layout.gather(flat.views(v.float().to(stack.device)), stack.device)
-    pvec = ctx.pvec(stack.device)
-    vy = vx * pvec if pvec is not None else vx
     out_x = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
     out_y = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
     eng.prepare(chunks)
     try:
-        with lora_grads.patch(stack.model, stack.params, stack.names, layout, "packed") as streams:
+        with lora_grads.patch(stack.model, stack.params, stack.names, layout, name) as streams:
             streams.vx, streams.vy = vx, vy
             for chunk in chunks:
                 us = sorted({unit_of[p] for p, _, _ in chunk})
@@ -93,4 +107,11 @@ def directions(ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def run(ctx: Context) -> Outcome:
+    stack = ctx.stack
+    others = lora_grads.not_linear(stack.model, stack.params, stack.names)
+    if others:
+        out = fused.run(ctx)
+        out.notes.append(f"packed needs every trainable tensor to be a bias-free linear weight (LoRA A/B); "
+                         f"{len(others)} tensor(s) are not (first: '{others[0]}'): ran fused, two backwards per unit")
+        return out
     return run_packed(ctx, "packed")
