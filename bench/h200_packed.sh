@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The packed-schedule measurements on one H200 (bench/RESULTS.md, "The packed schedule").
 # Usage: bench/h200_packed.sh OUTDIR 1|2   (call 1: GPU tests + 1.5B targets, fp32 check, B sweep;
-#                                           call 2: 1.5B again with the device bank, 0.5B, 7B with a profile)
+#                                           call 2: 1.5B again with the device bank, 0.5B, 7B with a profile;
+#                                           call 3: all GPU tests, larger microbatches, the no-bank setting)
 set -o pipefail
 out=$1
 export PYTHONUNBUFFERED=1
@@ -27,4 +28,10 @@ elif [ "$2" = 2 ]; then
     --rows step@32,packed@32 --checkpointing reentrant,non_reentrant --microbatch 32 \
     --profile "$out/profile_packed_7b.txt" --profile-row packed@32 \
     --json "$out/qwen7b_packed_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen7b.txt"
+elif [ "$2" = 3 ]; then
+  GRADPROBE_TEST_CUDA=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 \
+    | tee "$out/test_cuda.txt"
+  timeout 200 python3 bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 "${common[@]}" \
+    --rows step@64,step@128,packed@64,packed@128,packed_none@64 --checkpointing reentrant \
+    --json "$out/qwen15b_packed_run3_h200.json" 2>&1 | grep -v Warning | tee "$out/qwen15b_run3.txt"
 fi

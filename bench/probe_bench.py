@@ -12,9 +12,10 @@ torch.cuda.max_memory_allocated, reset before every call.
 Rows: step (forward + backward of the Y loss over the whole batch, microbatched like the probe: the
 floor), literal (the seed's Plan A schedule), fused (two backwards per unit), fused_cpu (fused with
 probe.accumulate_on=cpu), one_backward (packed with one unit per forward), packed (the default: k units
-per forward and one backward). A row may name its microbatch in sequences: `step@64,packed@64,fused@8`
-(default --microbatch); every ratio is taken against the step at the same microbatch and against the
-fastest step row of the run ("the step at its best microbatch").
+per forward and one backward), packed_host / packed_none (packed with probe.bank=host / none). A row
+may name its microbatch in sequences: `step@64,packed@64,fused@8` (default --microbatch); every ratio
+is taken against the step at the same microbatch and against the fastest step row of the run
+("the step at its best microbatch").
 
     python bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 --repeats 1 --warmup-prompts 8 \
         --rows step@8,step@64,packed@64,fused@8 --json out.json
@@ -133,9 +134,9 @@ def timed_interleaved(stack, fns: list, warmup: int, repeats: int) -> list[tuple
     return list(zip(times, peaks, outs))
 
 
-def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device") -> dict[str, Any]:
+def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device", bank: str = "auto") -> dict[str, Any]:
     cfg = gp.load_config(overrides=[f"probe.schedule={schedule}", f"probe.microbatch_size={microbatch}",
-                                    f"probe.accumulate_on={accumulate_on}"])
+                                    f"probe.accumulate_on={accumulate_on}", f"probe.bank={bank}"])
     return cfg["probe"]
 
 
@@ -153,8 +154,9 @@ def row_fns(stack, batch: Batch, rows: list[str], args, precond: Preconditioner)
             pcfg = probe_cfg_for("fused", mb)
             fns.append(lambda pcfg=pcfg: training_step(stack, batch, pcfg))
         else:
-            schedule, acc = ("fused", "cpu") if name == "fused_cpu" else (name, "device")
-            pcfg = probe_cfg_for(schedule, mb, acc)
+            schedule, acc, bank = {"fused_cpu": ("fused", "cpu", "auto"), "packed_host": ("packed", "device", "host"),
+                                   "packed_none": ("packed", "device", "none")}.get(name, (name, "device", "auto"))
+            pcfg = probe_cfg_for(schedule, mb, acc, bank)
             fns.append(lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR))
     return fns
 
