@@ -60,11 +60,13 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
                             ctx.progress(done, ctx.m)
     finally:
         stack.model.zero_grad(set_to_none=True)
-    cross = sink.finish()
     k = max(len(us) for us in chunk_units)
     notes = [f"{name}: up to {k} unit(s) per forward, one backward each", why]
-    if cross is not None:
-        return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, name, notes=notes)
+    if where != "none":
+        out = fused.finish(ctx, sink, name)  # the one finishing step of every banked schedule
+        out.notes = notes
+        return out
+    sink.finish()
     # no bank: X[u].sum Y and Y[u].sum X = grad LY[u].(P sum X) as directional derivatives, a second pass
     pvec = ctx.pvec(stack.device)
     x_dot_sy, y_dot_sx = _directions(ctx, sink.sy, sink.sx * pvec if pvec is not None else sink.sx, name)
