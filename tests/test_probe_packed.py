@@ -98,6 +98,7 @@ def test_packing_counts_and_the_bank_on_either_side(fp32_stacks, rollouts_file):
     assert host.row_means == pytest.approx(dev.row_means, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_without_room_for_a_bank_sums_stream_and_a_named_bank_is_refused(fp32_stacks, rollouts_file, monkeypatch):
     """auto: no bank fits, so the row means come from a second pass of directional derivatives (no K, no
     pairwise SE) and the result says so; a bank asked for by name is refused with the settings that fit."""
