@@ -7,6 +7,7 @@ optimizer and loss function (their bug may live in their code, so nothing of our
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import GradprobeError
 from ..objective import group_y_weights, is_flat, pack, sequence_logprobs, x_weights
-from ..rollouts import Batch
+from ..rollouts import Batch, Group
 from .model_state import adapter_params
 
 
@@ -35,6 +36,36 @@ class Subject:
     expect_4bit: bool | None = None
     params_note: str = ""
     params_source: str = "given"
+    adapters: set[str] | None = None  # adapter names whose weights are in the list (the ones that should take part)
+    old_logprobs: Any = None  # sampling-time log-probs: per-sequence sums or per-token lists
+
+
+ADAPTER_WEIGHT = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(?:\.|$)")
+
+
+def list_adapters(names: list[str]) -> set[str]:
+    """The adapters whose LoRA weights are in the list, from their parameter names."""
+    return {m.group(1) for n in names if (m := ADAPTER_WEIGHT.search(n))}
+
+
+def measured_batch(rewards: list[list[float]] | None, lengths: list[list[int]] | None,
+                   advantages: list[list[float]] | None) -> Batch | None:
+    """What the user's loss measured, as a Batch (one group per entry): enough for the generation checks and the
+    no-signal rule, which read rewards, advantages and lengths only."""
+    given = next((x for x in (rewards, advantages, lengths) if x is not None), None)
+    if given is None:
+        return None
+    for name, x in (("rewards", rewards), ("advantages", advantages), ("lengths", lengths)):
+        if x is not None and (len(x) != len(given) or any(len(a) != len(b) for a, b in zip(x, given))):
+            raise GradprobeError(f"{name}= must have one list per group, each as long as the group "
+                                 f"(got {[len(a) for a in x]} against {[len(b) for b in given]})")
+    groups = []
+    for k, ref in enumerate(given):
+        lens = [int(v) for v in lengths[k]] if lengths is not None else [1] * len(ref)
+        rw = [float(v) for v in rewards[k]] if rewards is not None else [0.0] * len(ref)
+        adv = [float(v) for v in advantages[k]] if advantages is not None else None
+        groups.append(Group(prompt=[], responses=[[0] * n for n in lens], rewards=rw, advantages=adv))
+    return Batch(groups, meta={"lengths_unknown": lengths is None})
 
 
 def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str]:
