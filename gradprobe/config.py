@@ -47,10 +47,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "probe": {
         "mode": "exact",
-        "schedule": "fused",
+        "schedule": "packed",
         "microbatch_size": 8,
         "block_size": 2,
         "accumulate_on": "device",
+        "bank": "auto",
         "normalization": "dr_grpo",
         "precondition": "identity",
         "optimizer_state": None,
@@ -71,7 +72,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
-    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"),
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
@@ -80,6 +81,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.mode": ("exact", "blocks"),
     "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
+    "probe.bank": ("auto", "device", "host", "none"),
     "probe.normalization": ("dr_grpo", "per_token"),
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),

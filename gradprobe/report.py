@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .probe import ProbeResult
@@ -78,6 +79,8 @@ def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int 
     t.add_row("grads non-zero X / Y", f"{r.x_nonzero}/{r.n_tensors} / {r.y_nonzero}/{r.n_tensors}")
     t.add_row("schedule", f"{r.schedule}, microbatch {r.microbatch_size}: {r.forwards} forwards, "
                           f"{r.backwards} backwards, {r.tokens:,} tokens")
+    for note in r.notes:
+        t.add_row("", escape(note))
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items())
     t.add_row("time", timing)
     t.add_row("peak memory", f"{_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})")

@@ -12,7 +12,8 @@ from .base import Context, Outcome
 
 
 def new_sink(ctx: Context) -> UnitSink:
-    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.acc.type == "cuda", ctx.pvec(torch.device("cpu")))
+    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.cfg["accumulate_on"] == "device",
+                    ctx.pvec(torch.device("cpu")))
 
 
 def finish(ctx: Context, sink: UnitSink, schedule: str) -> Outcome:
