@@ -21,7 +21,7 @@ from gradprobe.files import write_atomic
 from gradprobe.resume import UnitStore
 
 runner = CliRunner()
-HOST = {"timings", "seconds", "peak_memory_bytes", "peak_memory_kind"}  # host facts, not results
+HOST = {"timings", "seconds", "peak_memory_bytes", "peak_memory_kind", "notes"}  # host facts (notes quote free memory)
 WORK = {"forwards", "backwards", "tokens"}  # the work this process did (a resumed run does less)
 
 
