@@ -66,9 +66,9 @@ def command(
 
     def body() -> int:
         from ..api import build_batch  # heavy imports (torch) only when the command runs
-        from ..checks import diagnose
-        from ..checks.core import load_optimizer_state
-        from ..checks.render import payload, render
+        from ..diagnose import diagnose
+        from ..diagnose.core import load_optimizer_state
+        from ..diagnose.render import payload, render
         from ..stack import load_stack
 
         cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)

@@ -53,12 +53,14 @@ def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
                 d.add_row(r.factor, escape(r.note or "not applied"), "n/a")
                 continue
             keys = [k for k in ("autograd_grad_nonnull", "backward_nonnull", "backward_nonzero", "requires_grad",
-                                "forward_grad_enabled", "forward_autocast") if k in r.before or k in r.after]
+                                "forward_grad_enabled", "forward_autocast", "raised") if k in r.before or k in r.after]
             always = [k for k in ("autograd_grad_nonnull", "backward_nonnull") if k in r.before]
             changed = always + [k for k in keys if k not in always and r.before.get(k) != r.after.get(k)]
             moves = ", ".join(f"{k} {r.before.get(k)} → {r.after.get(k)}" for k in changed)
             if "loss_error" in r.after:
                 moves += f"; the loss failed: {r.after['loss_error']}"
+            if r.after.get("grad_rel_change") is not None:
+                moves += f"; the gradient changes by {r.after['grad_rel_change']:.3g} (relative L2)"
             gone = "[green]yes[/]" if r.fixes_all else ("partly" if r.resolved else "[red]no[/]")
             d.add_row(r.factor, escape(moves), gone)
         out.print(d)
