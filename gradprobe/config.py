@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import GradprobeError
+from .objective import LEGACY_NORMALIZATION, LOSS_TYPES, SCALE_REWARDS
 from .probe.schedules import NAMES as SCHEDULE_NAMES
 
 # The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
@@ -52,7 +53,11 @@ DEFAULTS: dict[str, Any] = {
         "block_size": 2,
         "accumulate_on": "device",
         "bank": "auto",
-        "normalization": "dr_grpo",
+        "loss_type": "group_lmax",
+        "normalization": "dr_grpo",  # the older key: kept in step with loss_type where it has a name for it
+        "scale_rewards": "none",
+        "max_completion_length": None,
+        "max_grad_norm": None,
         "precondition": "identity",
         "optimizer_state": None,
         "optimizer_order": "auto",
@@ -82,7 +87,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
     "probe.bank": ("auto", "device", "host", "none"),
-    "probe.normalization": ("dr_grpo", "per_token"),
+    "probe.loss_type": LOSS_TYPES,
+    "probe.normalization": tuple(LEGACY_NORMALIZATION),
+    "probe.scale_rewards": SCALE_REWARDS,
     "probe.precondition": ("adam", "identity"),
     "probe.optimizer_order": ("auto", "trainer", "named"),
     "validate.method": ("auto", "exact", "importance"),
@@ -95,6 +102,8 @@ OPTIONAL_TYPES: dict[str, type] = {
     "batch.rollouts": str,
     "probe.optimizer_state": str,
     "probe.learning_rate": float,
+    "probe.max_completion_length": int,
+    "probe.max_grad_norm": float,
 }
 
 POSITIVE_INTS = ("lora.r", "batch.num_prompts", "batch.group_size", "batch.max_new_tokens",
@@ -189,6 +198,32 @@ def _check(flat: dict[str, Any]) -> None:
     lr = flat["probe.learning_rate"]
     if lr is not None and not lr > 0:
         raise GradprobeError(f"probe.learning_rate must be > 0; got {lr}")
+    clip = flat["probe.max_grad_norm"]
+    if clip is not None and not (clip > 0 and clip != float("inf")):
+        raise GradprobeError(f"probe.max_grad_norm must be > 0 (null: no clipping); got {clip}")
+    length = flat["probe.max_completion_length"]
+    if length is not None and length < 1:
+        raise GradprobeError(f"probe.max_completion_length must be >= 1; got {length}")
+    if flat["probe.loss_type"] == "dr_grpo" and length is None:
+        raise GradprobeError("probe.loss_type=dr_grpo (TRL's) divides by a constant: set "
+                             "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
+
+
+def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
+    """probe.loss_type, or the older probe.normalization it replaces (its dr_grpo is group_lmax): the one
+    that was given sets the other; both given must agree."""
+    probe = tree["probe"]
+    norm, loss = probe["normalization"], probe["loss_type"]
+    if norm not in LEGACY_NORMALIZATION or loss not in LOSS_TYPES:
+        return  # _check names the bad value
+    legacy = LEGACY_NORMALIZATION[norm]
+    if "probe.normalization" in given and "probe.loss_type" in given and loss != legacy:
+        raise GradprobeError(f"probe.normalization={norm} (the older key; it means loss_type {legacy}) contradicts "
+                             f"probe.loss_type={loss}; set only probe.loss_type")
+    if "probe.normalization" in given and "probe.loss_type" not in given:
+        probe["loss_type"] = legacy
+    else:
+        probe["normalization"] = next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss), norm)
 
 
 def _set(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -198,9 +233,10 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _merge_file(tree: dict[str, Any], data: Any, source: str) -> None:
+def _merge_file(tree: dict[str, Any], data: Any, source: str) -> set[str]:
+    """Merges the file's keys into the tree; returns the keys it set."""
     if data is None:
-        return
+        return set()
     if not isinstance(data, dict):
         raise GradprobeError(f"{source}: the top level must be a mapping of config keys")
     for key, value in flatten(data).items():
@@ -209,6 +245,7 @@ def _merge_file(tree: dict[str, Any], data: Any, source: str) -> None:
         if key not in VALID_KEYS:
             raise _unknown(key)
         _set(tree, key, _coerce(key, value))
+    return set(flatten(data))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -234,6 +271,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 seed: int | None = None) -> dict[str, Any]:
     """Defaults, then the YAML file, then each override; validated as a whole."""
     tree = copy.deepcopy(DEFAULTS)
+    given: set[str] = set()
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -244,11 +282,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise GradprobeError(f"{p}: not valid YAML{where}") from exc
-        _merge_file(tree, data, str(p))
+        given |= _merge_file(tree, data, str(p))
     for text in overrides:
         key, value = parse_override(text)
         _set(tree, key, _coerce(key, value))
+        given.add(key)
     if seed is not None:
         tree["seed"] = seed
+    _resolve_loss_type(tree, given)
     _check(flatten(tree))
     return tree

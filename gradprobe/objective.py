@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import GradprobeError
+
 
 @dataclass
 class TokenBatch:
@@ -66,14 +68,105 @@ def advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - rewards.mean()
 
 
+# The run's own loss (docs/objective.md): how it normalises the sequences' log-probabilities.
+# group_lmax and per_token are gradprobe's own; grpo, bnpo, dr_grpo and dapo are TRL's GRPOTrainer loss_type.
+LOSS_TYPES = ("group_lmax", "per_token", "grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("none", "group", "batch")
+# probe.normalization (the older key) -> probe.loss_type. Its `dr_grpo` is the group's longest response,
+# not TRL's dr_grpo (a constant max_completion_length).
+LEGACY_NORMALIZATION = {"dr_grpo": "group_lmax", "per_token": "per_token"}
+REWARD_STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The run's loss: its loss type, reward scaling and (TRL dr_grpo) constant completion length."""
+
+    loss_type: str = "group_lmax"
+    scale_rewards: str = "none"
+    max_completion_length: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> LossSpec:
+        p = cfg["probe"]
+        return cls(p["loss_type"], p["scale_rewards"], p["max_completion_length"])
+
+
+def _std(x: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected, as TRL's nanstd); 0 for a single value."""
+    return x.std(unbiased=True) if x.numel() > 1 else x.new_zeros(())
+
+
+def batch_advantages(batch, scale_rewards: str = "none") -> list[torch.Tensor]:
+    """Per group of the batch (a rollouts Batch or a list of its groups), fp64: its given advantages as they
+    are (the trainer already scaled them), else the group-centred rewards, divided by (std + 1e-4) of the
+    group's (`group`) or the batch's (`batch`) rewards."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise GradprobeError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)}; got {scale_rewards!r}")
+    groups = getattr(batch, "groups", batch)
+    rewards = [torch.tensor(g.rewards, dtype=torch.float64) for g in groups]
+    batch_std = _std(torch.cat(rewards)) if rewards else None
+    out = []
+    for group, r in zip(groups, rewards):
+        if group.advantages is not None:
+            out.append(torch.tensor(group.advantages, dtype=torch.float64))
+            continue
+        adv = advantages(r)
+        if scale_rewards == "group":
+            adv = adv / (_std(r) + REWARD_STD_EPS)
+        elif scale_rewards == "batch":
+            adv = adv / (batch_std + REWARD_STD_EPS)
+        out.append(adv)
+    return out
+
+
 def y_weights(adv: torch.Tensor, lengths: torch.Tensor, normalization: str) -> torch.Tensor:
-    """(1/G) * A[g] / L: dr_grpo divides by the group's longest response, per_token by each one's own."""
+    """One group's weights from its own advantages and loss lengths: (1/G) * A[g] / L, L the group's longest
+    response (group_lmax, or probe.normalization's dr_grpo) or each response's own (per_token)."""
     g = adv.numel()
-    if normalization == "dr_grpo":
+    if LEGACY_NORMALIZATION.get(normalization, normalization) == "group_lmax":
         denom = lengths.max().clamp(min=1).to(adv.dtype).expand_as(adv)
     else:
         denom = lengths.clamp(min=1).to(adv.dtype)
     return adv / denom / g
+
+
+def y_weights_for_batch(batch, loss_type: str = "group_lmax", scale_rewards: str = "none",
+                        max_completion_length: int | None = None) -> list[torch.Tensor]:
+    """The Y weights of every group (fp64), scaled so that the run's batch loss is the MEAN over the B
+    groups of sum(w * S) (the probe's units average): w = B * (the weight the loss gives S[i] in the batch).
+    With N sequences, T loss tokens in the batch and L each response's loss length (docs/objective.md):
+      group_lmax  A / (G * max L of the group)        per_token  A / (G * L)
+      grpo        B * A / (N * L)                     dr_grpo    B * A / (N * max_completion_length)
+      bnpo, dapo  B * A / T   (the batch as one optimizer step; bnpo per micro-batch is TRL's only
+                               when the whole batch is one micro-batch)"""
+    if loss_type not in LOSS_TYPES:
+        raise GradprobeError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
+    if loss_type == "dr_grpo" and not (max_completion_length and max_completion_length > 0):
+        raise GradprobeError("loss_type dr_grpo (TRL's) divides by the constant max_completion_length: give it "
+                             "(probe.max_completion_length); gradprobe's group-longest variant is group_lmax")
+    groups = getattr(batch, "groups", batch)
+    adv = batch_advantages(groups, scale_rewards)
+    lengths = [torch.tensor(g.loss_lengths(), dtype=torch.float64).clamp(min=1) for g in groups]
+    b = len(groups)
+    n = sum(len(g.responses) for g in groups)
+    tokens = max(sum(float(sum(g.loss_lengths())) for g in groups), 1.0)
+    out = []
+    for a, length in zip(adv, lengths):
+        if loss_type in ("group_lmax", "per_token"):
+            w = y_weights(a, length, loss_type)
+        elif loss_type == "grpo":
+            w = b * a / (n * length)
+        elif loss_type == "dr_grpo":
+            w = b * a / (n * float(max_completion_length))
+        else:  # bnpo, dapo
+            w = b * a / tokens
+        out.append(w)
+    return out
+
+
+def loss_y_weights(batch, loss: LossSpec) -> list[torch.Tensor]:
+    return y_weights_for_batch(batch, loss.loss_type, loss.scale_rewards, loss.max_completion_length)
 
 
 def group_advantages(group) -> torch.Tensor:
@@ -84,8 +177,13 @@ def group_advantages(group) -> torch.Tensor:
 
 
 def group_y_weights(group, normalization: str) -> torch.Tensor:
-    """The Y weights of one response group with its loss lengths (the rollout's `lengths` when given)."""
-    return y_weights(group_advantages(group), torch.tensor(group.loss_lengths()), normalization)
+    """The Y weights of one response group on its own, unscaled rewards (the rollout's `lengths` when given).
+    `normalization`: a loss type that needs no other group (group_lmax, per_token, grpo), or a
+    probe.normalization value (dr_grpo there means group_lmax)."""
+    loss_type = LEGACY_NORMALIZATION.get(normalization, normalization)
+    if loss_type not in ("group_lmax", "per_token", "grpo"):
+        raise GradprobeError(f"loss type {normalization!r} needs the whole batch: use y_weights_for_batch")
+    return y_weights_for_batch([group], loss_type)[0]
 
 
 def is_flat(group) -> bool:

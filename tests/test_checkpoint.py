@@ -23,6 +23,7 @@ from gradprobe.trainer_checkpoint import load_checkpoint
 from tests.support.export import save_preset
 
 SAVE_AT, MAX_STEPS = 3, 4  # the checkpoint is taken at step 3 and training goes on, so step 4's lr is observed
+MAX_GRAD_NORM = 0.5  # below the gradient norms of this run, so that the Trainer really clips
 SMALL = ["batch.num_prompts=4", "batch.group_size=3", "batch.max_new_tokens=6"]
 SMALL_ARGS = [a for s in SMALL for a in ("--set", s)]
 
@@ -58,14 +59,28 @@ def _train(base_dir, out_dir, lora_kwargs, max_steps, save_steps, record=None):
                     record["expected"][names[id(p)]] = 1.0 / (v_hat.sqrt() + eps)
                     record["params"][names[id(p)]] = p.detach().clone()
 
-        def on_optimizer_step(self, args, state, control, optimizer=None, **kw):
+        def on_step_begin(self, args, state, control, model=None, **kw):
+            """The step after the save: keep each gradient as backward leaves it, before the Trainer clips it."""
+            if record is None or state.global_step != SAVE_AT:
+                return
+            record["grads"], self.hooks = {}, []
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    self.hooks.append(p.register_post_accumulate_grad_hook(
+                        lambda q, name=name: record["grads"].__setitem__(name, q.grad.detach().clone())))
+
+        def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kw):
             if record is not None and state.global_step == SAVE_AT:  # the step after the save (0-based count)
                 record["next_lr"] = [g["lr"] for g in optimizer.param_groups]
+                record["after"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                for h in self.hooks:
+                    h.remove()
 
     args = TrainingArguments(output_dir=str(out_dir), use_cpu=True, report_to=[], max_steps=max_steps,
                              save_steps=save_steps, per_device_train_batch_size=4, learning_rate=1e-3,
                              lr_scheduler_type="linear", warmup_steps=2, weight_decay=0.01, optim="adamw_torch",
-                             logging_steps=1, disable_tqdm=True, seed=0, save_only_model=False)
+                             max_grad_norm=MAX_GRAD_NORM, logging_steps=1, disable_tqdm=True, seed=0,
+                             save_only_model=False)
     with quiet_libraries():
         Trainer(model=model, args=args, train_dataset=data, callbacks=[Record()]).train()
     return out_dir
@@ -114,6 +129,29 @@ def test_checkpoint_preconditioner_and_lr_match_the_trainer(run, loaded):
         torch.testing.assert_close(scale.double(), run["expected"][name], rtol=1e-6, atol=0)
         # the checkpoint's adapter, not a fresh one (gradprobe keeps every trainable tensor in fp32)
         torch.testing.assert_close(p.detach(), run["params"][name].float(), rtol=0, atol=0)
+
+
+def test_real_update_from_the_checkpoint_is_the_trainers_next_step(run, loaded):
+    """gradprobe reads optimizer.pt and scheduler.pt of the checkpoint and, given the gradient of the step
+    after it, reconstructs the change that step made to every parameter, clipping included."""
+    from gradprobe.optim.update import real_update, step_settings
+
+    cfg, info, stack = loaded
+    no_decay = no_decay_names(stack.model)
+    path = run["a"] / "optimizer.pt"
+    grads = [run["grads"][n] for n in stack.names]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert norm > MAX_GRAD_NORM  # the Trainer clips this step: clipping is tested too
+    s = step_settings(path, stack.names, stack.params, no_decay=no_decay, max_grad_norm=MAX_GRAD_NORM)
+    assert (s.optimizer, s.step, s.betas, s.eps, s.decoupled) == ("AdamW", SAVE_AT + 1, (0.9, 0.999), 1e-8, True)
+    assert s.lr == run["next_lr"][0] and "scheduler.pt" in s.sources["lr"]
+    assert s.weight_decays == [0.0 if n in no_decay else 0.01 for n in stack.names] and 0.0 in s.weight_decays
+    delta = real_update(path, stack.params, grads, names=stack.names, no_decay=no_decay, max_grad_norm=MAX_GRAD_NORM)
+    for name, d in zip(stack.names, delta):
+        # in the dtype the Trainer held each parameter in: the 4-bit model's trainable biases are bf16
+        want = run["after"][name].float() - run["params"][name].float()
+        torch.testing.assert_close(d, want, rtol=1e-6, atol=1e-9)
+    assert {run["params"][n].dtype for n in stack.names} == {torch.float32, torch.bfloat16}
 
 
 def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):

@@ -35,6 +35,11 @@ def test_overrides_are_typed():
     ("lora.r=two", "wants int"),
     ("probe.learning_rate=-1", "must be > 0"),
     ("nonsense", "key=value"),
+    ("probe.loss_type=drgrpo", "must be one of group_lmax, per_token, grpo, bnpo, dr_grpo, dapo"),
+    ("probe.loss_type=dr_grpo", "set probe.max_completion_length"),
+    ("probe.scale_rewards=std", "must be one of none, group, batch"),
+    ("probe.max_grad_norm=0", "probe.max_grad_norm must be > 0"),
+    ("probe.max_completion_length=0", "probe.max_completion_length must be >= 1"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(GradprobeError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -51,3 +56,17 @@ def test_unknown_key_in_file(tmp_path):
         load_config(f)
     with pytest.raises(GradprobeError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_loss_type_and_the_older_normalization_key():
+    probe = load_config()["probe"]
+    assert (probe["loss_type"], probe["normalization"], probe["scale_rewards"]) == ("group_lmax", "dr_grpo", "none")
+    assert probe["max_grad_norm"] is None and probe["max_completion_length"] is None
+    assert load_config(overrides=["probe.normalization=per_token"])["probe"]["loss_type"] == "per_token"
+    assert load_config(overrides=["probe.loss_type=per_token"])["probe"]["normalization"] == "per_token"
+    probe = load_config(overrides=["probe.loss_type=dr_grpo", "probe.max_completion_length=256",
+                                   "probe.scale_rewards=group", "probe.max_grad_norm=1.0"])["probe"]
+    assert (probe["loss_type"], probe["max_completion_length"], probe["scale_rewards"], probe["max_grad_norm"]) == \
+        ("dr_grpo", 256, "group", 1.0)
+    with pytest.raises(GradprobeError, match="probe.normalization=per_token .* contradicts probe.loss_type=dapo"):
+        load_config(overrides=["probe.normalization=per_token", "probe.loss_type=dapo"])

@@ -105,3 +105,24 @@ def test_env_sees_the_gpu():
     assert env["torch"]["cuda_available"] and env["torch"]["driver_cuda"] is not None
     assert env["torch"]["devices"][0]["name"] == torch.cuda.get_device_name(0)
     assert env["bitsandbytes"]["backend"] == "CUDA" and env["bitsandbytes"]["native_library_loaded"]
+
+
+@pytest.mark.parametrize("kind", ["adamw-fused", "adamw-amsgrad", "paged-adamw-8bit", "adamw-8bit", "adamw-32bit"])
+def test_real_update_on_the_gpu(kind):
+    """The next step reconstructed with the CUDA kernels: bitsandbytes' 8-bit blockwise and paged optimizers
+    run for real here (on a CPU paged ones run unpaged), and the parts still add up to the step."""
+    from gradprobe.optim.update import decompose, mapped_state, real_update, step_settings
+    from tests.test_update import _make, assert_parts_sum, loss_grads, real_step, trained
+
+    stack = gp.load_stack(_cfg(*FP32))
+    opt = trained(stack, _make(kind))
+    grads = loss_grads(stack, 7)
+    before = [p.detach().clone() for p in stack.params]
+    predicted = real_update(opt, stack.params, grads, max_grad_norm=0.05)
+    parts = decompose(step_settings(opt, stack.names, stack.params, max_grad_norm=0.05),
+                      mapped_state(opt, stack.names, stack.params), stack.names, stack.params, grads)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(stack.params, before))
+    truth = [t.cpu() for t in real_step(stack, opt, grads, max_grad_norm=0.05)]
+    for got, want in zip(predicted, truth):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+    assert_parts_sum(parts, [g.cpu() for g in grads], truth, [b.cpu() for b in before])

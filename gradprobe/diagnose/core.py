@@ -15,6 +15,7 @@ import torch
 
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
+from ..objective import LossSpec
 from ..params import param_names
 from ..rollouts import Batch
 from . import battery, differential
@@ -64,10 +65,10 @@ class DiagnoseResult:
 
 def _subject_from_stack(stack, batch: Batch, cfg: dict[str, Any] | None, groups: list[int] | None) -> Subject:
     rows = cfg["probe"]["microbatch_size"] if cfg else 8
-    norm = cfg["probe"]["normalization"] if cfg else "dr_grpo"
+    loss = LossSpec.from_config(cfg) if cfg else LossSpec()
     groups = groups if groups is not None else pick_groups(batch, rows)
     return Subject(model=stack.model, params=list(stack.params), names=list(stack.names),
-                   loss_fn=batch_loss_fn(stack, batch, groups, norm), batch=batch, measured_groups=groups,
+                   loss_fn=batch_loss_fn(stack, batch, groups, loss), batch=batch, measured_groups=groups,
                    autocast_off=stack_autocast_off(stack), params_source="the stack's trainable parameters",
                    expect_4bit=(cfg["quant"]["mode"] != "none") if cfg else None)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
-from ..objective import group_y_weights, is_flat, pack, sequence_logprobs, x_weights
+from ..objective import LEGACY_NORMALIZATION, LossSpec, is_flat, loss_y_weights, pack, sequence_logprobs, x_weights
 from ..rollouts import Batch, Group
 from .model_state import adapter_params
 
@@ -99,12 +99,17 @@ def pick_groups(batch: Batch, rows: int) -> list[int]:
     return chosen
 
 
-def batch_loss_fn(stack, batch: Batch, groups: list[int], normalization: str) -> Callable[[], dict[str, Any]]:
-    """S, LX and LY of DESIGN.md over `groups`, built exactly as the probe builds them."""
+def batch_loss_fn(stack, batch: Batch, groups: list[int], loss: LossSpec | str) -> Callable[[], dict[str, Any]]:
+    """S, LX and LY of DESIGN.md over `groups`, built exactly as the probe builds them (Y weights from the
+    whole batch, which the batch-level loss types need). `loss`: the run's LossSpec, or a loss type or
+    probe.normalization value alone."""
+    if isinstance(loss, str):
+        loss = LossSpec(LEGACY_NORMALIZATION.get(loss, loss))
     pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
     tb = pack(pairs, stack.tokenizer.pad_token_id, stack.device)
     sizes = [len(batch.groups[p].responses) for p in groups]
-    wy = torch.cat([group_y_weights(batch.groups[p], normalization) for p in groups]).to(stack.device, torch.float32)
+    weights = loss_y_weights(batch, loss)
+    wy = torch.cat([weights[p] for p in groups]).to(stack.device, torch.float32)
 
     def loss_fn() -> dict[str, Any]:
         s = sequence_logprobs(stack.model, tb, batch.temperature, stack.autocast())

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
-from ..params import canonical_name
 from .lr import next_learning_rate
-from .state import check_layout, load_state_dict, no_decay_names, resolve_order, second_moment
+from .state import load_state_dict, map_state, no_decay_names, second_moment
 
 
 @dataclass
@@ -31,27 +30,10 @@ class Preconditioner:
 def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
                     source: str = "optimizer state", no_decay: set[str] | None = None,
                     order: str = "auto") -> Preconditioner:
-    """Map an Adam/AdamW state_dict onto the trainable parameters: by name when the state carries
-    names (optimizers built from named_parameters); else by index: in the order the transformers
-    Trainer built its parameter groups (decay, then no-decay) when the state looks Trainer-made (its
-    group sizes match that split, or two groups with no weight decay in the second) or order='trainer';
-    else in named_parameters order. Every shape is checked; the first mismatch is named."""
-    groups = state_dict["param_groups"]
-    slots = [(i, g) for g in groups for i in g["params"]]
-    saved_names = [n for g in groups for n in g.get("param_names", [])]
-    if saved_names and len(saved_names) == len(slots) and order != "trainer":
-        by_name = {canonical_name(n): k for k, n in enumerate(saved_names)}
-        missing = [n for n in names if canonical_name(n) not in by_name]
-        if missing:
-            raise GradprobeError(f"{source} has no entry named like trainable parameter '{missing[0]}'")
-        positions = {by_name[canonical_name(n)]: j for j, n in enumerate(names)}
-        owner = [positions.get(k) for k in range(len(slots))]
-        how = "parameter names saved in the state"
-    else:
-        pos, how = resolve_order(groups, names, no_decay, order)
-        owner = [pos[k] if k < len(pos) else None for k in range(len(slots))]
-    state = state_dict["state"] if isinstance(state_dict["state"], dict) else {}
-    check_layout(slots, owner, state, names, params, source, how)
+    """P from an Adam/AdamW state_dict, mapped onto the trainable parameters by state.map_state."""
+    mapped = map_state(state_dict, names, params, source, no_decay, order)
+    state = mapped.state_dict["state"] if isinstance(mapped.state_dict["state"], dict) else {}
+    owner, slots, how = mapped.owner, mapped.slots, mapped.how
     scales: list[torch.Tensor] = [torch.empty(0)] * len(params)
     for k, (index, group) in enumerate(slots):
         j = owner[k]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from ..errors import GradprobeError
 from ..files import load_torch_file
+from ..params import canonical_name
 
 
 class StateMismatch(GradprobeError):
@@ -72,19 +74,19 @@ def resolve_order(groups: list[dict[str, Any]], names: list[str], no_decay: set[
 BNB_STATE = "__bnb_optimizer_quant_state__"  # where bitsandbytes optimizers' state_dict puts state1/state2
 
 
-def _dequantize_8bit(st: dict[str, Any], where: str) -> torch.Tensor:
-    """A bitsandbytes 8-bit blockwise second moment (adamw_8bit, paged_adamw_8bit) as the optimizer itself
-    reads it: v = qmap2[state2] * absmax2[block], blocks of consecutive values."""
-    q, absmax, code = st["state2"], st.get("absmax2"), st.get("qmap2")
+def _dequantize_8bit(st: dict[str, Any], where: str, which: int = 2) -> torch.Tensor:
+    """A bitsandbytes 8-bit blockwise moment (adamw_8bit, paged_adamw_8bit; which=1: exp_avg, 2: exp_avg_sq)
+    as the optimizer itself reads it: x = qmap[state][...] * absmax[block], blocks of consecutive values."""
+    q, absmax, code = st[f"state{which}"], st.get(f"absmax{which}"), st.get(f"qmap{which}")
     if absmax is None or code is None:
-        raise GradprobeError(f"{where} holds 8-bit bitsandbytes state without absmax2/qmap2 (not blockwise); "
-                             f"only 32-bit and blockwise 8-bit Adam states are supported")
+        raise GradprobeError(f"{where} holds 8-bit bitsandbytes state without absmax{which}/qmap{which} (not "
+                             f"blockwise); only 32-bit and blockwise 8-bit Adam states are supported")
     n = q.numel()
     block = next((b for b in (64, 128, 256, 512, 1024, 2048, 4096) if -(-n // b) == absmax.numel()), None)
     if block is None:
         raise GradprobeError(f"{where}: 8-bit state of {n} values with {absmax.numel()} blocks fits no block size")
-    v = code.float()[q.reshape(-1).long()] * absmax.float().repeat_interleave(block)[:n]
-    return v.reshape(q.shape)
+    x = code.float()[q.reshape(-1).long()] * absmax.float().repeat_interleave(block)[:n]
+    return x.reshape(q.shape)
 
 
 def entry(st: dict[str, Any] | None) -> dict[str, Any]:
@@ -130,6 +132,21 @@ def checked_moment(v: Any, where: str) -> torch.Tensor:
                              f"(min {float(vf.min()):.3g}); a mean of squares cannot be negative: the file is corrupt")
     return v
 
+def moments(st: dict[str, Any], where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(exp_avg, exp_avg_sq, max_exp_avg_sq or None) in fp32 as stored (8-bit dequantised); None without state."""
+    st = entry(st)
+    if "exp_avg" in st and "exp_avg_sq" in st:
+        vmax = st.get("max_exp_avg_sq")
+        return (st["exp_avg"].float(), checked_moment(st["exp_avg_sq"], where).float(),
+                None if vmax is None else checked_moment(vmax, where).float())
+    if "state1" in st and "state2" in st:
+        if st["state1"].dtype == torch.uint8:
+            return _dequantize_8bit(st, where, 1), checked_moment(_dequantize_8bit(st, where, 2), where), None
+        return st["state1"].float(), checked_moment(st["state2"], where).float(), None
+    if any(k in st for k in ("exp_avg", "state1")):
+        raise GradprobeError(f"{where}: Adam state without its second moment")
+    return None
+
 
 def check_layout(slots: list, owner: list[int | None], state: dict, names: list[str],
                   params: list[torch.nn.Parameter], source: str, how: str) -> None:
@@ -157,6 +174,55 @@ def check_layout(slots: list, owner: list[int | None], state: dict, names: list[
     raise StateMismatch(f"{source} does not match the model{count} ({how}); first mismatch: {first}")
 
 
+@dataclass
+class MappedState:
+    """An optimizer state_dict laid onto the trainable parameters (probe order)."""
+
+    state_dict: dict[str, Any]
+    owner: list[int]  # per optimizer slot (groups in order, their params in order): the parameter's position
+    entries: list[dict[str, Any]]  # per parameter: its state, bitsandbytes' nested state lifted ({}: none yet)
+    groups: list[dict[str, Any]]  # per parameter: its param group's settings (without 'params')
+    how: str
+
+    @property
+    def slots(self) -> list[tuple[int, dict[str, Any]]]:
+        return [(i, g) for g in self.state_dict["param_groups"] for i in g["params"]]
+
+
+def map_state(state_dict: dict[str, Any], names: list[str], params: list[torch.Tensor],
+              source: str = "optimizer state", no_decay: set[str] | None = None,
+              order: str = "auto") -> MappedState:
+    """Map a state_dict onto the trainable parameters: by name when the state carries names (optimizers
+    built from named_parameters); order='index' when its indices are the positions in `params` (a live
+    optimizer's live_state_dict); else by index: in the order the transformers Trainer built its parameter
+    groups (decay, then no-decay) when the state looks Trainer-made (its group sizes match that split, or
+    two groups with no weight decay in the second) or order='trainer'; else in named_parameters order.
+    Every shape is checked; the first mismatch is named."""
+    groups = state_dict["param_groups"]
+    slots = [(i, g) for g in groups for i in g["params"]]
+    saved_names = [n for g in groups for n in g.get("param_names", [])]
+    if order == "index":
+        owner: list[int | None] = [i if isinstance(i, int) and 0 <= i < len(params) else None for i, _ in slots]
+        how = "the live optimizer's own parameters"
+    elif saved_names and len(saved_names) == len(slots) and order != "trainer":
+        by_name = {canonical_name(n): k for k, n in enumerate(saved_names)}
+        missing = [n for n in names if canonical_name(n) not in by_name]
+        if missing:
+            raise GradprobeError(f"{source} has no entry named like trainable parameter '{missing[0]}'")
+        positions = {by_name[canonical_name(n)]: j for j, n in enumerate(names)}
+        owner = [positions.get(k) for k in range(len(slots))]
+        how = "parameter names saved in the state"
+    else:
+        pos, how = resolve_order(groups, names, no_decay, order)
+        owner = [pos[k] if k < len(pos) else None for k in range(len(slots))]
+    state = state_dict["state"] if isinstance(state_dict["state"], dict) else {}
+    check_layout(slots, owner, state, names, params, source, how)
+    entries: list[dict[str, Any]] = [{} for _ in params]
+    metas: list[dict[str, Any]] = [{} for _ in params]
+    for k, (index, group) in enumerate(slots):
+        entries[owner[k]] = entry(state.get(index))
+        metas[owner[k]] = {key: v for key, v in group.items() if key not in ("params", "param_names")}
+    return MappedState(state_dict, [int(j) for j in owner], entries, metas, how)
 
 
 def live_state_dict(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[str, Any]:
