@@ -1,4 +1,4 @@
-"""Side-by-side GPU benchmark of the delta-H1 probe: one training step, `literal`, `fused`.
+"""Side-by-side GPU benchmark of the delta-H1 probe: training steps, `literal`, `fused`, `packed`.
 
 Every row runs in this one process on the same synthetic rollouts (random token ids, no generation)
 and the same model: a preset architecture with random weights, nf4 base, LoRA on all seven projections,
@@ -10,8 +10,15 @@ torch.cuda.max_memory_allocated, reset before every call.
     python bench/probe_bench.py --preset tiny --device cpu --rows step,fused --sweep 2,4,8,16
 
 Rows: step (forward + backward of the Y loss over the whole batch, microbatched like the probe: the
-floor), literal (the seed's Plan A schedule), fused (the default), fused_cpu (fused with
-probe.accumulate_on=cpu), one_backward (X and Y of the LoRA weights from one backward).
+floor), literal (the seed's Plan A schedule), fused (two backwards per unit), fused_cpu (fused with
+probe.accumulate_on=cpu), one_backward (packed with one unit per forward), packed (the default: k units
+per forward and one backward), packed_host / packed_none (packed with probe.bank=host / none). A row
+may name its microbatch in sequences: `step@64,packed@64,fused@8` (default --microbatch); every ratio
+is taken against the step at the same microbatch and against the fastest step row of the run
+("the step at its best microbatch").
+
+    python bench/probe_bench.py --preset qwen2.5-1.5b --prompts 64 --repeats 1 --warmup-prompts 8 \
+        --rows step@8,step@64,packed@64,fused@8 --json out.json
 """
 
 from __future__ import annotations
@@ -127,21 +134,29 @@ def timed_interleaved(stack, fns: list, warmup: int, repeats: int) -> list[tuple
     return list(zip(times, peaks, outs))
 
 
-def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device") -> dict[str, Any]:
+def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device", bank: str = "auto") -> dict[str, Any]:
     cfg = gp.load_config(overrides=[f"probe.schedule={schedule}", f"probe.microbatch_size={microbatch}",
-                                    f"probe.accumulate_on={accumulate_on}"])
+                                    f"probe.accumulate_on={accumulate_on}", f"probe.bank={bank}"])
     return cfg["probe"]
+
+
+def split_row(row: str, default_mb: int) -> tuple[str, int]:
+    """'packed@64' -> ('packed', 64); 'fused' -> ('fused', default_mb)."""
+    name, _, mb = row.partition("@")
+    return name, int(mb) if mb else default_mb
 
 
 def row_fns(stack, batch: Batch, rows: list[str], args, precond: Preconditioner) -> list:
     fns = []
     for row in rows:
-        if row == "step":
-            pcfg = probe_cfg_for("fused", args.microbatch)
+        name, mb = split_row(row, args.microbatch)
+        if name == "step":
+            pcfg = probe_cfg_for("fused", mb)
             fns.append(lambda pcfg=pcfg: training_step(stack, batch, pcfg))
         else:
-            schedule, acc = ("fused", "cpu") if row == "fused_cpu" else (row, "device")  # or one_backward
-            pcfg = probe_cfg_for(schedule, args.microbatch, acc)
+            schedule, acc, bank = {"fused_cpu": ("fused", "cpu", "auto"), "packed_host": ("packed", "device", "host"),
+                                   "packed_none": ("packed", "device", "none")}.get(name, (name, "device", "auto"))
+            pcfg = probe_cfg_for(schedule, mb, acc, bank)
             fns.append(lambda pcfg=pcfg: run_probe(stack, batch, pcfg, precond, LR))
     return fns
 
@@ -159,46 +174,60 @@ def run_rows(stack, batch: Batch, rows: list[str], args, precond: Preconditioner
     for row, (times, peak, out) in zip(rows, timed_interleaved(stack, fns, warmup, args.repeats)):
         med = statistics.median(times)
         rec = {"label": label, "row": row, "preset": args.preset, "checkpointing": stack.checkpointing,
-               "B": batch.B, "G": batch.G, "microbatch": args.microbatch, "tokens": tokens,
+               "B": batch.B, "G": batch.G, "microbatch": split_row(row, args.microbatch)[1], "tokens": tokens,
                "times_s": times, "median_s": med, "per_unit_s": med / batch.B, "tokens_per_s": tokens / med,
                "peak_bytes": peak, "n_params": stack.n_params}
         if out is not None:
             rec.update(deltaH1=out.deltaH1, se=out.se, se_jackknife=out.se_jackknife, U_cross=out.U_cross,
                        forwards=out.forwards, backwards=out.backwards, x_nonnull=out.x_nonnull,
-                       y_nonnull=out.y_nonnull, n_tensors=out.n_tensors)
+                       y_nonnull=out.y_nonnull, n_tensors=out.n_tensors, se_unbiased=out.se_unbiased,
+                       notes=out.notes)
         print(json.dumps({k: v for k, v in rec.items() if k != "times_s"}), flush=True)
         results.append(rec)
     return results
 
 
 def compare(rows: list[dict]) -> dict[str, Any]:
-    """The targets of the benchmark, from rows measured side by side."""
+    """The targets of the benchmark, from rows measured side by side: every probe row against the step at
+    its own microbatch, the fastest step row (the step at its best microbatch), fused and literal."""
     by = {r["row"]: r for r in rows}
+    steps = [r for r in rows if r["row"].partition("@")[0] == "step"]
+    best = min(steps, key=lambda r: r["median_s"]) if steps else None
+    fused = next((r for r in rows if r["row"].partition("@")[0] == "fused"), None)
+    lit = next((r for r in rows if r["row"].partition("@")[0] == "literal"), None)
     out: dict[str, Any] = {}
-    step, lit = by.get("step"), by.get("literal")
-    for name in ("fused", "fused_cpu", "one_backward"):
-        row = by.get(name)
-        if row is None:
+    if best:
+        out["best_step"] = best["row"]
+    for row in rows:
+        name = row["row"]
+        if name.partition("@")[0] in ("step", "literal"):
             continue
+        step = by.get(f"step@{row['microbatch']}") or next(
+            (s for s in steps if s["microbatch"] == row["microbatch"]), None)
         if lit:
             out[f"{name}_over_literal"] = row["median_s"] / lit["median_s"]
             out[f"{name}_deltaH1_rel_diff"] = abs(row["deltaH1"] - lit["deltaH1"]) / abs(lit["deltaH1"])
             out[f"{name}_se_rel_diff"] = abs(row["se"] - lit["se"]) / abs(lit["se"])
+        if fused and row is not fused:
+            out[f"{name}_speedup_over_fused"] = fused["median_s"] / row["median_s"]
+            out[f"{name}_deltaH1_rel_diff_fused"] = abs(row["deltaH1"] - fused["deltaH1"]) / abs(fused["deltaH1"])
+        if best:
+            out[f"{name}_over_best_step"] = row["median_s"] / best["median_s"]
         if step:
-            out[f"{name}_over_step"] = row["median_s"] / step["median_s"]
+            out[f"{name}_over_step_same_mb"] = row["median_s"] / step["median_s"]
             if step["peak_bytes"]:
-                budget = step["peak_bytes"] * 1.1 + 3 * 4 * row["n_params"]
-                out[f"{name}_peak_over_budget"] = row["peak_bytes"] / budget
+                out[f"{name}_peak_over_step"] = row["peak_bytes"] / step["peak_bytes"]
                 out[f"{name}_extra_peak_in_trainable_fp32"] = (row["peak_bytes"] - step["peak_bytes"]) / (
                     4 * row["n_params"])
     return out
 
 
 def profile_fused(stack, batch: Batch, args, precond: Preconditioner, path: Path) -> None:
-    """torch.profiler over one fused call (after a warm-up): where the time goes."""
+    """torch.profiler over one call of the --profile-row schedule (after a warm-up): where the time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    pcfg = probe_cfg_for("fused", args.microbatch)
+    name, mb = split_row(args.profile_row, args.microbatch)
+    pcfg = probe_cfg_for(name, mb)
     run_probe(stack, batch, pcfg, precond, LR)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if stack.device.type == "cuda" else [])
     sync(stack.device)
@@ -209,14 +238,14 @@ def profile_fused(stack, batch: Batch, args, precond: Preconditioner, path: Path
     wall = time.perf_counter() - t0
     key = "cuda_time_total" if stack.device.type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40)
-    head = f"# fused, {stack.checkpointing}, B={batch.B}: wall {wall:.3f} s (profiled)\n"
+    head = f"# {args.profile_row}, {stack.checkpointing}, B={batch.B}: wall {wall:.3f} s (profiled)\n"
     path.write_text(head + table)
     print(head + table[:6000], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="qwen2.5-1.5b", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"])
+    ap.add_argument("--preset", default="qwen2.5-1.5b", choices=["tiny", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--checkpointing", default="reentrant,non_reentrant")
     ap.add_argument("--rows", default="step,literal,fused")
@@ -237,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default="", help="comma-separated B values: step and fused, 1 repeat each")
     ap.add_argument("--no-checkpointing-rows", action="store_true", help="also time step and fused with it off")
     ap.add_argument("--sweep-rows", default="step,fused")
-    ap.add_argument("--profile", default="", help="write a torch.profiler table of one fused call here")
+    ap.add_argument("--profile", default="", help="write a torch.profiler table of one call here")
+    ap.add_argument("--profile-row", default="fused", help="the row to profile, e.g. packed@64")
     ap.add_argument("--json", default="", help="write all rows here")
     args = ap.parse_args(argv)
 

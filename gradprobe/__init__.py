@@ -1,8 +1,8 @@
 """gradprobe: gradient-flow diagnosis and first-order entropy-change probes for QLoRA RL fine-tuning."""
 
 from .api import build_batch, delta_h1
-from .checks import diagnose
 from .config import load_config
+from .diagnose import diagnose
 from .errors import CheckFailed, GradprobeError
 from .probe import ProbeResult
 from .rollouts import Batch, Group, read_rollouts, write_rollouts

@@ -26,7 +26,7 @@ from .optim.update import StepSettings, decompose, mapped_state, step_settings
 from .probe import ProbeResult, run_probe, unit_gradients
 from .probe import real_step as real_step_math
 from .rewards import load_reward
-from .rollouts import Batch, generate_batch, read_rollouts
+from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
 
 
 def build_batch(stack, cfg: dict[str, Any]) -> Batch:
@@ -34,7 +34,8 @@ def build_batch(stack, cfg: dict[str, Any]) -> Batch:
     bcfg = cfg["batch"]
     vocab = stack.model.get_input_embeddings().num_embeddings
     if bcfg["rollouts"]:
-        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
+        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"],
+                             max_positions=context_length(stack.model))
     return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
                           bcfg["max_new_tokens"], seed=cfg["seed"], reward_fn=load_reward(bcfg["reward"]))
 
@@ -133,12 +134,13 @@ def step_summary(settings: StepSettings) -> dict[str, Any]:
 
 def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
              progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None,
-             optimizer: Any = None, entropy_batch: Batch | None = None) -> ProbeResult:
+             store: Any = None, optimizer: Any = None, entropy_batch: Batch | None = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
     earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling).
     deltaH is the real next step of `optimizer` (a live torch/bitsandbytes optimizer), else of
     probe.optimizer_state, else plain SGD; with `entropy_batch` (or probe.entropy_batch=independent, then
     sampled with another seed) its X comes from that batch (real_step.independent)."""
+    check_probe_batch(batch)
     precond = precond if precond is not None else preconditioner(stack, cfg)
     lr = learning_rate(cfg, precond)
     settings, mapped = step_source(stack, cfg, precond, optimizer)
@@ -149,7 +151,7 @@ def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
         return kept["parts"]
 
     t0 = time.perf_counter()
-    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, step_parts=parts)
+    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, store=store, step_parts=parts)
     result.timings["probe"] = time.perf_counter() - t0
     result.step = step_summary(settings)
     if mapped is None and math.isfinite(result.deltaH):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "probe": {
         "mode": "exact",
-        "schedule": "fused",
+        "schedule": "packed",
         "microbatch_size": 8,
         "block_size": 2,
         "accumulate_on": "device",
+        "bank": "auto",
         "loss_type": "group_lmax",
         "normalization": "dr_grpo",  # the older key: kept in step with loss_type where it has a name for it
         "scale_rewards": "none",
@@ -79,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
-    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b"),
+    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"),
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
@@ -88,6 +90,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.mode": ("exact", "blocks"),
     "probe.schedule": SCHEDULE_NAMES,
     "probe.accumulate_on": ("device", "cpu"),
+    "probe.bank": ("auto", "device", "host", "none"),
     "probe.loss_type": LOSS_TYPES,
     "probe.normalization": tuple(LEGACY_NORMALIZATION),
     "probe.scale_rewards": SCALE_REWARDS,
@@ -178,11 +181,15 @@ def _check(flat: dict[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise GradprobeError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    if flat["batch.group_size"] < 2:
+        raise GradprobeError(f"batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses; "
+                             f"got {flat['batch.group_size']}")
     for key in POSITIVE_INTS:
         if flat[key] < 1:
             raise GradprobeError(f"config key '{key}' must be >= 1; got {flat[key]}")
-    if flat["batch.group_size"] < 2:
-        raise GradprobeError("batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GradprobeError(f"config key '{key}' must be a finite number; got {value}")
     units = -(-flat["batch.num_prompts"] // (flat["probe.block_size"] if flat["probe.mode"] == "blocks" else 1))
     if not flat["batch.rollouts"] and units < 2:
         raise GradprobeError(f"the U-statistic needs at least 2 units; batch.num_prompts={flat['batch.num_prompts']} "
@@ -267,6 +274,14 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise _unknown(key)
     value = yaml.safe_load(raw) if raw.strip() else None
     return key, value
+
+
+def config_from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A whole configuration as a result file stored it (--resume), validated like a YAML file."""
+    tree = copy.deepcopy(DEFAULTS)
+    _merge_file(tree, data, source)
+    _check(flatten(tree))
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),

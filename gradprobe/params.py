@@ -66,7 +66,13 @@ class FlatLayout:
         """a[u].b[v] for every pair of rows in fp64 [m_a, m_b]: fp32 matrix products over short column
         slabs, summed in fp64. Its row sums X[u].sum Y carry the large X[u].Y[u] that the row means
         subtract again, so one long fp32 accumulation (relative error ~1e-5 at 4M columns) would be too
-        coarse; 8192 columns keep it near 1e-8, and each slab is read once for all m^2 dots."""
+        coarse; 8192 columns keep it near 1e-8, and each slab is read once for all m^2 dots. On CUDA the
+        products are fp64 over 2^20-column slabs (exact to fp64; milliseconds for a bank of tens of GB)."""
+        if a.is_cuda:
+            out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+            for s in range(0, self.n, 1 << 20):
+                out += a[:, s:s + (1 << 20)].double() @ b[:, s:s + (1 << 20)].double().T
+            return out
         out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
         for s in range(0, self.n, cols):
             out += (a[:, s:s + cols] @ b[:, s:s + cols].T).double()

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .probe import ProbeResult
@@ -45,11 +46,17 @@ def render_checkpoint(out: Console, info: Any) -> None:
 
 def headline_se(r: ProbeResult) -> tuple[float, str]:
     """The SE shown next to deltaH1: the one from the cross matrix where there is one (it calibrated best,
-    docs/validate.md), else the row-mean Hoeffding SE; plus the other SEs in words."""
+    docs/validate.md), else the row-mean Hoeffding SE; plus the other SEs in words. Below B = 4 no SE is
+    a headline: the pairwise one is undefined and the row-mean ones are degenerate (B = 2) or far off (B = 3)."""
     rows = f"Hoeffding ± {fmt(r.se, 2)}, jackknife ± {fmt(r.se_jackknife, 2)}"
+    if r.B < 4:
+        shown = "" if r.B < 3 else f"; row-mean {rows}, unreliable at B = 3"
+        return math.nan, (f"no standard error: B = {r.B} units, and an SE needs B >= 4 (pairwise) and B >= 3 "
+                          f"(row-mean){shown}; use more prompts")
     if math.isfinite(r.se_unbiased):
         return r.se_unbiased, f"pairwise SE; row-mean {rows}"
-    why = "the literal schedule keeps no per-unit gradients" if r.schedule == "literal" else "it needs B >= 4"
+    why = ("the literal schedule keeps no per-unit gradients" if r.schedule == "literal"
+           else "the pairwise SE came out undefined")
     return r.se, f"row-mean {rows}; no pairwise SE: {why}"
 
 
@@ -121,9 +128,10 @@ def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int 
     t.add_column("quantity", style="bold")
     t.add_column("value")
     se, which = headline_se(r)
-    t.add_row("deltaH1 (plain step)", f"{fmt(r.deltaH1)} ± {fmt(se, 2)} ({which})")
+    shown = f"{fmt(r.deltaH1)} ± {fmt(se, 2)}" if math.isfinite(se) else fmt(r.deltaH1)
+    t.add_row("deltaH1 (plain step)", f"{shown} ({which})")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
-    t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}")
+    t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}" if math.isfinite(se) else fmt(r.U_cross))
     t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")
     t.add_row("units B, G, prompts", f"{r.B} ({r.mode}), {r.G}, {r.n_prompts}")
     t.add_row("learning rate", fmt(r.learning_rate))
@@ -134,6 +142,8 @@ def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int 
     t.add_row("grads non-zero X / Y", f"{r.x_nonzero}/{r.n_tensors} / {r.y_nonzero}/{r.n_tensors}")
     t.add_row("schedule", f"{r.schedule}, microbatch {r.microbatch_size}: {r.forwards} forwards, "
                           f"{r.backwards} backwards, {r.tokens:,} tokens")
+    for note in r.notes:
+        t.add_row("", escape(note))
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items())
     t.add_row("time", timing)
     t.add_row("peak memory", f"{_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import GradprobeError
+from .files import write_atomic
 from .report import fmt, step_words
 from .validate import NONLINEAR, ValidateResult
 
@@ -120,8 +121,6 @@ def save_plot(r: ValidateResult, path: str | Path) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
-    except OSError as exc:
-        raise GradprobeError(f"cannot write the plot to {path}: {exc.strerror}") from exc
+        write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), "the plot")
     finally:
         plt.close(fig)

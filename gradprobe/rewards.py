@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import GradprobeError
+from .errors import GradprobeError, is_out_of_memory
 from .rollouts import builtin_reward
 
 RewardFn = Callable[[str, str], float]
@@ -66,6 +66,8 @@ def load_reward(spec: str) -> RewardFn:
         try:
             value = fn(prompt, response)
         except Exception as exc:
+            if is_out_of_memory(exc):  # a reward model out of memory is the run's memory, not bad input
+                raise
             raise GradprobeError(f"reward plugin {spec} raised {type(exc).__name__}: {exc} "
                                  f"(on prompt {prompt!r})") from exc
         try:

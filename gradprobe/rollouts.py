@@ -20,6 +20,7 @@ import torch
 
 from .attention import without_cudnn_attention
 from .errors import GradprobeError
+from .files import write_atomic
 
 BUILTIN_PROMPTS = [
     "say hi:", "count to five:", "name a color:", "spell cat:", "add 2+3=", "what is up?",
@@ -103,8 +104,11 @@ def _floats(value: Any, n: int, what: str, where: str) -> list[float]:
     return out
 
 
-def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, temperature: float = 1.0) -> Batch:
-    """Parse and validate a rollouts file; every error names the line."""
+def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, temperature: float = 1.0,
+                  max_positions: int | None = None) -> Batch:
+    """Parse and validate a rollouts file; every error names the line. `max_positions` is the model's
+    context (max_position_embeddings): a longer prompt + response would be teacher-forced through
+    positions the model never learned, a number without meaning."""
     p = Path(path)
     if not p.is_file():
         raise GradprobeError(f"rollouts file not found: {p}")
@@ -139,6 +143,12 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
             top = max([*prompt, *(t for r in responses for t in r)])
             if top >= vocab_size:
                 raise GradprobeError(f"{where}: token id {top} is outside the model's vocabulary ({vocab_size})")
+        if max_positions is not None:
+            longest = max(range(n), key=lambda i: len(responses[i]))
+            if len(prompt) + len(responses[longest]) > max_positions:
+                raise GradprobeError(f"{where}: response {longest} is {len(responses[longest])} tokens after a "
+                                     f"{len(prompt)}-token prompt, longer than the model's context "
+                                     f"({max_positions} positions)")
         groups.append(Group(prompt, responses, rewards, adv, lengths))
     if not groups:
         raise GradprobeError(f"{p}: no rollouts in the file")
@@ -160,7 +170,22 @@ def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
         if g.lengths is not None:
             obj["lengths"] = g.lengths
         lines.append(json.dumps(obj))
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_atomic(path, "\n".join(lines) + "\n", "the rollouts")
+
+
+def context_length(model) -> int | None:
+    """The model's context (config.max_position_embeddings), when it says."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
+
+
+def check_probe_batch(batch: Batch) -> None:
+    """What makes deltaH1 meaningless before any forward: with every response empty, S has no generated
+    token, X = Y = 0 and deltaH1 would print as 0 +- 0 (diagnose names the same thing as a failed check)."""
+    if all(len(r) == 0 for g in batch.groups for r in g.responses):
+        where = batch.meta.get("source", "the batch")
+        raise GradprobeError(f"every response in {where} is empty: S has no generated token, so deltaH1 is 0 by "
+                             f"construction; fix generation (max_new_tokens, EOS handling) or the rollouts file")
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
@@ -187,6 +212,10 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
     texts = [prompts[i % len(prompts)] for i in range(num_prompts)]
     prompt_ids = [_prompt_ids(tok, t) for t in texts]
     width = max(map(len, prompt_ids))
+    ctx = context_length(stack.model)
+    if ctx is not None and width + max_new_tokens > ctx:
+        raise GradprobeError(f"batch.max_new_tokens={max_new_tokens} after a {width}-token prompt exceeds the model's "
+                             f"context ({ctx} positions); lower batch.max_new_tokens")
     pad = tok.pad_token_id
     rows = [[pad] * (width - len(p)) + p for p in prompt_ids for _ in range(group_size)]
     input_ids = torch.tensor(rows, device=stack.device)

@@ -32,6 +32,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, tie_word_embeddings=True, rope_theta=1e6),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, tie_word_embeddings=False, rope_theta=1e6),
 }
 
 # Presets whose tokenizer is the built-in one with a smaller alphabet.

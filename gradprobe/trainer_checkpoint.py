@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import GradprobeError
+from .files import load_torch_file
 from .optim.lr import next_learning_rate
 from .optim.state import load_state_dict
 
@@ -79,7 +78,7 @@ def _check_adapter_weights(directory: Path) -> Path:
                 if not list(f.keys()):
                     raise GradprobeError(f"{path} holds no tensors")
         else:
-            torch.load(path, map_location="cpu", weights_only=True)
+            load_torch_file(path, "adapter weights")
     except GradprobeError:
         raise
     except Exception as exc:  # safetensors and torch raise their own types for a damaged file

@@ -30,7 +30,7 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize("override, message", [
     ("probe.microbach_size=2", "did you mean 'probe.microbatch_size'"),
     ("checkpoint=off", "did you mean 'checkpointing'"),
-    ("probe.schedule=fast", "must be one of fused, literal"),
+    ("probe.schedule=fast", "must be one of packed, fused, literal"),
     ("batch.group_size=1", "G) must be >= 2"),
     ("lora.r=two", "wants int"),
     ("probe.learning_rate=-1", "must be > 0"),

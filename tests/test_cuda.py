@@ -37,8 +37,12 @@ def test_schedules_agree_on_the_gpu(bf16):
     stack, batch, cfg = bf16
     mode = cfg["checkpointing"]
     run = {name: gp.delta_h1(stack, batch, _cfg(f"checkpointing={mode}", *sets)) for name, sets in {
-        "fused": [], "literal": ["probe.schedule=literal"], "one_backward": ["probe.schedule=one_backward"],
-        "host": ["probe.accumulate_on=cpu"], "mb2": ["probe.microbatch_size=2"]}.items()}
+        "fused": ["probe.schedule=fused"], "literal": ["probe.schedule=literal"],
+        "one_backward": ["probe.schedule=one_backward"],
+        "host": ["probe.schedule=fused", "probe.accumulate_on=cpu"],
+        "mb2": ["probe.schedule=fused", "probe.microbatch_size=2"],
+        "packed": ["probe.schedule=packed"], "packed_host": ["probe.schedule=packed", "probe.bank=host"],
+        "packed_mb12": ["probe.schedule=packed", "probe.microbatch_size=12"]}.items()}
     fused = run["fused"]
     assert fused.x_nonnull == fused.y_nonnull == fused.n_tensors and fused.peak_memory_kind == "cuda_max_allocated"
     assert fused.deltaH1 != 0 and fused.se > 0
@@ -48,12 +52,18 @@ def test_schedules_agree_on_the_gpu(bf16):
     assert run["host"].deltaH1 == pytest.approx(fused.deltaH1, rel=1e-6)
     assert run["host"].se == pytest.approx(fused.se, rel=1e-6)
     # other microbatches or one backward round differently in bf16: far inside the standard error
-    for name in ("one_backward", "mb2"):
+    for name in ("one_backward", "mb2", "packed", "packed_mb12"):
         assert abs(run[name].deltaH1 - fused.deltaH1) < 0.05 * fused.se, name
+    # the bank on the device or on the host: the same per-unit products
+    assert any("on cuda" in note for note in run["packed"].notes)
+    assert any("on the host" in note for note in run["packed_host"].notes)
+    assert run["packed_host"].deltaH1 == pytest.approx(run["packed"].deltaH1, rel=1e-6)
+    assert run["packed_host"].se_unbiased == pytest.approx(run["packed"].se_unbiased, rel=1e-5)
+    assert run["packed"].backwards < batch.B  # several units per backward
 
 
 def test_fp32_fused_equals_literal_on_the_gpu():
-    cfg = _cfg(*FP32, "checkpointing=reentrant", "batch.num_prompts=6")
+    cfg = _cfg(*FP32, "checkpointing=reentrant", "batch.num_prompts=6", "probe.schedule=fused")
     stack = gp.load_stack(cfg)
     batch = gp.build_batch(stack, cfg)
     fused = gp.delta_h1(stack, batch, cfg)
@@ -61,6 +71,11 @@ def test_fp32_fused_equals_literal_on_the_gpu():
     assert fused.deltaH1 == pytest.approx(literal.deltaH1, rel=1e-5)
     assert fused.se == pytest.approx(literal.se, rel=1e-5)
     assert fused.row_means == pytest.approx(literal.row_means, rel=1e-4, abs=1e-12)
+    for mb in (8, 12):  # 2 and 3 units per backward
+        packed = gp.delta_h1(stack, batch, _cfg(*FP32, "checkpointing=reentrant", "probe.schedule=packed",
+                                                f"probe.microbatch_size={mb}"))
+        assert packed.deltaH1 == pytest.approx(literal.deltaH1, rel=1e-5)
+        assert packed.se_unbiased == pytest.approx(fused.se_unbiased, rel=1e-5)
 
 
 def test_diagnose_on_the_gpu(tmp_path):

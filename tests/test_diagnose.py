@@ -16,7 +16,7 @@ import torch
 
 import gradprobe as gp
 from gradprobe import diagnose
-from gradprobe.checks.model_state import checkpointing_state, short_name
+from gradprobe.diagnose.model_state import checkpointing_state, short_name
 from gradprobe.objective import pack, sequence_logprobs
 from gradprobe.rollouts import Batch, Group
 

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from gradprobe import schemas
-from gradprobe.checks import ROOT_CAUSES
-from gradprobe.checks.battery import ALL
 from gradprobe.cli import app
+from gradprobe.diagnose.battery import ALL
+from gradprobe.diagnose.causes import ids
 
 runner = CliRunner()
 SMALL = ["--set", "batch.num_prompts=4", "--set", "batch.max_new_tokens=8"]
 
 
 # ---------------------------------------------------------------- a small JSON Schema validator
-# (the subset diagnose.schema.json uses: type, const, enum, required, properties, additionalProperties,
+# (the subset diagnose.schema.json uses: type, const, enum, pattern, required, properties, additionalProperties,
 #  items, minItems, minimum, minLength, anyOf, $ref into $defs)
 
 TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
@@ -43,6 +44,8 @@ def validate(value, schema: dict, root: dict, path: str = "$") -> list[str]:
             return [f"{path}: {value!r} is not {kinds}"]
     if "const" in schema and value != schema["const"]:
         errors.append(f"{path}: {value!r} != {schema['const']!r}")
+    if "pattern" in schema and isinstance(value, str) and not re.fullmatch(schema["pattern"], value):
+        errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
     if "enum" in schema and value not in schema["enum"]:
         errors.append(f"{path}: {value!r} not in enum")
     if isinstance(value, str) and len(value) < schema.get("minLength", 0):
@@ -86,7 +89,19 @@ def test_schema_lists_every_check_and_root_cause():
     defs = SCHEMA["$defs"]
     names = [fn.__name__ for fn in ALL]
     assert defs["check"]["properties"]["name"]["enum"] == names
-    assert defs["verdict"]["properties"]["root_cause"]["enum"] == list(ROOT_CAUSES)
+    assert defs["verdict"]["properties"]["root_cause"]["enum"] == ids()
+    assert defs["cause"]["properties"]["id"]["enum"] == [i for i in ids() if i != "healthy"]
+
+
+def test_docs_list_every_root_cause_in_rank_order():
+    """docs/diagnose.md's table of root causes is the registry's list, in its order."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "diagnose.md").read_text()
+    table = text[text.index("## Root causes"):text.index("## Every root cause")]
+    assert re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M) == ids()
+    repro = text[text.index("## Every root cause"):text.index("## From Python")]
+    assert re.findall(r"^\| `([a-z_]+)` \|", repro, flags=re.M) == [i for i in ids() if i != "healthy"]
 
 
 # ---------------------------------------------------------------- the command

@@ -125,7 +125,7 @@ def test_literal_and_fused_equal_brute_force(fp32_stacks, rollouts_file, setup, 
 
 def test_fused_costs_one_forward_and_two_backwards_per_unit(fp32_stacks, rollouts_file):
     stack = fp32_stacks["non_reentrant"]
-    cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", "probe.microbatch_size=8")
+    cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", "probe.microbatch_size=8", "probe.schedule=fused")
     batch = gp.build_batch(stack, cfg)
     fused = gp.delta_h1(stack, batch, cfg)
     assert (fused.forwards, fused.backwards) == (batch.B, 2 * batch.B)
@@ -149,13 +149,27 @@ def test_microbatch_size_changes_nothing(fp32_stacks, rollouts_file, schedule):
         assert r.x_sum_norm == pytest.approx(results[0].x_sum_norm, rel=1e-5)
 
 
-def test_accumulating_on_cpu_matches_device(fp32_stacks, rollouts_file):
+@pytest.mark.parametrize("schedule", ["fused", "packed"])
+def test_accumulating_on_cpu_matches_device(fp32_stacks, rollouts_file, schedule, monkeypatch):
+    """With the bank on the host, P, the dots and the sums run where the gradients are formed (device) or in
+    the host step after the bank copy (cpu): two code paths, on a CPU too, that must agree."""
+    from gradprobe.probe.sink import UnitSink
+
     stack = fp32_stacks["reentrant"]
+    host_steps = []
+    original = UnitSink._host
+    monkeypatch.setattr(UnitSink, "_host", lambda self, *a: host_steps.append(self.on_device) or original(self, *a))
     out = []
     for where in ("device", "cpu"):
-        cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", f"probe.accumulate_on={where}")
-        out.append(gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg).U_cross)
-    assert out[0] == pytest.approx(out[1], rel=1e-6)
+        cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}", f"probe.accumulate_on={where}",
+                       f"probe.schedule={schedule}", "probe.bank=host")
+        host_steps.clear()
+        res = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg)
+        assert host_steps and set(host_steps) == {where == "device"}  # sums formed before or after the copy
+        out.append(res)
+    assert out[0].U_cross == pytest.approx(out[1].U_cross, rel=1e-6)
+    assert out[0].se_unbiased == pytest.approx(out[1].se_unbiased, rel=1e-6)
+    assert out[0].diag_sum == pytest.approx(out[1].diag_sum, rel=1e-6)
 
 
 def test_optimizer_state_by_name_matches_by_index(fp32_stacks):

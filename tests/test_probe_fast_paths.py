@@ -116,10 +116,12 @@ def test_one_backward_refuses_when_a_tensor_is_not_a_lora_weight(stacks):
 
 
 def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatch):
+    """fused keeps its bank on the host (packed's bank choice: tests/test_probe_packed.py)."""
     import gradprobe.probe.sink as probe
 
     stack = stacks["non_reentrant"]
-    cfg = gp.load_config(overrides=[*FP32, "checkpointing=non_reentrant", "batch.num_prompts=4", "batch.group_size=2"])
+    cfg = gp.load_config(overrides=[*FP32, "checkpointing=non_reentrant", "batch.num_prompts=4", "batch.group_size=2",
+                                    "probe.schedule=fused"])
     batch = gp.build_batch(stack, cfg)
     need = 2 * 4 * probe.FlatLayout(stack.params).n * 4
     monkeypatch.setattr(probe, "available_host_memory", lambda: need)  # 10% short of the 90% margin

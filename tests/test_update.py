@@ -100,14 +100,17 @@ def assert_parts_sum(parts, grads, want, params) -> None:
 
 TORCH = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
-    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, amsgrad=True),
+    # amsgrad with a short β2 memory, so that max(vmax₋, v) differs from v (with 0.999 v only grows early on)
+    "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, amsgrad=True, betas=(0.9, 0.5)),
     "adamw-foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=True),
     "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True),
-    "adamw-fused-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True, amsgrad=True),
+    "adamw-fused-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, fused=True, amsgrad=True,
+                                                        betas=(0.9, 0.5)),
     "adamw-single-maximize": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, foreach=False,
                                                           maximize=True, betas=(0.8, 0.99), eps=1e-6),
     "adam-wd": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.1),
-    "adam-wd-amsgrad-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.1, amsgrad=True, foreach=True),
+    "adam-wd-amsgrad-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.1, amsgrad=True, foreach=True,
+                                                           betas=(0.9, 0.5)),
     "sgd-nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, nesterov=True),
     "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, dampening=0.3, weight_decay=0.1),
 }
@@ -141,6 +144,8 @@ def test_real_update_is_the_step_and_the_parts_sum_to_it(stack, kind, max_grad_n
     if "8bit" in kind:
         assert all(opt.state[p]["state1"].dtype == torch.uint8 for p in stack.params)
     grads = loss_grads(stack, 7)
+    if "amsgrad" in kind:  # the stored maximum is above the current moment somewhere: amsgrad matters
+        assert any((opt.state[p]["max_exp_avg_sq"] > opt.state[p]["exp_avg_sq"]).any() for p in stack.params)
     params_before = [p.detach().clone() for p in stack.params]
     state_before = copy.deepcopy(opt.state_dict())
 

@@ -21,7 +21,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
-    """Exit codes: 0 done/healthy, 1 a check failed, 2 bad input or usage, 3 internal error."""
+    """Exit codes: 0 done/healthy, 1 a check failed, 2 bad input or usage, 3 internal error, 4 interrupted
+    (partial result written), 5 out of memory."""
 
 
 app.command("delta-h1", epilog=delta_h1.EPILOG)(delta_h1.command)
@@ -49,5 +50,5 @@ def main() -> None:
         if type(exc).__name__ != "Abort":  # Ctrl-C at a prompt
             raise
         sys.stderr.write("interrupted\n")
-        code = 130
+        code = 4
     sys.exit(code if isinstance(code, int) else 0)

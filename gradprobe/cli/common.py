@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import load_config
-from ..errors import CheckFailed, GradprobeError
+from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
+from ..files import check_outputs, write_atomic
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).",
                                                    show_default=False)]
@@ -42,11 +48,28 @@ OptimizerStateOpt = Annotated[Path | None, typer.Option(
     "the learning rate.", show_default=False)]
 
 
+# One table of exit codes (README "Scripts and exit codes"); `gradprobe --help` prints it too.
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY = 0, 1, 2, 3, 4, 5
+EXIT_CODES = {
+    EXIT_OK: "done (diagnose: no check failed, or --exit-zero)",
+    EXIT_CHECK_FAILED: "diagnose: a check failed (or warned, with --fail-on warn)",
+    EXIT_BAD_INPUT: "bad input or usage: one line on stderr, nothing written",
+    EXIT_INTERNAL: "internal error: one line on stderr (--debug adds the traceback)",
+    EXIT_INTERRUPTED: 'interrupted by SIGTERM or SIGINT: a partial result ("complete": false) was written',
+    EXIT_OUT_OF_MEMORY: "out of memory: the line names the probe.microbatch_size to try next",
+}
+WIDE = 200  # columns when stdout is not a terminal: a pipe or a log file has no width to wrap to
+
+
 def consoles(quiet: bool, json_to_stdout: bool) -> tuple[Console, Console]:
-    """stdout for the report, stderr for progress and errors; plain when NO_COLOR is set or not a TTY."""
+    """stdout for the report, stderr for progress and errors; plain when NO_COLOR is set or not a TTY.
+    Not on a terminal (and no COLUMNS), nothing wraps at 80 columns: a fix or a code line piped to a file
+    must stay one piece that can be copied."""
     no_color = bool(os.environ.get("NO_COLOR"))
     out = Console(no_color=no_color, quiet=quiet or json_to_stdout, highlight=False)
-    err = Console(stderr=True, no_color=no_color, highlight=False)
+    if not out.is_terminal and not os.environ.get("COLUMNS"):
+        out = Console(no_color=no_color, quiet=quiet or json_to_stdout, highlight=False, width=WIDE, soft_wrap=True)
+    err = Console(stderr=True, no_color=no_color, highlight=False, soft_wrap=True)
     return out, err
 
 
@@ -86,10 +109,11 @@ def emit(out: Console, ckpt: Any, render: Callable[[], None], payload: dict[str,
     render()
     if ckpt is not None:
         payload["checkpoint"] = ckpt.to_dict()
-    write_json(payload, target)
+    write_json({**payload, "complete": True}, target)
 
 
 def write_json(payload: dict[str, Any], target: str | None) -> None:
+    """To stdout ('-') or atomically to a file (files.write_atomic): a crash leaves the previous file."""
     if target is None:
         return
     text = json.dumps(_clean(payload), indent=2, allow_nan=False)
@@ -97,10 +121,75 @@ def write_json(payload: dict[str, Any], target: str | None) -> None:
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
     else:
-        try:
-            Path(target).write_text(text + "\n")
-        except OSError as exc:
-            raise GradprobeError(f"cannot write JSON to {target}: {exc.strerror}") from exc
+        write_atomic(target, text + "\n", "JSON")
+
+
+def check_paths(outputs: dict[str, str | Path | None], cfg: dict[str, Any] | None = None,
+                extra_inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Every output path writable and none of them an input, before the model loads."""
+    ins: list[str | Path | None] = list(extra_inputs)
+    if cfg is not None:
+        ins += [cfg["batch"]["rollouts"], cfg["probe"]["optimizer_state"], cfg["model"]["name_or_path"],
+                cfg["lora"]["adapter_path"]]
+        reward = cfg["batch"]["reward"]
+        if reward != "builtin" and reward.rsplit(":", 1)[0].endswith(".py"):
+            ins.append(reward.rsplit(":", 1)[0])
+    check_outputs(outputs, ins)
+
+
+@dataclass
+class Run:
+    """How far a command got: what an interruption or an out-of-memory error reports and writes."""
+
+    command: str
+    json_target: str | None = None
+    cfg: dict[str, Any] | None = None
+    stage: str = "starting"
+    units_done: int = 0
+    units: int | None = None
+    state_dir: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    what: str = "units"  # what progress counts (validate: the points of its sweep)
+
+    def progress(self, inner: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        def update(done: int, total: int) -> None:
+            self.units_done, self.units = done, total
+            if inner is not None:
+                inner(done, total)
+        return update
+
+    def done(self) -> str:
+        units = f", {self.units_done}/{self.units} {self.what} done" if self.units else ""
+        return f"{self.stage}{units}"
+
+    def partial(self, signame: str) -> dict[str, Any]:
+        if self.state_dir is not None and self.stage == "probe":  # the units a resumed run will not recompute
+            self.units_done = len(list(Path(self.state_dir).glob("unit-*.pt")))
+        return {"schema": PARTIAL_SCHEMA, "command": self.command, "complete": False, "interrupted_by": signame,
+                "config": self.cfg, "progress": {"stage": self.stage, "units_done": self.units_done,
+                                                 "units": self.units},
+                "resume": {"state_dir": self.state_dir, **self.facts} if self.state_dir else None}
+
+
+PARTIAL_SCHEMA = "gradprobe.partial/1"
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Interrupted in the main thread, so the command can write what it has."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    try:
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: leave the process's handlers alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 @contextmanager
@@ -119,26 +208,64 @@ def progress_bar(err: Console, enabled: bool, label: str) -> Iterator[Callable[[
         yield update
 
 
-def guarded(debug: bool, err: Console, body: Callable[[], int]) -> None:
-    """Run a command body; map errors to one line and an exit code (2 bad input, 1 check failed)."""
+def _oom_hint(run: Run | None) -> str:
+    mb = (run.cfg or {}).get("probe", {}).get("microbatch_size") if run is not None else None
+    if isinstance(mb, int) and mb > 1:
+        return f"at probe.microbatch_size={mb}; try --set probe.microbatch_size={mb // 2}"
+    return ("at probe.microbatch_size=1; try --set probe.accumulate_on=cpu, probe.mode=blocks, shorter responses "
+            "or fewer prompts")
+
+
+def _interrupted(exc: Interrupted, err: Console, run: Run | None) -> int:
+    """Write the partial result (to --json and into the state directory), say where, return exit code 4."""
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the partial file short
+        with contextlib.suppress(ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+    where: list[str] = []
+    if run is not None:
+        payload = run.partial(exc.signame)
+        with contextlib.suppress(GradprobeError):
+            if run.state_dir is not None and Path(run.state_dir).is_dir():
+                write_json(payload, str(Path(run.state_dir) / "partial.json"))
+                where.append(str(Path(run.state_dir) / "partial.json"))
+            if run.json_target is not None:
+                write_json(payload, run.json_target)
+                where.append("stdout" if run.json_target == "-" else run.json_target)
+    saved = f"; partial result in {', '.join(where)}" if where else "; no --json given, nothing written"
+    resume = (f"; continue with: gradprobe {run.command} --resume {run.state_dir}"
+              if run is not None and run.state_dir else "")
+    err.print(f"interrupted by {exc.signame} during {run.done() if run else 'the run'}{saved}{resume}",
+              markup=False, highlight=False)
+    return EXIT_INTERRUPTED
+
+
+def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None = None) -> None:
+    """Run a command body; map errors to one line and an exit code (EXIT_CODES). --debug adds the traceback
+    on stderr and keeps the code."""
     try:
-        code = body()
+        with signals_interrupt():
+            code = body()
     except GradprobeError as exc:
         if debug:
-            raise
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     except CheckFailed as exc:
-        err.print(f"[bold red]check failed:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        raise typer.Exit(130) from None
+        err.print(f"[bold red]check failed:[/] {escape(str(exc))}")
+        raise typer.Exit(EXIT_CHECK_FAILED) from None
+    except Interrupted as exc:
+        raise typer.Exit(_interrupted(exc, err, run)) from None
+    except KeyboardInterrupt:  # outside the handler's reach (another thread's signal setup)
+        raise typer.Exit(_interrupted(Interrupted("SIGINT"), err, run)) from None
     except Exception as exc:  # a bug of ours or of a library: one line, details with --debug
         if debug:
-            raise
+            traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (rerun with --debug for the "
-                  f"traceback)", soft_wrap=True)
-        raise typer.Exit(3) from None
+        if is_out_of_memory(exc):
+            err.print(f"[bold red]out of memory[/] during {run.done() if run else 'the run'} "
+                      f"{_oom_hint(run)}: {escape(first[:200])}")
+            raise typer.Exit(EXIT_OUT_OF_MEMORY) from None
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} (rerun with --debug for the "
+                  f"traceback)")
+        raise typer.Exit(EXIT_INTERNAL) from None
     raise typer.Exit(code)

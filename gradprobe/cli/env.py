@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .common import DebugOpt, consoles, guarded, write_json
+from .common import DebugOpt, check_paths, consoles, guarded, write_json
 
 EPILOG = """Examples:
 
@@ -55,6 +55,7 @@ def command(
     def body() -> int:
         from ..environment import collect
 
+        check_paths({"--json": json_})
         env = collect()
         if json_ != "-":
             out.print("\n".join(_lines(env)), markup=False, highlight=False, soft_wrap=True)

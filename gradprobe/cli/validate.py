@@ -16,9 +16,11 @@ from .common import (
     OptimizerStateOpt,
     QuietOpt,
     RolloutsOpt,
+    Run,
     SeedOpt,
     SetOpt,
     apply_checkpoint,
+    check_paths,
     consoles,
     emit,
     guarded,
@@ -59,6 +61,7 @@ def command(
     """Step along the batch's real optimizer step (or the plain step, validate.direction=plain) and compare the
     true entropy change with the probe's prediction."""
     out, err = consoles(quiet, json_ == "-")
+    run = Run("validate", json_, what="points")
 
     def body() -> int:
         from ..api import warm_up, warmup_steps
@@ -71,6 +74,8 @@ def command(
         cfg, ckpt = apply_checkpoint(make_config(config, [*base, *(set_ or [])], seed, rollouts), checkpoint,
                                      optimizer_state)
         check_config(cfg)
+        check_paths({"--json": json_, "--plot": plot}, cfg, (config, checkpoint, optimizer_state))
+        run.cfg = cfg
         if plot is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -78,19 +83,23 @@ def command(
                 from ..errors import GradprobeError
 
                 raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from None
+        run.stage = "model load"
         t0 = time.perf_counter()
         stack = load_stack(cfg)
         t1 = time.perf_counter()
         optimizer, warm = None, warmup_steps(cfg)
         if warm:  # as delta-h1 does: a few real AdamW steps, so that the real step has momentum
+            run.stage = "warm-up"
             optimizer = warm_up(stack, cfg, warm)
         t2 = time.perf_counter()
-        with progress_bar(err, not quiet, "sweeping eta") as progress:
-            result = run_validate(stack, cfg, progress=progress, optimizer=optimizer)
+        run.stage = "sweep"
+        with progress_bar(err, not quiet, "sweeping eta") as bar:
+            result = run_validate(stack, cfg, progress=run.progress(bar), optimizer=optimizer)
+        run.stage = "report"
         result.timings = {"stack": t1 - t0, **({"warm-up": t2 - t1} if warm else {}), **result.timings}
         emit(out, ckpt, lambda: render_validate(out, result), validate_payload(result, cfg), json_)
         if plot is not None:
             save_plot(result, plot)
         return 0
 
-    guarded(debug, err, body)
+    guarded(debug, err, body, run)

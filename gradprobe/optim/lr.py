@@ -7,21 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import GradprobeError
+from ..files import load_torch_file
 
 DEFAULT_LEARNING_RATE = 1e-5
 
 
 def scheduler_rates(path: Path) -> list[float] | None:
     """The scheduler's _last_lr: one rate per parameter group, the one the next step will use."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GradprobeError(f"cannot read scheduler state {path} (truncated, or not a torch.save file that loads "
-                             f"with weights_only=True): {first}") from exc
+    state = load_torch_file(path, "scheduler state")
     last = state.get("_last_lr") if isinstance(state, dict) else None
     if not isinstance(last, (list, tuple)) or not last:
         return None
@@ -35,6 +29,10 @@ def group_rates(state_dict: dict[str, Any] | None) -> list[float]:
 
 
 def one_rate(rates: list[float], what: str) -> float:
+    bad = [r for r in rates if not math.isfinite(r)]
+    if bad:
+        raise GradprobeError(f"{what} holds the learning rate {bad[0]:g}, not a finite number (a diverged run or a "
+                             f"damaged file); set probe.learning_rate to probe a step of a chosen size")
     if len({round(r, 15) for r in rates}) != 1:
         raise GradprobeError(f"{what} gives the parameter groups different learning rates {rates}; the probe takes "
                              f"one: set probe.learning_rate")
@@ -64,7 +62,9 @@ def next_learning_rate(explicit: float | None, state_dict: dict[str, Any] | None
         return explicit, "probe.learning_rate", notes
     if rate is None:
         return DEFAULT_LEARNING_RATE, "default (no optimizer state, no probe.learning_rate)", notes
-    if not (math.isfinite(rate) and rate > 0):
-        raise GradprobeError(f"the next step's learning rate in {source.split(' (')[0]} is {rate:g}: every deltaH "
-                             f"would be 0 or undefined; set probe.learning_rate to probe a step of a chosen size")
+    if not rate > 0:
+        why = "a schedule at its end, or a warm-up at its start: every deltaH would be 0" if rate == 0 else \
+            "negative: a step up the gradient"
+        raise GradprobeError(f"the next step's learning rate in {source.split(' (')[0]} is {rate:g} ({why}); set "
+                             f"probe.learning_rate to probe a step of a chosen size")
     return rate, source, notes

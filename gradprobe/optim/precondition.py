@@ -43,8 +43,8 @@ def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[t
             raise GradprobeError(f"{where} has no Adam state; use probe.precondition=identity to probe without it")
         v = second_moment(st, group, where)
         step = float(st.get("step", 0))
-        if step < 1:
-            raise GradprobeError(f"{where} has step {step}; Adam state needs step >= 1")
+        if not (step >= 1 and step != float("inf")):
+            raise GradprobeError(f"{where} has step {step:g}; Adam state needs a finite step >= 1")
         beta2 = float(group.get("betas", (0.9, 0.999))[1])
         eps = float(group.get("eps", 1e-8))
         v_hat = v.double() / (1.0 - beta2 ** step)

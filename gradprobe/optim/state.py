@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
+from ..files import load_torch_file
 from ..params import canonical_name
 
 
@@ -21,15 +22,8 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise GradprobeError(f"optimizer state file not found: {p}")
-    try:  # memory-mapped where the file allows it: a large state is then read only where it is used
-        state = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a truncated or foreign file
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GradprobeError(f"cannot read optimizer state {p} (truncated, or not a torch.save file that loads "
-                                 f"with weights_only=True): {first}") from exc
+    # memory-mapped where the file allows it: a large state is then read only where it is used
+    state = load_torch_file(p, "optimizer state", mmap=True)
     if isinstance(state, dict) and "optimizer" in state and "state" not in state:
         state = state["optimizer"]
     if not (isinstance(state, dict) and "state" in state and "param_groups" in state):
@@ -113,24 +107,42 @@ def second_moment(st: dict[str, Any], group: dict[str, Any], where: str) -> torc
     (32-bit as is, 8-bit blockwise dequantised)."""
     st = entry(st)
     if group.get("amsgrad") and "max_exp_avg_sq" in st:
-        return st["max_exp_avg_sq"]
+        return checked_moment(st["max_exp_avg_sq"], where)
     if "exp_avg_sq" in st:
-        return st["exp_avg_sq"]
+        return checked_moment(st["exp_avg_sq"], where)
     if "state2" in st:
-        return _dequantize_8bit(st, where) if st["state2"].dtype == torch.uint8 else st["state2"]
+        v = _dequantize_8bit(st, where) if st["state2"].dtype == torch.uint8 else st["state2"]
+        return checked_moment(v, where)
     raise GradprobeError(f"{where}: no Adam state (exp_avg_sq); use probe.precondition=identity to probe without it")
 
+
+def checked_moment(v: Any, where: str) -> torch.Tensor:
+    """A second moment is a running mean of squares: a NaN, an infinity or a negative value means a corrupt
+    or diverged state, and P = 1/(sqrt(v)+eps) would turn it into a NaN or a silently wrong deltaH1."""
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        raise GradprobeError(f"{where}: the second moment is not a floating-point tensor")
+    vf = v.float()
+    bad = int((~torch.isfinite(vf)).sum())
+    if bad:
+        raise GradprobeError(f"{where}: the second moment (exp_avg_sq) holds {bad} non-finite values of {v.numel()}: "
+                             f"the run diverged or the file is corrupt")
+    neg = int((vf < 0).sum())
+    if neg:
+        raise GradprobeError(f"{where}: the second moment (exp_avg_sq) holds {neg} negative values of {v.numel()} "
+                             f"(min {float(vf.min()):.3g}); a mean of squares cannot be negative: the file is corrupt")
+    return v
 
 def moments(st: dict[str, Any], where: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """(exp_avg, exp_avg_sq, max_exp_avg_sq or None) in fp32 as stored (8-bit dequantised); None without state."""
     st = entry(st)
     if "exp_avg" in st and "exp_avg_sq" in st:
         vmax = st.get("max_exp_avg_sq")
-        return st["exp_avg"].float(), st["exp_avg_sq"].float(), None if vmax is None else vmax.float()
+        return (st["exp_avg"].float(), checked_moment(st["exp_avg_sq"], where).float(),
+                None if vmax is None else checked_moment(vmax, where).float())
     if "state1" in st and "state2" in st:
         if st["state1"].dtype == torch.uint8:
-            return _dequantize_8bit(st, where, 1), _dequantize_8bit(st, where, 2), None
-        return st["state1"].float(), st["state2"].float(), None
+            return _dequantize_8bit(st, where, 1), checked_moment(_dequantize_8bit(st, where, 2), where), None
+        return st["state1"].float(), checked_moment(st["state2"], where).float(), None
     if any(k in st for k in ("exp_avg", "state1")):
         raise GradprobeError(f"{where}: Adam state without its second moment")
     return None

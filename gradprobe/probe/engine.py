@@ -205,20 +205,45 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
-@without_cudnn_attention()
-def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
-              learning_rate: float, progress: Callable[[int, int], None] | None = None,
-              step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> ProbeResult:
-    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch; with `step_parts` (the real
-    step's decomposition, sink.StepParts) also deltaH of the step the optimizer will take (real_step.py)."""
+def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+             progress: Callable[[int, int], None] | None = None, store: Any = None,
+             step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> Context:
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
-    layout = FlatLayout(stack.params)
-    n = stack.n_params
-    m = len(units)
-    ctx = Context(stack, batch, probe_cfg, precond, units, eng, layout, acc, progress, step_parts=step_parts)
+    if store is not None and probe_cfg["schedule"] == "literal":
+        raise GradprobeError("the literal schedule sums every unit before its per-unit loop, so it cannot resume; "
+                             "use probe.schedule=packed (the default) with --state")
+    return Context(stack, batch, probe_cfg, precond, units, eng, FlatLayout(stack.params), acc, progress,
+                   store=store, step_parts=step_parts)
+
+
+@without_cudnn_attention()
+def unit_directions(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+                    v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-unit directional derivatives {"x": X[u].v, "y": Y[u].v} (fp64 [units], CPU) for one vector v of
+    n_params values in the probe's parameter order, from the packed schedule's forwards and one backward
+    per forward: no per-unit gradient is formed or stored (lora_grads.py)."""
+    from .schedules.packed import directions
+
+    if v.shape != (stack.n_params,):
+        raise GradprobeError(f"a direction needs {stack.n_params} values (one per trainable parameter); "
+                             f"got shape {tuple(v.shape)}")
+    x, y = directions(_context(stack, batch, probe_cfg, precond), v)
+    return {"x": x, "y": y}
+
+
+@without_cudnn_attention()
+def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+              learning_rate: float, progress: Callable[[int, int], None] | None = None,
+              store: Any = None, step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> ProbeResult:
+    """Compute delta-H1 = -lr * U_cross with its standard errors on one batch. `store` (resume.UnitStore:
+    save(u, x, raw y, x_present, y_present) after each unit, load(u) before it) makes a run resumable. With
+    `step_parts` (the real step's decomposition, sink.StepParts) also deltaH of the step the optimizer will
+    take (real_step.py)."""
+    ctx = _context(stack, batch, probe_cfg, precond, progress, store, step_parts)
+    layout, eng, n, m = ctx.layout, ctx.eng, stack.n_params, ctx.m
     if stack.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()

@@ -15,6 +15,45 @@ from ..params import FlatLayout
 from . import real_step
 
 
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.1f} GiB"
+
+
+def choose_bank(setting: str, m: int, n: int, device: torch.device, n_prompts: int) -> tuple[str, str]:
+    """Where the [m, n] fp32 banks of X[u] and Y[u] live: 'device' when they fit in 60% of the free device
+    memory (the rest is for the forwards), else 'host' when they fit in 90% of the available host memory,
+    else (setting 'auto') 'none': no bank, streaming sums and a second pass for the row means, without the
+    cross matrix. A bank asked for by name that does not fit is refused before any work, naming the
+    settings that fit. Returns (where, the reason)."""
+    need = 2 * m * n * 4
+    host = available_host_memory()
+    host_cap = 0.9 * host if host is not None else float("inf")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+        dev_cap = 0.6 * free
+    else:
+        free, dev_cap = host, host_cap  # the CPU's memory is the host's
+    what = f"{_gib(need)} for {m} units x {n:,} trainable values"
+    if setting in ("auto", "device") and need <= dev_cap:
+        return "device", f"bank of per-unit gradients on {device.type}: {what} ({_gib(free or 0)} free)"
+    if setting in ("auto", "host") and need <= host_cap:
+        why = "" if setting == "host" else f" (over 60% of the {_gib(free)} free on {device.type})"
+        return "host", f"bank of per-unit gradients on the host: {what}{why}"
+    if setting in ("auto", "none"):
+        why = "" if setting == "none" else f" ({what} fits neither on {device.type} nor on the host)"
+        return "none", (f"no bank of per-unit gradients{why}: streaming sums and a second pass for the row means; "
+                        f"no pairwise SE")
+    cap = dev_cap if setting == "device" else host_cap
+    fits = int(cap // (8 * n))
+    hint = (f"probe.mode=blocks with probe.block_size={-(-n_prompts // fits)} ({fits} units fit), " if fits >= 2
+            else "")
+    where = f"{_gib(dev_cap if setting == 'device' else host_cap)} usable on " + (
+        device.type if setting == "device" else "the host")
+    raise GradprobeError(f"the bank of per-unit gradients needs {what}, but {where}; use {hint}probe.bank=auto, "
+                         f"or probe.bank=none (no bank: a second pass, no pairwise SE)")
+
+
 def host_bank(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two [m, n] fp32 host banks, refused up front (not by the OOM killer at unit m) when they do not fit."""
     need = 2 * m * n * 4
@@ -37,19 +76,33 @@ class UnitSink:
     With sums on the device, P, the dots and the sums run there and the host only stores; with sums on
     the host (accumulate_on=cpu) the device holds nothing but the two gradient buffers. On CUDA the copy
     to the host runs on a side stream into pinned double buffers and a worker thread (with half the
-    CPU threads, so the thread launching kernels keeps a core) does the host side."""
+    CPU threads, so the thread launching kernels keeps a core) does the host side.
+
+    bank='device' keeps the bank on the device instead (choose_bank): each unit's gradients are formed in
+    its bank row (rows()), P, the dots and the sums run there, K is one fp64 pass there, and nothing but
+    the [m, m] result and the sums crosses to the host. `slots`: how many units one forward may hold open
+    (the device buffers that rows() hands out with a host bank)."""
 
     def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
-                 pvec: torch.Tensor | None):
+                 pvec: torch.Tensor | None, bank: str = "host", slots: int = 0):
         n = layout.n
         self.layout = layout
         self.then_result: Any = None  # what finish's `then` returned
         self.device = device
-        self.cuda = device.type == "cuda"
-        self.on_device = self.cuda and sums_on_device
+        self.bank = bank
+        self.cuda = device.type == "cuda" and bank == "host"  # host transfers
+        self.on_device = sums_on_device or bank != "host"
         where = device if self.on_device else torch.device("cpu")
         self.pvec = pvec.to(where) if pvec is not None else None  # padded
-        self.bank_x, self.bank_y = host_bank(m, n)
+        if bank == "device":
+            self.bank_x = torch.zeros(m, n, device=device)
+            self.bank_y = torch.zeros(m, n, device=device)
+        elif bank == "host":
+            self.bank_x, self.bank_y = host_bank(m, n)
+        else:  # none: the sums and dots only
+            self.bank_x = self.bank_y = torch.empty(0)
+        self._slots = torch.zeros(2, slots, n, device=device) if slots and bank != "device" else None
+        self._open: tuple[int, int] | None = None  # (unit, slot) left open by the last rows() call
         self.diag_t = torch.zeros(m, len(layout.sizes), dtype=torch.float64, device=where)
         self.sx = torch.zeros(n, device=where)
         self.sy = torch.zeros(n, device=where)
@@ -64,6 +117,20 @@ class UnitSink:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradprobe-bank",
                                             initializer=torch.set_num_threads, initargs=(threads,))
 
+    def rows(self, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[k, n] fp32 X and grad-LY rows where the consecutive `units` of one forward add their gradients;
+        zero for a unit not seen before, holding its partial sums for a unit the last forward left open."""
+        if self.bank == "device":
+            return self.bank_x[units[0]:units[-1] + 1], self.bank_y[units[0]:units[-1] + 1]
+        k, slots = len(units), self._slots
+        self.wait_free()
+        carried = self._open is not None and self._open[0] == units[0]
+        if carried and self._open[1] != 0:
+            slots[:, 0].copy_(slots[:, self._open[1]])
+        slots[:, int(carried):k].zero_()
+        self._open = (units[-1], k - 1)
+        return slots[0, :k], slots[1, :k]
+
     def wait_free(self) -> None:
         """Before overwriting the buffers given to the last push(): wait (on the device) for their copy."""
         if self._last is not None:
@@ -77,6 +144,8 @@ class UnitSink:
             self.diag_t[u] = self.layout.dots(x, y)
             self.sx.add_(x)
             self.sy.add_(y)
+            if self.bank != "host":
+                return  # x and y are the bank's rows, or there is no bank
         if not self.cuda:
             self._host(u, x, y)
             return
@@ -112,10 +181,10 @@ class UnitSink:
         self.sx.add_(bx)
         self.sy.add_(by)
 
-    def finish(self, then: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
-        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m).
-        `then(bank_x, bank_y)` runs on the banks (Y as stored: times P when there is one) before they are
-        freed, and may scale bank_y in place; what it returns is kept in then_result."""
+    def finish(self, then: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor | None:
+        """Wait for the host work and bring the sums to the host; return K[u, v] = X[u].Y[v] (fp64, m x m),
+        or None without a bank. `then(bank_x, bank_y)` runs on the banks (Y as stored: times P when there is
+        one) before they are freed, and may scale bank_y in place; what it returns is kept in then_result."""
         if self.cuda:
             for f in self._pending:
                 if f is not None:
@@ -129,9 +198,11 @@ class UnitSink:
                 self.sx, self.sy = stage[0], stage[1]
                 self.diag_t = self.diag_t.cpu()
             self._staging = []
-        out = self.layout.cross_dots(self.bank_x, self.bank_y)
-        if then is not None:
+        out = self.layout.cross_dots(self.bank_x, self.bank_y).cpu() if self.bank != "none" else None
+        if then is not None and self.bank != "none":
             self.then_result = then(self.bank_x, self.bank_y)
+        if self.bank != "host":
+            self.diag_t = self.diag_t.cpu()
         self.bank_x = self.bank_y = torch.empty(0)
         self._tmp = None
         return out
@@ -152,16 +223,18 @@ def real_step_hook(layout: FlatLayout, sink: UnitSink, pvec: torch.Tensor | None
     cpu = torch.device("cpu")
 
     def then(bank_x: torch.Tensor, bank_y: torch.Tensor) -> tuple[real_step.RealStepEstimate, Any, torch.Tensor]:
+        dev = bank_x.device  # the host, or the device for a device bank
         sy = sink.sy.to(cpu)
-        if pvec is not None:  # the bank and the sums hold P grad LY[v]; the padding has P = 0
-            sy = torch.where(pvec > 0, sy / pvec, torch.zeros(()))
+        p = pvec.to(cpu) if pvec is not None else None
+        if p is not None:  # the bank and the sums hold P grad LY[v]; the padding has P = 0
+            sy = torch.where(p > 0, sy / p, torch.zeros(()))
         g = -sy / m  # the run's loss is -mean_v LY[v]: g is its gradient on the whole batch
         parts = step_parts([v.clone() for v in layout.views(g)])
         a = layout.gather(parts.fresh, cpu) * parts.clip_factor
-        bank_y.mul_(a if pvec is None else torch.where(pvec > 0, a / pvec, torch.zeros(())))
-        fresh_cross = -layout.cross_dots(bank_x, bank_y)  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
+        bank_y.mul_((a if p is None else torch.where(p > 0, a / p, torch.zeros(()))).to(dev))
+        fresh_cross = -layout.cross_dots(bank_x, bank_y).cpu()  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
         w = torch.stack([layout.gather(parts.momentum, cpu), layout.gather(parts.decay, cpu)])
-        xw = layout.cross_dots(bank_x, w)
+        xw = layout.cross_dots(bank_x, w.to(dev)).cpu()
         est = real_step.same_batch(fresh_cross, xw[:, 0], xw[:, 1], float(parts.clip_factor))
         return est, parts, a * g + w.sum(0)
 

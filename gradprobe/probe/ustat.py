@@ -46,9 +46,10 @@ def row_means(x_dot_sumy: torch.Tensor, y_dot_sumx: torch.Tensor, diag: torch.Te
 
 
 def hoeffding_se(r: torch.Tensor) -> float:
-    """SE(U) ~ 2 sd(r)/sqrt(B): the first-order (Hoeffding) variance of a degree-2 U-statistic."""
+    """SE(U) ~ 2 sd(r)/sqrt(B): the first-order (Hoeffding) variance of a degree-2 U-statistic.
+    Undefined at B = 2: both row means are the one pair's mean, so their spread is rounding."""
     b = r.numel()
-    if b < 2:
+    if b < 3:
         return math.nan
     return float(2.0 * r.double().std(unbiased=True) / math.sqrt(b))
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 # name -> module under gradprobe.probe.schedules (imported on first use: config.py reads the names only)
 SCHEDULES: dict[str, str] = {
+    "packed": "packed",
     "fused": "fused",
     "literal": "literal",
     "one_backward": "one_backward",

@@ -30,6 +30,27 @@ class Context:
     step_parts: Any = None  # sink.StepParts: the real step's decomposition, for deltaH (real_step.py)
     x_present: list[int] = field(default_factory=list)  # tensors reached by each X backward
     y_present: list[int] = field(default_factory=list)
+    store: Any = None  # resume.UnitStore: units an interrupted run finished are restored, not recomputed
+
+    def restored(self, u: int, sink: Any, fx: torch.Tensor, fy: torch.Tensor) -> bool:
+        """Unit u from the store, pushed as if computed (the saved fp32 bits, in the same order): True; or False."""
+        saved = self.store.load(u) if self.store is not None else None
+        if saved is None:
+            return False
+        sink.wait_free()
+        fx.copy_(saved["x"])
+        fy.copy_(saved["y"])
+        self.x_present.append(saved["x_present"])
+        self.y_present.append(saved["y_present"])
+        sink.push(u, fx, fy)
+        if self.progress:
+            self.progress(u + 1, self.m)
+        return True
+
+    def save(self, u: int, fx: torch.Tensor, fy: torch.Tensor, nx: int, ny: int) -> None:
+        """After unit u, before push() (which may scale fy by P in place); nx, ny: its first present entries."""
+        if self.store is not None:
+            self.store.save(u, fx, fy, min(self.x_present[nx:]), min(self.y_present[ny:]))
 
     @property
     def m(self) -> int:

@@ -12,7 +12,8 @@ from .base import Context, Outcome
 
 
 def new_sink(ctx: Context) -> UnitSink:
-    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.acc.type == "cuda", ctx.pvec(torch.device("cpu")))
+    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.cfg["accumulate_on"] == "device",
+                    ctx.pvec(torch.device("cpu")))
 
 
 def finish(ctx: Context, sink: UnitSink, schedule: str) -> Outcome:
@@ -31,6 +32,9 @@ def run(ctx: Context) -> Outcome:
     grads = FlatGrads(stack.params, layout) if FlatGrads.usable(stack.params) else None
     try:
         for u in range(ctx.m):
+            if ctx.restored(u, sink, fx, fy):
+                continue
+            nx, ny = len(ctx.x_present), len(ctx.y_present)
             chunks = plan_chunks(ctx.units[u], eng.group_sizes, eng.mb)
             eng.prepare(chunks)
             for k, chunk in enumerate(chunks):
@@ -48,6 +52,7 @@ def run(ctx: Context) -> Outcome:
                     else:
                         eng.backward((s * w).sum(), retain=retain)
                         present.append(reader.add(buf))
+            ctx.save(u, fx, fy, nx, ny)
             sink.push(u, fx, fy)
             if ctx.progress:
                 ctx.progress(u + 1, ctx.m)

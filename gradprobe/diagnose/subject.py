@@ -7,6 +7,7 @@ optimizer and loss function (their bug may live in their code, so nothing of our
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
-from ..objective import LossSpec, is_flat, loss_y_weights, pack, sequence_logprobs, x_weights
-from ..rollouts import Batch
+from ..objective import LEGACY_NORMALIZATION, LossSpec, is_flat, loss_y_weights, pack, sequence_logprobs, x_weights
+from ..rollouts import Batch, Group
 from .model_state import adapter_params
 
 
@@ -35,6 +36,36 @@ class Subject:
     expect_4bit: bool | None = None
     params_note: str = ""
     params_source: str = "given"
+    adapters: set[str] | None = None  # adapter names whose weights are in the list (the ones that should take part)
+    old_logprobs: Any = None  # sampling-time log-probs: per-sequence sums or per-token lists
+
+
+ADAPTER_WEIGHT = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\.([^.]+)(?:\.|$)")
+
+
+def list_adapters(names: list[str]) -> set[str]:
+    """The adapters whose LoRA weights are in the list, from their parameter names."""
+    return {m.group(1) for n in names if (m := ADAPTER_WEIGHT.search(n))}
+
+
+def measured_batch(rewards: list[list[float]] | None, lengths: list[list[int]] | None,
+                   advantages: list[list[float]] | None) -> Batch | None:
+    """What the user's loss measured, as a Batch (one group per entry): enough for the generation checks and the
+    no-signal rule, which read rewards, advantages and lengths only."""
+    given = next((x for x in (rewards, advantages, lengths) if x is not None), None)
+    if given is None:
+        return None
+    for name, x in (("rewards", rewards), ("advantages", advantages), ("lengths", lengths)):
+        if x is not None and (len(x) != len(given) or any(len(a) != len(b) for a, b in zip(x, given))):
+            raise GradprobeError(f"{name}= must have one list per group, each as long as the group "
+                                 f"(got {[len(a) for a in x]} against {[len(b) for b in given]})")
+    groups = []
+    for k, ref in enumerate(given):
+        lens = [int(v) for v in lengths[k]] if lengths is not None else [1] * len(ref)
+        rw = [float(v) for v in rewards[k]] if rewards is not None else [0.0] * len(ref)
+        adv = [float(v) for v in advantages[k]] if advantages is not None else None
+        groups.append(Group(prompt=[], responses=[[0] * n for n in lens], rewards=rw, advantages=adv))
+    return Batch(groups, meta={"lengths_unknown": lengths is None})
 
 
 def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str]:
@@ -68,9 +99,12 @@ def pick_groups(batch: Batch, rows: int) -> list[int]:
     return chosen
 
 
-def batch_loss_fn(stack, batch: Batch, groups: list[int], loss: LossSpec) -> Callable[[], dict[str, Any]]:
+def batch_loss_fn(stack, batch: Batch, groups: list[int], loss: LossSpec | str) -> Callable[[], dict[str, Any]]:
     """S, LX and LY of DESIGN.md over `groups`, built exactly as the probe builds them (Y weights from the
-    whole batch, which the batch-level loss types need)."""
+    whole batch, which the batch-level loss types need). `loss`: the run's LossSpec, or a loss type or
+    probe.normalization value alone."""
+    if isinstance(loss, str):
+        loss = LossSpec(LEGACY_NORMALIZATION.get(loss, loss))
     pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
     tb = pack(pairs, stack.tokenizer.pad_token_id, stack.device)
     sizes = [len(batch.groups[p].responses) for p in groups]

@@ -26,6 +26,8 @@ from .subject import (
     Subject,
     batch_loss_fn,
     default_params,
+    list_adapters,
+    measured_batch,
     pick_groups,
     stack_autocast_off,
     user_autocast_off,
@@ -61,10 +63,10 @@ class DiagnoseResult:
                 "measured": self.measured, "timings": self.timings}
 
 
-def _subject_from_stack(stack, batch: Batch, cfg: dict[str, Any] | None) -> Subject:
+def _subject_from_stack(stack, batch: Batch, cfg: dict[str, Any] | None, groups: list[int] | None) -> Subject:
     rows = cfg["probe"]["microbatch_size"] if cfg else 8
     loss = LossSpec.from_config(cfg) if cfg else LossSpec()
-    groups = pick_groups(batch, rows)
+    groups = groups if groups is not None else pick_groups(batch, rows)
     return Subject(model=stack.model, params=list(stack.params), names=list(stack.names),
                    loss_fn=batch_loss_fn(stack, batch, groups, loss), batch=batch, measured_groups=groups,
                    autocast_off=stack_autocast_off(stack), params_source="the stack's trainable parameters",
@@ -87,8 +89,10 @@ def load_optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | N
 def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | None = None,
              loss_fn: Callable[[], Any] | None = None, *, optimizer: torch.optim.Optimizer | None = None,
              optimizer_state: dict[str, Any] | None = None, optimizer_source: str = "optimizer state_dict",
-             batch: Batch | None = None, stack=None, cfg: dict[str, Any] | None = None,
-             run_differential: bool = True) -> DiagnoseResult:
+             batch: Batch | None = None, groups: list[int] | None = None,
+             rewards: list[list[float]] | None = None, lengths: list[list[int]] | None = None,
+             advantages: list[list[float]] | None = None, old_logprobs: Any = None, stack=None,
+             cfg: dict[str, Any] | None = None, run_differential: bool = True) -> DiagnoseResult:
     """Run every gradient-flow check and name the root cause.
 
     Point it at your own code:  diagnose(model, params, loss_fn, optimizer=opt)
@@ -98,16 +102,25 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
                  called several times, each call must build a fresh graph
       optimizer  its param_groups and Adam state are checked against params
       optimizer_state  or a saved optimizer state_dict (mapped by param_names or index, as the probe does)
-      batch      optional gradprobe Batch, for the generated-length checks
+      What the loss measured (so expected zeros are told from faults: identical rewards, empty responses):
+      rewards    one list per group the loss measured, its responses' rewards
+      lengths    the same shape: each response's generated length (the tokens S sums over)
+      advantages the same shape, when the loss uses given advantages instead of group-centred rewards
+      batch      or a gradprobe Batch, with groups= the indices of its groups the loss measured (default all)
+      old_logprobs  the sampling-time log-probs of the sequences S covers (per-sequence sums, or one list of
+                 per-token values per sequence): compared with the recomputed S, a gap is named and sized
     Or at a stack gradprobe built:  diagnose(stack=stack, batch=batch, cfg=cfg)
     (params=, loss_fn= and optimizer= still override the stack's, e.g. to test your own list).
     """
     t0 = time.perf_counter()
     caller_grad, caller_inf = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    if groups is not None and (batch is None or any(not 0 <= g < batch.B for g in groups)):
+        raise GradprobeError(f"groups= must index the groups of batch= ({batch.B if batch else 'none given'}); "
+                             f"got {groups}")
     if stack is not None:
         if batch is None and loss_fn is None:
             raise GradprobeError("diagnose(stack=...) needs batch= (or loss_fn=)")
-        base = _subject_from_stack(stack, batch, cfg) if batch is not None else None
+        base = _subject_from_stack(stack, batch, cfg, groups) if batch is not None else None
         model = stack.model
         state, source = (optimizer_state, optimizer_source) if optimizer_state is not None else \
             load_optimizer_state(cfg)
@@ -115,6 +128,13 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         if model is None or loss_fn is None:
             raise GradprobeError("diagnose() needs model= and loss_fn= (or stack= and batch=)")
         base, state, source = None, optimizer_state, optimizer_source
+    told = measured_batch(rewards, lengths, advantages)
+    if told is not None:
+        if batch is not None:
+            raise GradprobeError("give either batch= (with groups=) or rewards=/lengths=/advantages=, not both")
+        batch, groups = told, list(range(told.B))
+    if groups is None and batch is not None:
+        groups = base.measured_groups if base is not None else list(range(batch.B))
     if params is None and base is not None and base.params:
         plist, psource, note = base.params, base.params_source, ""
     elif params is None:
@@ -123,16 +143,18 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
         plist, psource, note = list(params), "the list given", ""
     if not plist:
         raise GradprobeError("the parameter list is empty")
-    subject = Subject(model=model, params=plist, names=param_names(model, plist),
+    names = param_names(model, plist)
+    subject = Subject(model=model, params=plist, names=names, adapters=list_adapters(names),
+                      old_logprobs=old_logprobs,
                       loss_fn=loss_fn or base.loss_fn, optimizer=optimizer, optimizer_state=state,
                       optimizer_source=source, optimizer_order=cfg["probe"]["optimizer_order"] if cfg else "auto",
-                      batch=batch, measured_groups=base.measured_groups if base else None,
+                      batch=batch, measured_groups=groups,
                       autocast_off=(base.autocast_off if base and loss_fn is None else user_autocast_off(plist)),
                       expect_4bit=base.expect_4bit if base else None, params_note=note, params_source=psource)
 
     saved_grads = [(p, p.grad) for p in {id(p): p for p in [*model.parameters(), *plist]}.values()]
     try:
-        m = measure(model, plist, subject.loss_fn)
+        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None)
         t1 = time.perf_counter()
         facts = gather(subject, m, caller_grad, caller_inf)
         facts.differential = differential.run(facts) if run_differential else []

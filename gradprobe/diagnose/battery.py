@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .causes import BY_ID
 from .check import FAIL, PASS, WARN, Check
 from .facts import Facts
 from .measure import GradStats
 from .model_state import short_name
-from .verdict import FIXES
 
 BACKWARD_FIX = "Take gradients with loss.backward() and read param.grad (as `gradprobe delta-h1` does)."
 NON_REENTRANT_FIX = ("or switch checkpointing to non-reentrant: model.gradient_checkpointing_enable("
@@ -173,9 +173,12 @@ def probe_path(f: Facts) -> Check:
 def generation(f: Facts) -> Check:
     g = f.generation
     if not g.given:
-        return Check("generation", "generated lengths", PASS, {"batch": "not given (pass batch= to check)"})
-    ev = {"rows": g.rows, "mean_length": round(g.mean_length, 2), "max_length": g.max_length,
-          "empty_rows": f"{g.empty_rows}/{g.rows}", "flat_reward_groups": f"{g.flat_groups}/{g.groups}",
+        return Check("generation", "generated lengths", PASS,
+                     {"batch": "not given (pass rewards=/lengths= or batch= to check)"})
+    ev = {"rows": g.rows, "mean_length": round(g.mean_length, 2) if g.lengths_known else "not given",
+          "max_length": g.max_length if g.lengths_known else "not given",
+          "empty_rows": f"{g.empty_rows}/{g.rows}" if g.lengths_known else "not given",
+          "flat_reward_groups": f"{g.flat_groups}/{g.groups}",
           "measured_groups": len(g.measured_groups)}
     fix = ("Check generation: max_new_tokens, EOS handling, prompt truncation and the mask that marks the "
            "generated region.")
@@ -205,15 +208,80 @@ def grad_mode(f: Facts) -> Check:
 
 def train_mode(f: Facts) -> Check:
     t = f.m.trace
-    model = f.subject.model
-    evals = sum(not mod.training for mod in model.modules())
-    ev = {"training_at_forward": t.training, "modules_in_eval": f"{evals}/{sum(1 for _ in model.modules())}",
-          "autocast_at_forward": t.autocast}
-    if t.training is False:
+    layers_eval = sum(1 for s in t.layers.values() if s.calls and s.training is False)
+    ev = {"training_at_forward": t.training, "adapter_layers_in_eval": f"{layers_eval}/{len(t.layers)}",
+          "dropout": f.dropout or "none with p > 0", "autocast_at_forward": t.autocast}
+    if t.training is False or layers_eval:
+        if f.dropout:
+            return Check("train_mode", "train mode, autocast", FAIL, ev,
+                         "The model ran in eval mode with dropout configured: its gradient is not a training step's; "
+                         "call model.train() before building the loss.")
+        ev["note"] = "no dropout with p > 0: the gradient equals the train-mode one; checkpointing is off in eval mode"
         return Check("train_mode", "train mode, autocast", WARN, ev,
-                     "The model was in eval mode: dropout and checkpointing are off, unlike a training step; "
-                     "call model.train() before building the loss.")
+                     "Call model.train() before building the loss (eval mode turns activation checkpointing off).")
     return Check("train_mode", "train mode, autocast", PASS, ev)
+
+
+def loss_runs(f: Facts) -> Check:
+    r = f.m.raised
+    if r is None:
+        return Check("loss_runs", "loss and backward run", PASS, {"loss": f.m.primary})
+    ev = {"phase": r.phase, "exception": r.type, "message": r.message, "class": r.kind}
+    return Check("loss_runs", "loss and backward run", FAIL, ev, BY_ID[r.kind].fix)
+
+
+def old_logprobs(f: Facts) -> Check:
+    g = f.logprobs
+    if g is None:
+        return Check("old_logprobs", "old log-probs", PASS, {"old_logprobs": "not given"})
+    ev = dict(g.evidence, result=g.kind)
+    if g.kind == "not_compared":
+        return Check("old_logprobs", "old log-probs", WARN, ev, "Return S (per-sequence log-probs) from the loss "
+                     "function, e.g. {'S': s, 'LY': loss}, to compare it with the old log-probs.")
+    if g.kind != "match":
+        return Check("old_logprobs", "old log-probs", FAIL, ev, BY_ID["logprob_mismatch"].fix)
+    return Check("old_logprobs", "old log-probs", PASS, ev)
+
+
+def adapter_forward(f: Facts) -> Check:
+    """The adapter layers as the user's forward met them (hooks while the loss ran)."""
+    layers = f.m.trace.layers
+    if not layers:
+        return Check("adapter_forward", "adapter layers in the forward", PASS, {"adapter_layers": 0})
+    ran = [n for n, s in layers.items() if s.calls]
+    effective = [n for n, s in layers.items() if s.effective]
+
+    def names(pick) -> list[str]:
+        return [short_name(n) for n, s in layers.items() if pick(s)]
+
+    dtypes = sorted({d for s in layers.values() for d in s.input_dtypes})
+    active = sorted({a for s in layers.values() for a in s.active})
+    scales = sorted({v for s in layers.values() for v in s.scaling.values()})
+    ev: dict = {"adapter_layers": len(layers), "ran": f"{len(ran)}/{len(layers)}",
+                "took_part": f"{len(effective)}/{len(layers)}", "active_adapters": ",".join(active) or "none",
+                "scaling": ",".join(f"{v:g}" for v in scales) or "n/a", "input_dtypes": ",".join(dtypes) or "n/a",
+                "list_adapters": ",".join(sorted(f.subject.adapters or [])) or "n/a"}
+    never = names(lambda s: s.calls == 0)
+    off = names(lambda s: s.calls and not s.effective)
+    if never:
+        ev["never_ran"] = never
+    if off:
+        ev["ran_without_adapter"] = off
+        ev["ran_disabled"] = names(lambda s: s.calls and not s.effective and s.disabled)
+        ev["ran_merged"] = names(lambda s: s.calls and not s.effective and s.merged)
+    if never or off:
+        starved = {c.id for c in _adapter_causes(f)}
+        status = FAIL if starved else WARN
+        return Check("adapter_forward", "adapter layers in the forward", status, ev,
+                     "Run the loss through the model you train with its adapters enabled, unmerged and active "
+                     "in every LoRA layer (the verdict names what was off).")
+    return Check("adapter_forward", "adapter layers in the forward", PASS, ev)
+
+
+def _adapter_causes(f: Facts) -> list:
+    from .rules import _adapter_bypassed, _adapter_disabled
+
+    return [c for c in (_adapter_disabled(f), _adapter_bypassed(f)) if c is not None]
 
 
 def checkpointing(f: Facts) -> Check:
@@ -320,7 +388,7 @@ def optimizer_state(f: Facts) -> Check:
         if o.error:
             ev["error"] = o.error
         if o.mismatch and not o.missing:
-            return Check("optimizer_state", "preconditioner coverage", FAIL, ev, FIXES["optimizer_state_mismatch"])
+            return Check("optimizer_state", "preconditioner coverage", FAIL, ev, BY_ID["optimizer_state_mismatch"].fix)
         return Check("optimizer_state", "preconditioner coverage", FAIL, ev,
                      "Give the state of an optimizer that has stepped every trainable parameter, or probe with "
                      "precondition=identity; never fill missing state with zeros (P = 1/eps ≈ 1e8).")
@@ -332,10 +400,25 @@ def optimizer_state(f: Facts) -> Check:
 
 
 ALL: list[Callable[[Facts], Check]] = [
-    strict_autograd_grad, s_alive, param_identity, coverage, probe_path, generation, grad_mode, train_mode,
-    checkpointing, input_grads, adapters, quantization, lora_dtype, nonfinite, optimizer_state,
+    loss_runs, strict_autograd_grad, s_alive, param_identity, coverage, probe_path, generation, grad_mode,
+    train_mode, checkpointing, input_grads, adapters, adapter_forward, quantization, lora_dtype, nonfinite,
+    optimizer_state, old_logprobs,
 ]
+
+# what needs a loss to differentiate: not measured when the loss function raised
+NEEDS_LOSS = {strict_autograd_grad, s_alive, coverage, probe_path}
 
 
 def run_all(f: Facts) -> list[Check]:
-    return [check(f) for check in ALL]
+    out = []
+    for check in ALL:
+        if f.m.loss_error and check in NEEDS_LOSS:
+            c = check.__name__
+            out.append(Check(c, TITLES[c], WARN, {"not_measured": "the loss function raised (see loss_runs)"}))
+        else:
+            out.append(check(f))
+    return out
+
+
+TITLES = {"strict_autograd_grad": "strict autograd.grad", "s_alive": "S is alive", "coverage": "coverage X vs Y",
+          "probe_path": "backward() probe path"}

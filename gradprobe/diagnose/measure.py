@@ -8,6 +8,7 @@ takes gradients through `torch.autograd.grad` and through `backward()` + `param.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import GradprobeError
+from .model_state import tuner_layers
 
 LOSS_KEYS = ("S", "LX", "LY")
 
@@ -30,6 +32,64 @@ class ForwardTrace:
     training: bool | None = None
     inputs_require_grad: bool | None = None  # the input embeddings' output
     logits_require_grad: bool | None = None  # the output layer's output
+    layers: dict[str, LayerSeen] = field(default_factory=dict)  # every adapter layer, by module name
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)  # first forward's ids, mask, logits (if asked)
+
+
+@dataclass
+class LayerSeen:
+    """One adapter layer as the user's forward met it: whether it ran and in which adapter state."""
+
+    calls: int = 0
+    effective: int = 0  # calls in which an adapter of the list took part (enabled, unmerged, active, scaling != 0)
+    disabled: int = 0
+    merged: int = 0
+    inactive: int = 0  # calls in which no adapter of the list was active
+    zero_scaling: int = 0
+    active: list[str] = field(default_factory=list)
+    scaling: dict[str, float] = field(default_factory=dict)
+    input_dtypes: list[str] = field(default_factory=list)
+    grad_enabled: bool | None = None
+    inference_mode: bool | None = None
+    training: bool | None = None
+
+
+@dataclass
+class Raised:
+    """An exception of the user's loss code or of the backward through its graph, classified."""
+
+    phase: str  # "loss" or "backward"
+    type: str
+    message: str
+    kind: str  # one of ERROR_KINDS
+
+    def text(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+# exception class -> root-cause id (diagnose/causes.py); the first match wins
+ERROR_KINDS = ("inference_tensors", "checkpoint_recompute_mismatch", "device_mismatch", "dtype_mismatch",
+               "loss_exception")
+
+
+def classify(exc: BaseException, phase: str) -> Raised:
+    """Sort an exception into the classes the verdict knows, from its type and torch's message."""
+    msg = str(exc).strip()
+    low = msg.lower()
+    if "inference tensor" in low or "inference_mode" in low:
+        kind = "inference_tensors"
+    elif isinstance(exc, torch.utils.checkpoint.CheckpointError) or "torch.utils.checkpoint" in low \
+            or "recomputed values" in low or "recomputation" in low:
+        kind = "checkpoint_recompute_mismatch"
+    elif "device" in low and ("same device" in low or "expected" in low or "meta" in low):
+        kind = "device_mismatch"
+    elif "dtype" in low or "scalar type" in low or re.search(r"(float|half|bfloat16|double|long)", low) and \
+            ("expected" in low or "mismatch" in low):
+        kind = "dtype_mismatch"
+    else:
+        kind = "loss_exception"
+    first = msg.splitlines()[0] if msg else ""
+    return Raised(phase, type(exc).__name__, first[:400], kind)
 
 
 @dataclass
@@ -60,6 +120,8 @@ class GradStats:
     zero: list[int] = field(default_factory=list)  # indices whose gradient is all zero
     bad: list[int] = field(default_factory=list)  # indices with NaN/Inf
     error: str | None = None
+    raised: Raised | None = None  # what the backward raised, classified
+    vector: torch.Tensor | None = None  # the flat gradient (kept for the primary backward: the differential compares)
 
 
 @dataclass
@@ -70,6 +132,7 @@ class Measurement:
     stats: dict[str, GradStats] = field(default_factory=dict)  # "LY/backward", "LY/autograd.grad", ...
     strict_error: str | None = None
     loss_error: str | None = None
+    raised: Raised | None = None  # the loss function's exception, or the primary loss's backward's
 
     def get(self, loss: str, api: str) -> GradStats | None:
         return self.stats.get(f"{loss}/{api}")
@@ -112,15 +175,67 @@ def _first_tensor(out: Any) -> torch.Tensor | None:
     return None
 
 
+def _scaling(layer: torch.nn.Module, adapter: str) -> float | None:
+    value = getattr(layer, "scaling", {}).get(adapter) if isinstance(getattr(layer, "scaling", None), dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _layer_hook(seen: LayerSeen, wanted: set[str]):
+    """A forward pre-hook recording the adapter state the layer runs in (read at that moment, not after)."""
+    def hook(module, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        active = list(getattr(module, "active_adapters", []) or [])
+        disabled, merged = bool(getattr(module, "disable_adapters", False)), bool(getattr(module, "merged", False))
+        mine = [a for a in active if a in wanted] if wanted else active
+        scales = {a: _scaling(module, a) for a in mine}
+        zero = bool(mine) and all(v == 0.0 for v in scales.values() if v is not None) and \
+            any(v is not None for v in scales.values())
+        seen.calls += 1
+        seen.disabled += disabled
+        seen.merged += merged and not disabled
+        seen.inactive += not mine
+        seen.zero_scaling += zero
+        seen.effective += not (disabled or merged or not mine or zero)
+        if seen.calls == 1 or (not _recording(seen) and _recording_now()):
+            seen.active = active
+            seen.scaling = {a: v for a, v in scales.items() if v is not None}
+            seen.grad_enabled = torch.is_grad_enabled()
+            seen.inference_mode = torch.is_inference_mode_enabled()
+            seen.training = bool(module.training)
+        if x is not None and (d := str(x.dtype).removeprefix("torch.")) not in seen.input_dtypes:
+            seen.input_dtypes.append(d)
+    return hook
+
+
+def _recording_now() -> bool:
+    return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+
+def _recording(seen) -> bool:
+    return bool(seen.grad_enabled) and not seen.inference_mode
+
+
 @contextlib.contextmanager
-def traced(model: torch.nn.Module) -> Iterator[ForwardTrace]:
+def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bool = False) -> Iterator[ForwardTrace]:
+    """Hooks on the input embeddings, the output layer and every adapter layer while the loss runs.
+    `adapters`: the adapter names whose weights are in the parameter list (the ones that should take part);
+    capture=True keeps the first forward's input ids, attention mask and logits (detached)."""
     trace = ForwardTrace()
     inp, outp = _io_modules(model)
+
+    def on_model(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if capture and "attention_mask" not in trace.captured and isinstance(mask, torch.Tensor):
+            trace.captured["attention_mask"] = mask.detach()
 
     def on_input(module, args, out):
         t = _first_tensor(out)
         trace.calls += 1
-        if trace.calls == 1:
+        if capture and trace.calls == 1 and args and isinstance(args[0], torch.Tensor):
+            trace.captured["input_ids"] = args[0].detach()
+        # the first forward, or a later one that records a graph where the earlier did not (a no-grad
+        # reference forward before the policy forward is the usual pattern, not a fault)
+        if trace.calls == 1 or (not _recording(trace) and _recording_now()):
             trace.grad_enabled = torch.is_grad_enabled()
             trace.inference_mode = torch.is_inference_mode_enabled()
             trace.autocast = _autocast_now(t.device.type if t is not None else "cpu")
@@ -131,9 +246,14 @@ def traced(model: torch.nn.Module) -> Iterator[ForwardTrace]:
         t = _first_tensor(out)
         if trace.logits_require_grad is None:
             trace.logits_require_grad = bool(t is not None and t.requires_grad)
+            if capture and t is not None:
+                trace.captured["logits"] = t.detach().float()
 
-    handles = [inp.register_forward_hook(on_input)]
+    handles = [inp.register_forward_hook(on_input), model.register_forward_pre_hook(on_model, with_kwargs=True)]
     handles.append(outp.register_forward_hook(on_output))
+    for name, layer in tuner_layers(model):
+        trace.layers[name] = seen = LayerSeen()
+        handles.append(layer.register_forward_pre_hook(_layer_hook(seen, adapters or set())))
     try:
         yield trace
     finally:
@@ -224,27 +344,34 @@ def via_autograd(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) 
             got = torch.autograd.grad(loss, [params[i] for i in idx], allow_unused=True, retain_graph=True)
             for i, g in zip(idx, got):
                 grads[i] = g
-        except RuntimeError as exc:
-            error = str(exc).strip().splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's graph is a finding
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     st = _summarize(grads)
     st.error = error
     clear_grads(model, params)
     return st
 
 
-def via_backward(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -> GradStats:
-    """loss.backward() then read param.grad: the probe's (Plan A) path."""
+def via_backward(loss: Any, params: list[torch.Tensor], model: torch.nn.Module, keep: bool = False) -> GradStats:
+    """loss.backward() then read param.grad: the probe's (Plan A) path. keep=True keeps the flat gradient."""
     clear_grads(model, params)
-    error = None
+    error, raised = None, None
     if not isinstance(loss, torch.Tensor):
         error = f"the loss is a Python {type(loss).__name__}, not a tensor: it carries no graph"
+    elif not loss.requires_grad:
+        error = "element 0 of tensors does not require grad and does not have a grad_fn"  # torch's words
     else:
         try:
             loss.backward(retain_graph=True)
-        except RuntimeError as exc:
-            error = str(exc).strip().splitlines()[0]
-    st = _summarize([p.grad for p in params])
-    st.error = error
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's graph is a finding
+            raised = classify(exc, "backward")
+            error = raised.text()
+    grads = [p.grad for p in params]
+    st = _summarize(grads)
+    st.error, st.raised = error, raised
+    if keep and raised is None:
+        st.vector = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                               for g, p in zip(grads, params)])
     clear_grads(model, params)
     return st
 
@@ -258,7 +385,7 @@ def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -
     clear_grads(model, params)
     try:
         torch.autograd.grad(loss, params, retain_graph=True)
-    except RuntimeError as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's graph is a finding
         return str(exc).strip()
     finally:
         clear_grads(model, params)
@@ -268,29 +395,40 @@ def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -
 def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callable[[], Any],
             losses: tuple[str, ...] = ("LY", "LX", "S"), strict: bool = True,
             wrap: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            capture: bool = False) -> Measurement:
+            adapters: set[str] | None = None, scale: float = 1.0, capture: bool = False,
+            keep: bool | None = None) -> Measurement:
     """Build the loss once under `wrap()` and measure gradient coverage through both APIs.
-    capture=True records an exception of the loss code as the outcome (a changed factor may break it)."""
-    with traced(model) as trace:
+    An exception of the loss code (or of a backward through its graph) is recorded, classified, as the outcome.
+    `scale` multiplies every loss before its backward (the differential's loss-scaling run); keep=True keeps the
+    primary loss's flat gradient (default: only for a forward in eval mode, which the train-mode run compares)."""
+    with traced(model, adapters, capture) as trace:
         try:
             with wrap():
                 out = normalize(loss_fn())
         except GradprobeError:
             raise
-        except Exception as exc:
-            if not capture:
-                raise
-            return Measurement(trace, {}, "LY", loss_error=f"{type(exc).__name__}: {str(exc).strip()[:300]}")
+        except Exception as exc:  # noqa: BLE001 - the user's loss failing is the finding
+            raised = classify(exc, "loss")
+            return Measurement(trace, {k: TensorInfo(present=False) for k in LOSS_KEYS}, "LY",
+                               loss_error=raised.text(), raised=raised)
     tensors = {k: info(out.get(k)) for k in LOSS_KEYS}
     m = Measurement(trace, tensors, primary_key(out))
+    if capture and isinstance(out.get("S"), torch.Tensor):
+        trace.captured["S"] = out["S"].detach().float()
     if strict:
         m.strict_error = strict_grad(as_loss(out, m.primary), params, model)
     for key in losses:
         if key not in out:
             continue
         loss = as_loss(out, key)
+        if scale != 1.0 and isinstance(loss, torch.Tensor):
+            loss = loss * scale
         if key != "S":
             m.stats[f"{key}/autograd.grad"] = via_autograd(loss, params, model)
-        m.stats[f"{key}/backward"] = via_backward(loss, params, model)
+        in_eval = trace.training is False or any(s.calls and s.training is False for s in trace.layers.values())
+        keep_it = key == m.primary and (keep if keep is not None else in_eval)
+        m.stats[f"{key}/backward"] = st = via_backward(loss, params, model, keep=keep_it)
+        if key == m.primary and st.raised is not None:
+            m.raised = st.raised
     del out
     return m

@@ -149,12 +149,17 @@ def input_grads_enabled(model: torch.nn.Module) -> Iterator[bool]:
 
 # ---------------------------------------------------------------- adapters
 
-def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every PEFT adapter layer (LoRA and friends); none without PEFT."""
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _tuner_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for _, m in tuner_layers(model)]
 
 
 def adapter_params(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

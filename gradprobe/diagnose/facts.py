@@ -11,6 +11,7 @@ from ..errors import GradprobeError
 from ..objective import is_flat
 from ..optim.precondition import from_adam_state
 from ..optim.state import StateMismatch, has_second_moment, live_state_dict, no_decay_names
+from .logprobs import LogprobGap, compare
 from .measure import GradStats, Measurement
 from .model_state import (
     adapter_params,
@@ -63,6 +64,7 @@ class Generation:
     flat_groups: int = 0  # groups whose advantages are all zero: their Y is exactly zero
     measured_groups: list[int] = field(default_factory=list)
     measured_flat: bool = False  # every measured group is flat
+    lengths_known: bool = True  # False when the caller gave rewards without lengths
 
 
 @dataclass
@@ -81,6 +83,9 @@ class Facts:
     nonfinite_params: list[int]
     caller_grad_enabled: bool
     caller_inference_mode: bool
+    layer_idx: dict[str, list[int]] = field(default_factory=dict)  # adapter layer -> its tensors in the list
+    dropout: list[str] = field(default_factory=list)  # modules (and config fields) with dropout p > 0
+    logprobs: LogprobGap | None = None  # old log-probs against the recomputed S (when given)
     differential: list[Any] = field(default_factory=list)
 
     @property
@@ -102,6 +107,21 @@ class Facts:
         if st is None:
             return []
         return sorted(set(st.missing) | (set(st.zero) - self.expected(loss)))
+
+    def starved(self) -> set[int]:
+        """Tensors the primary backward left without a non-zero gradient that nothing explains."""
+        return set(self.unexplained(self.m.get(self.m.primary, "backward"), self.m.primary))
+
+    def layers_where(self, pick, starved_only: bool = True) -> list[str]:
+        """Adapter layers (short names) that `pick(seen)` selects and whose tensors in the list get no gradient
+        (every selected one when no gradient was measured: the backward raised; or with starved_only=False)."""
+        if not starved_only:
+            return [short_name(name) for name, seen in self.m.trace.layers.items()
+                    if pick(seen) and self.layer_idx.get(name)]
+        measured = self.m.get(self.m.primary, "backward") is not None and self.m.raised is None
+        starved = self.starved()
+        return [short_name(name) for name, seen in self.m.trace.layers.items()
+                if pick(seen) and self.layer_idx.get(name) and (not measured or set(self.layer_idx[name]) & starved)]
 
     def label(self, idx: list[int], limit: int | None = None) -> list[str]:
         out = [self.short[i] for i in idx]
@@ -179,17 +199,49 @@ def _missing_by_index(state: dict[str, Any], names: list[str]) -> list[str]:
     return [n for n, i in zip(names, order) if not has_second_moment(entries.get(i))]
 
 
+def _layer_idx(s: Subject, m: Measurement) -> dict[str, list[int]]:
+    return {layer: [i for i, n in enumerate(s.names) if n.startswith(layer + ".")] for layer in m.trace.layers}
+
+
+def _dropout(model: torch.nn.Module) -> list[str]:
+    """Where dropout with p > 0 acts in train mode: dropout modules and the config's dropout rates."""
+    out = [short_name(n) for n, mod in model.named_modules()
+           if isinstance(mod, torch.nn.modules.dropout._DropoutNd) and mod.p > 0]
+    for holder in {id(c): c for c in (getattr(mod, "config", None) for mod in model.modules()) if c}.values():
+        for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"):
+            value = getattr(holder, key, None)
+            if isinstance(value, float) and value > 0 and f"config.{key}" not in out:
+                out.append(f"config.{key}={value}")
+    return out
+
+
 def _generation(s: Subject) -> Generation:
     b = s.batch
     if b is None:
         return Generation(given=False)
+    known = not b.meta.get("lengths_unknown")
     lengths = [n for grp in b.lengths() for n in grp]
     flat = [is_flat(g) for g in b.groups]
     measured = s.measured_groups or []
-    return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths),
-                      mean_length=sum(lengths) / max(len(lengths), 1), max_length=max(lengths, default=0),
+    return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths) if known else 0,
+                      mean_length=sum(lengths) / max(len(lengths), 1) if known else 0.0,
+                      max_length=max(lengths, default=0) if known else 0, lengths_known=known,
                       groups=b.B, flat_groups=sum(flat), measured_groups=list(measured),
                       measured_flat=bool(measured) and all(flat[i] for i in measured))
+
+
+def _logprobs(s: Subject, m: Measurement) -> LogprobGap | None:
+    if s.old_logprobs is None or m.loss_error:
+        return None
+    b = s.batch
+    lengths = None
+    if b is not None and not b.meta.get("lengths_unknown"):
+        groups = s.measured_groups if s.measured_groups is not None else range(b.B)
+        lengths = [n for g in groups for n in b.groups[g].loss_lengths()]
+    out = compare(s.old_logprobs, m.trace.captured, lengths)
+    m.trace.captured.clear()  # the logits are large: keep the numbers only
+    return out
 
 
 def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool) -> Facts:
@@ -202,4 +254,5 @@ def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool
                  ckpt=checkpointing_state(s.model), adapters=adapter_state(s.model), quant=quantized_layers(s.model),
                  identity=_identity(s), optimizer=_optimizer(s, names), generation=_generation(s),
                  expected_zero=expected, nonfinite_params=nonfinite,
-                 caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference)
+                 caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference,
+                 layer_idx=_layer_idx(s, m), dropout=_dropout(s.model), logprobs=_logprobs(s, m))

@@ -1,7 +1,8 @@
 """Gradient-flow checks, the differential experiment and the root-cause verdict behind `gradprobe diagnose`."""
 
+from .causes import CAUSES, RootCause
 from .check import FAIL, PASS, WARN, Check
 from .core import SCHEMA, DiagnoseResult, diagnose
-from .verdict import ROOT_CAUSES, Verdict
+from .verdict import Verdict
 
-__all__ = ["FAIL", "PASS", "ROOT_CAUSES", "SCHEMA", "WARN", "Check", "DiagnoseResult", "Verdict", "diagnose"]
+__all__ = ["CAUSES", "FAIL", "PASS", "SCHEMA", "WARN", "Check", "DiagnoseResult", "RootCause", "Verdict", "diagnose"]

@@ -29,6 +29,10 @@ def evidence_text(evidence: dict[str, Any]) -> str:
     return "\n".join(f"{k}: {_value(v)}" for k, v in evidence.items())
 
 
+def _longest_word(texts) -> int:
+    return max((len(w) for text in texts for w in text.split()), default=1)
+
+
 def payload(result: DiagnoseResult, cfg: dict[str, Any] | None, exit_code: int) -> dict[str, Any]:
     return {"schema": SCHEMA, "command": "diagnose", "config": cfg, "exit_code": exit_code, **result.to_dict()}
 
@@ -37,8 +41,13 @@ def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
     t = Table(title="gradprobe diagnose", title_justify="left", show_lines=True)
     t.add_column("check", style="bold", ratio=1)
     t.add_column("status", no_wrap=True)
-    t.add_column("evidence", ratio=3, overflow="fold")
-    t.add_column("fix", ratio=2, overflow="fold")
+    # piped or logged (no terminal): a column is never narrower than its longest word, so a fix or a code
+    # line is never folded mid-token (a terminal keeps its width and folds what cannot fit)
+    piped = not out.is_terminal
+    t.add_column("evidence", ratio=3, overflow="fold",
+                 min_width=_longest_word(evidence_text(c.evidence) for c in result.checks) if piped else None)
+    t.add_column("fix", ratio=2, overflow="fold",
+                 min_width=_longest_word(c.fix for c in result.checks) if piped else None)
     for c in result.checks:
         t.add_row(c.title, f"[{STYLE[c.status]}]{c.status.upper()}[/]", escape(evidence_text(c.evidence)),
                   escape(c.fix))
@@ -53,12 +62,14 @@ def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
                 d.add_row(r.factor, escape(r.note or "not applied"), "n/a")
                 continue
             keys = [k for k in ("autograd_grad_nonnull", "backward_nonnull", "backward_nonzero", "requires_grad",
-                                "forward_grad_enabled", "forward_autocast") if k in r.before or k in r.after]
+                                "forward_grad_enabled", "forward_autocast", "raised") if k in r.before or k in r.after]
             always = [k for k in ("autograd_grad_nonnull", "backward_nonnull") if k in r.before]
             changed = always + [k for k in keys if k not in always and r.before.get(k) != r.after.get(k)]
             moves = ", ".join(f"{k} {r.before.get(k)} → {r.after.get(k)}" for k in changed)
             if "loss_error" in r.after:
                 moves += f"; the loss failed: {r.after['loss_error']}"
+            if r.after.get("grad_rel_change") is not None:
+                moves += f"; the gradient changes by {r.after['grad_rel_change']:.3g} (relative L2)"
             gone = "[green]yes[/]" if r.fixes_all else ("partly" if r.resolved else "[red]no[/]")
             d.add_row(r.factor, escape(moves), gone)
         out.print(d)

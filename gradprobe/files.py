@@ -1,0 +1,127 @@
+"""Every file gradprobe writes goes through here: checked before the work, written atomically.
+
+A result that took an hour must not be lost to a typo in its path, and a run killed mid-write must not
+leave half a file where the previous good one was: write a temporary file in the same directory, fsync
+it, rename it over the target (atomic on POSIX), then fsync the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import GradprobeError
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_outputs(outputs: dict[str, str | Path | None], inputs: Iterable[str | Path | None] = ()) -> None:
+    """Before any heavy work: every output's directory exists and is writable, no output is a directory
+    or an input (symlinks resolved), and no two outputs are one file. `outputs` maps an option name to
+    its path ('-' and None are skipped)."""
+    ins = {_resolved(p): str(p) for p in inputs if p is not None and str(p) not in ("", "-")}
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None or str(path) == "-":
+            continue
+        if str(path) == "":
+            raise GradprobeError(f"{option}: empty path")
+        target = _resolved(path)
+        if target in ins:
+            raise GradprobeError(f"{option} {path} is the input {ins[target]}: writing it would destroy the input")
+        if target in seen:
+            raise GradprobeError(f"{option} {path} is also the {seen[target]} path")
+        seen[target] = option
+        if target.is_dir():
+            raise GradprobeError(f"{option} {path} is a directory; give a file path")
+        parent = target.parent
+        if not parent.is_dir():
+            raise GradprobeError(f"{option} {path}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise GradprobeError(f"{option} {path}: the directory {parent} is not writable")
+        if target.exists() and not os.access(target, os.W_OK):
+            raise GradprobeError(f"{option} {path}: the file exists and is not writable")
+
+
+def write_atomic(path: str | Path, data: str | bytes | Callable[[BinaryIO], None], what: str = "output") -> None:
+    """Write text, bytes, or whatever `data(file)` writes, to a temporary file beside `path`, fsync it and
+    rename it over `path`: readers see the old file or the new one, never a part. An existing file's
+    permission bits are kept."""
+    target = _resolved(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise GradprobeError(f"cannot write {what} to {path}: {exc.strerror}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise GradprobeError(f"cannot write {what} to {path}: {exc.strerror}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself survives a power cut once the directory is synced
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> object:
+    """torch.load(weights_only=True) with one plain line for any failure: torch's own message advises
+    weights_only=False (running the file's code), which is never what a user should do with a file that
+    failed here, and its warnings would break the one-line contract."""
+    import pickle
+    import warnings
+
+    import torch
+
+    p = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+            except Exception:
+                if not mmap:
+                    raise
+                return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = ("it holds objects other than tensors and plain containers" if "Unsupported global" in str(exc)
+               else "not a torch.save file (a plain pickle, or another format)")
+        raise _load_error(p, what, why) from None
+    except Exception as exc:  # torch raises many types for a truncated or foreign file
+        text = str(exc).strip()
+        if "central directory" in text or "zip archive" in text or isinstance(exc, EOFError):
+            why = "truncated or damaged (not a complete torch.save archive)"
+        else:
+            why = f"not a torch.save file ({type(exc).__name__}: {text.splitlines()[0][:120] if text else ''})"
+        raise _load_error(p, what, why) from None
+
+
+def _load_error(p: Path, what: str, why: str) -> GradprobeError:
+    return GradprobeError(f"cannot read {what} {p}: {why}; it is loaded with weights_only=True, which runs no code")
