@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from gradprobe.checks.check import FAIL
 from typer.testing import CliRunner
 
 import gradprobe as gp
 from gradprobe.cli import app
+from gradprobe.diagnose.check import FAIL
 
 from .conftest import make_cfg
 
