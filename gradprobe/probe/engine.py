@@ -20,7 +20,7 @@ import torch
 
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
-from ..objective import pack, sequence_logprobs, x_weights, y_weights_for_batch
+from ..objective import LEGACY_NORMALIZATION, pack, sequence_logprobs, x_weights, y_weights_for_batch
 from ..optim.precondition import Preconditioner
 from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
@@ -134,7 +134,7 @@ class _Engine:
         self.stack = stack
         self.batch = batch
         self.mb = probe_cfg["microbatch_size"]
-        self.norm = probe_cfg.get("loss_type", probe_cfg["normalization"])
+        self.norm = probe_cfg.get("loss_type") or LEGACY_NORMALIZATION[probe_cfg["normalization"]]
         self.unit_of_prompt = unit_of_prompt
         self.unit_sizes = unit_sizes
         self.group_sizes = [len(g.responses) for g in batch.groups]
@@ -146,6 +146,10 @@ class _Engine:
         whole = y_weights_for_batch(batch, self.norm, probe_cfg.get("scale_rewards", "none"),
                                     probe_cfg.get("max_completion_length"))
         self.y_w = [w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole)]
+
+    def _y_weights(self, p: int) -> torch.Tensor:
+        """Prompt p's Y weights as its unit's loss holds them."""
+        return self.y_w[p]
         self._packed: dict[tuple, tuple[Any, int]] = {}
         self._wy: dict[tuple, torch.Tensor] = {}
 
