@@ -146,12 +146,12 @@ class _Engine:
         whole = y_weights_for_batch(batch, self.norm, probe_cfg.get("scale_rewards", "none"),
                                     probe_cfg.get("max_completion_length"))
         self.y_w = [w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole)]
+        self._packed: dict[tuple, tuple[Any, int]] = {}
+        self._wy: dict[tuple, torch.Tensor] = {}
 
     def _y_weights(self, p: int) -> torch.Tensor:
         """Prompt p's Y weights as its unit's loss holds them."""
         return self.y_w[p]
-        self._packed: dict[tuple, tuple[Any, int]] = {}
-        self._wy: dict[tuple, torch.Tensor] = {}
 
     def forward(self, chunk: Chunk) -> torch.Tensor:
         key = tuple(chunk)
