@@ -43,7 +43,7 @@ def loss_grads(stack, seed: int) -> list[torch.Tensor]:
     for p in stack.params:
         p.grad = None
     s = sequence_logprobs(stack.model, tb, 1.0, stack.autocast())
-    (torch.randn(len(pairs), generator=gen) * s).sum().backward()
+    (torch.randn(len(pairs), generator=gen).to(s.device) * s).sum().backward()
     grads = [p.grad.detach().clone() for p in stack.params]
     for p in stack.params:
         p.grad = None
