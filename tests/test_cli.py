@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import gradprobe as gp
 from gradprobe.cli import app
-from gradprobe.report import fmt
+from gradprobe.report.common import fmt
 
 from .conftest import make_cfg
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import gradprobe as gp
-from gradprobe.diagnose.render import payload
 from gradprobe.objective import pack, sequence_logprobs
+from gradprobe.report.diagnose import payload
 
 from .test_diagnose_cli import SCHEMA, validate
 

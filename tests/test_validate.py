@@ -28,7 +28,7 @@ from gradprobe.objective import advantages, pack, sequence_logprobs, x_weights, 
 from gradprobe.optim.precondition import Preconditioner
 from gradprobe.params import GradReader
 from gradprobe.probe import run_probe, ustat
-from gradprobe.report_validate import ratio_plot, render_validate, save_plot, validate_payload
+from gradprobe.report.validate import ratio_plot, render_validate, save_plot, validate_payload
 from gradprobe.rollouts import MICRO_PROMPTS, Batch, Group, builtin_prompts, builtin_reward
 from gradprobe.stack import load_stack
 from gradprobe.validate import GROUND_TRUTH, _Step, exact_entropy_grad, run_validate

@@ -103,7 +103,7 @@ def _clean(value: Any) -> Any:
 
 def emit(out: Console, ckpt: Any, render: Callable[[], None], payload: dict[str, Any], target: str | None) -> None:
     """What the training run gave (if a checkpoint was read), the command's own rendering, then the JSON."""
-    from ..report import render_checkpoint
+    from ..report.common import render_checkpoint
 
     render_checkpoint(out, ckpt)
     render()

@@ -84,7 +84,7 @@ def command(
             warmup_steps,
         )
         from ..probe.engine import units_of
-        from ..report import delta_h1_payload, render_delta_h1
+        from ..report.delta_h1 import delta_h1_payload, render_delta_h1
         from ..resume import ROLLOUTS, UnitStore, fingerprint, prepare_state_dir, read_resume
         from ..rollouts import read_rollouts, write_rollouts
         from ..stack import load_stack

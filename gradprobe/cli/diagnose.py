@@ -78,7 +78,7 @@ def command(
         from ..api import build_batch  # heavy imports (torch) only when the command runs
         from ..diagnose import diagnose
         from ..diagnose.core import load_optimizer_state
-        from ..diagnose.render import payload, render
+        from ..report.diagnose import payload, render
         from ..stack import load_stack
 
         cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)

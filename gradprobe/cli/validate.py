@@ -65,7 +65,7 @@ def command(
 
     def body() -> int:
         from ..api import warm_up, warmup_steps
-        from ..report_validate import render_validate, save_plot, validate_payload
+        from ..report.validate import render_validate, save_plot, validate_payload
         from ..stack import load_stack
         from ..validate import GROUND_TRUTH, check_config, run_validate
 

@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .check import FAIL, PASS, WARN
-from .core import SCHEMA, DiagnoseResult
+from ..diagnose.check import FAIL, PASS, WARN
+from ..diagnose.core import SCHEMA, DiagnoseResult
 
 STYLE = {PASS: "green", WARN: "yellow", FAIL: "bold red"}
 SHOWN = 3  # names shown per list before "(+k more)"

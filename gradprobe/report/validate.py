@@ -9,10 +9,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from .errors import GradprobeError
-from .files import write_atomic
-from .report import fmt, step_words
-from .validate import NONLINEAR, ValidateResult
+from ..errors import GradprobeError
+from ..files import write_atomic
+from ..validate import NONLINEAR, ValidateResult
+from .common import fmt, step_words
 
 SCHEMA_VALIDATE = "gradprobe.validate/1"
 

@@ -1,0 +1,58 @@
+"""What every report shares: number formatting, the checkpoint block, and the optimizer step in words."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or x != x:
+        return "n/a"
+    return f"{x:.{digits}e}" if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4) else f"{x:.{digits}g}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def render_checkpoint(out: Console, info: Any) -> None:
+    """One block on what was read from the training run (a CheckpointInfo), or nothing."""
+    if info is None:
+        return
+    step = f"step {info.global_step}" if info.global_step is not None else f"Adam step {info.adam_step}"
+    where = info.path or info.optimizer_state
+    out.print(f"checkpoint {where}: {step}; next learning rate {fmt(info.learning_rate)} from "
+              f"{info.learning_rate_source}; base {info.base_model} (from {info.base_model_source})", soft_wrap=True)
+    for note in info.notes:
+        out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+def step_words(step: dict[str, Any]) -> str:
+    """'AdamW lr 1e-05, betas (0.9, 0.999), eps 1e-08, weight decay 0.01, step 4, no clipping'."""
+    if not step:
+        return "n/a"
+    bits = [f"{step['optimizer']} lr {fmt(step['lr'], 3)}"]
+    if step.get("family") == "adam":
+        bits.append(f"betas ({step['betas'][0]:g}, {step['betas'][1]:g}), eps {step['eps']:g}")
+        if step.get("amsgrad"):
+            bits.append("amsgrad")
+    bits.append(f"weight decay {step['weight_decay']:g}, step {step['step']}")
+    clip = step.get("max_grad_norm")
+    bits.append(f"max_grad_norm {clip:g}" if clip is not None else "no clipping")
+    return ", ".join(bits)
+
+
+def step_provenance(step: dict[str, Any]) -> list[str]:
+    """'read: ...', 'given: ...', 'assumed: ...' lines, each with the fields it covers."""
+    kinds: dict[str, dict[str, list[str]]] = {}
+    for key, text in step.get("sources", {}).items():
+        kind, _, why = text.partition(": ")
+        kinds.setdefault(kind, {}).setdefault(why, []).append(key)
+    return [f"{kind} {', '.join(keys)}: {why}" for kind in ("read", "given", "assumed")
+            for why, keys in kinds.get(kind, {}).items()]
