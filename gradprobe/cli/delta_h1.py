@@ -103,7 +103,7 @@ def command(
             cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
             check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (config, checkpoint, optimizer_state))
             if state is not None and cfg["probe"]["schedule"] == "literal":
-                raise GradprobeError("--state needs probe.schedule=fused or one_backward: the literal schedule "
+                raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
                                      "sums every unit before its per-unit loop, so it cannot resume")
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
