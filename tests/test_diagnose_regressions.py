@@ -113,7 +113,7 @@ def test_diagnose_y_loss_equals_the_probes_on_a_rollouts_file_with_lengths(nr, t
     # the probe's own weights (one unit per group, so no unit scaling)
     engine = _Engine(stack, read, {"microbatch_size": 8, "normalization": normalization},
                      {p: p for p in range(read.B)}, [1] * read.B)
-    probe = float((s * torch.cat([engine._y_weights(p) for p in groups])).sum())
+    probe = float((s * torch.cat([engine.y_w[p] for p in groups])).sum())
     # and by hand: A = R - mean R, divided by G and by the loss lengths (the group's longest for dr_grpo)
     by_hand = 0.0
     k = 0

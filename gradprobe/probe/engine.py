@@ -149,10 +149,6 @@ class _Engine:
         self._packed: dict[tuple, tuple[Any, int]] = {}
         self._wy: dict[tuple, torch.Tensor] = {}
 
-    def _y_weights(self, p: int) -> torch.Tensor:
-        """Prompt p's Y weights as its unit's loss holds them."""
-        return self.y_w[p]
-
     def forward(self, chunk: Chunk) -> torch.Tensor:
         key = tuple(chunk)
         if key not in self._packed:  # packed once: a host-to-device copy synchronises the stream
