@@ -178,6 +178,11 @@ def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stac
         assert r.entropy_batch == "independent"
         assert r.deltaH == pytest.approx(-float(terms.mean()), rel=1e-4)
         assert r.se_deltaH == pytest.approx(float(terms.std()) / math.sqrt(terms.numel()), rel=1e-4)
+        # attribution: each entropy unit's share -X_E[u] . Delta theta / B_E; the update batch's deltaH shares NaN
+        assert [u["deltaH"] for u in r.entropy_units] == pytest.approx((-terms / terms.numel()).tolist(), rel=1e-4)
+        assert sum(u["deltaH"] for u in r.entropy_units) == pytest.approx(r.deltaH, rel=1e-9)
+        assert all(math.isnan(u["deltaH1"]) for u in r.entropy_units)
+        assert all(math.isnan(u["deltaH"]) for u in r.units) and len(r.units) == batch.B
         settings, mapped = api.step_source(stack, cfg, precond, opt)
         parts = decompose(settings, mapped, stack.names, stack.params, grads)
         flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (parts.fresh, parts.momentum, parts.decay)]
