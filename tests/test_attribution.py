@@ -115,3 +115,27 @@ def test_prompt_text_is_one_line_and_keeps_both_ends(fp32_stacks):
     text = "what is up? " * 30 + "say bye:"
     long = prompt_text(tok, tok.encode(text, add_bos=True))
     assert len(long) <= 200 and long.startswith("what is up?") and long.endswith("say bye:") and " … " in long
+
+
+def test_schema_describes_every_result_field_and_the_unit_keys():
+    """delta-h1.schema.json names every ProbeResult field (units and entropy_units sit beside the result), the
+    registry's schedules, and exactly the five keys of a unit."""
+    import dataclasses
+
+    from gradprobe import schemas
+    from gradprobe.probe import ProbeResult
+    from gradprobe.probe.schedules import NAMES
+    from tests.support.schema import validate
+
+    schema = schemas.load("delta-h1")
+    result = schema["properties"]["result"]
+    fields = [f.name for f in dataclasses.fields(ProbeResult) if f.name not in ("units", "entropy_units")]
+    assert list(result["properties"]) == fields and result["required"] == fields
+    assert result["properties"]["schedule"]["enum"] == list(NAMES)
+    unit = {"unit": 0, "prompts": [0, 1], "text": "say hi:", "deltaH": None, "deltaH1": -1e-6}
+    ref = {"$ref": "#/$defs/unit"}
+    assert validate(unit, ref, schema) == []
+    assert validate({**unit, "share": 0.5}, ref, schema)
+    assert validate({k: v for k, v in unit.items() if k != "text"}, ref, schema)
+    assert validate({**unit, "prompts": []}, ref, schema)
+    assert validate({**unit, "deltaH": "n/a"}, ref, schema)
