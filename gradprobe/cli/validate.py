@@ -77,12 +77,9 @@ def command(
         check_paths({"--json": json_, "--plot": plot}, cfg, (config, checkpoint, optimizer_state))
         run.cfg = cfg
         if plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                from ..errors import GradprobeError
+            from ..report.common import pyplot
 
-                raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from None
+            pyplot("--plot")  # missing matplotlib is exit 2 before any work
         run.stage = "model load"
         t0 = time.perf_counter()
         stack = load_stack(cfg)
