@@ -7,6 +7,8 @@
     result = delta_h1(stack, batch, cfg)      # optimizer=... : a live optimizer, the real step's source
     print(result.deltaH, result.se_deltaH)    # the real next step (docs/real_step.md)
     print(result.deltaH1, result.se_unbiased) # the plain step lr P grad LY; NaN SE under schedule=literal
+    for unit in result.units:                 # each prompt's share of deltaH and deltaH1 (they sum to them)
+        print(unit["text"], unit["deltaH"])
 """
 
 from __future__ import annotations
