@@ -25,7 +25,7 @@ def command(
                                               "object per line: step, deltaH, se_deltaH, realised, realised_se).",
                                          show_default=False)],
     png: Annotated[Path | None, typer.Option("--png", help="Also write the plot as a PNG (needs matplotlib: pip "
-                                                           "install 'gradprobe[plot]').", show_default=False)] = None,
+                                                           "install 'gradprobe\\[plot]').", show_default=False)] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Units shown (largest contributions first).")] = 20,
     quantity: Annotated[str, typer.Option("--quantity", help="The units' share of: auto (deltaH where the file "
                                                              "has it, else deltaH1), deltaH or deltaH1.")] = "auto",
