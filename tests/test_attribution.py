@@ -96,6 +96,7 @@ def test_probe_units_equal_brute_force(fp32_stacks, rollouts_file, mode):
     assert r.entropy_units == []
 
 
+@pytest.mark.slow
 def test_literal_has_deltaH1_shares_and_no_deltaH_shares(fp32_stacks, rollouts_file):
     stack = fp32_stacks["reentrant"]
     cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}")
