@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "init": "random",
+        "dtype": "float32",
     },
     "autocast": "bf16",
     "checkpointing": "reentrant",
@@ -85,6 +86,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
+    "lora.dtype": ("float32", "bfloat16", "float16"),
     "autocast": ("bf16", "fp16", "off"),
     "checkpointing": ("reentrant", "non_reentrant", "off"),
     "probe.mode": ("exact", "blocks"),
@@ -224,6 +226,11 @@ def _check(flat: dict[str, Any]) -> None:
     if flat["probe.loss_type"] == "dr_grpo" and length is None:
         raise GradprobeError("probe.loss_type=dr_grpo (TRL's) divides by a constant: set "
                              "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
+
+
+def check_config(tree: dict[str, Any]) -> None:
+    """Validate a whole configuration (one a checkpoint changed, too)."""
+    _check(flatten(tree))
 
 
 def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:

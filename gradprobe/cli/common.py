@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import load_config
+from ..config import load_config, parse_override
 from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
 from ..files import check_outputs, write_atomic
 
@@ -81,13 +81,16 @@ def make_config(config: Path | None, overrides: list[str] | None, seed: int | No
     return load_config(config, sets, seed)
 
 
-def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None):
-    """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None)."""
+def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None,
+                     overrides: list[str] | None = None):
+    """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None). The keys of
+    `overrides` (--set) win over the run's settings the checkpoint records."""
     if checkpoint is None and optimizer_state is None:
         return cfg, None
     from ..trainer_checkpoint import load_checkpoint
 
-    return load_checkpoint(checkpoint, cfg, optimizer_state)
+    given = {parse_override(text)[0] for text in overrides or []}
+    return load_checkpoint(checkpoint, cfg, optimizer_state, given=given)
 
 
 def _clean(value: Any) -> Any:

@@ -100,7 +100,7 @@ def command(
             # the partial JSON given to --resume may be replaced by the final result
             check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (state_dir / "meta.json",))
         else:
-            cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
+            cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state, set_)
             check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (config, checkpoint, optimizer_state))
             if state is not None and cfg["probe"]["schedule"] == "literal":
                 raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
@@ -140,6 +140,9 @@ def command(
             result = delta_h1(stack, batch, cfg, progress=run.progress(bar), precond=precond, store=store,
                               optimizer=optimizer)
         result.warmup_steps = warm
+        clip_source = ckpt.source("probe.max_grad_norm") if ckpt is not None else None
+        if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it
+            result.step["sources"]["max_grad_norm"] = clip_source
         result.timings.update(stack=tw - t0, batch=t2 - t1)
         if warm:
             result.timings["warm-up"] = t1 - tw

@@ -81,7 +81,7 @@ def command(
         from ..report.diagnose import payload, render
         from ..stack import load_stack
 
-        cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
+        cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state, set_)
         check_paths({"--json": json_}, cfg, (config, checkpoint, optimizer_state))
         run.cfg = cfg
         state, source = load_optimizer_state(cfg)  # a bad path fails now, not after the model load

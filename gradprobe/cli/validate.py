@@ -72,7 +72,7 @@ def command(
         # the micro ground-truth model unless the user names a model (a config file or a training run)
         base = list(GROUND_TRUTH) if config is None and checkpoint is None else []
         cfg, ckpt = apply_checkpoint(make_config(config, [*base, *(set_ or [])], seed, rollouts), checkpoint,
-                                     optimizer_state)
+                                     optimizer_state, set_)
         check_config(cfg)
         check_paths({"--json": json_, "--plot": plot}, cfg, (config, checkpoint, optimizer_state))
         run.cfg = cfg
