@@ -234,8 +234,8 @@ def run_settings(cls: str, args: dict[str, Any]) -> tuple[dict[str, tuple[Any, s
     return out, notes
 
 
-def _adapter_dtype(path: Path) -> str | None:
-    """The dtype the adapter's weights were saved in (the dtype the run trained them in)."""
+def _adapter_dtypes(path: Path) -> list[str]:
+    """The dtypes the adapter's weights were saved in (those the run trained them in), sorted."""
     import torch
 
     names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32",
@@ -247,9 +247,8 @@ def _adapter_dtype(path: Path) -> str | None:
             found = {f.get_slice(k).get_dtype() for k in f.keys()}
     else:
         state = load_torch_file(path, "adapter weights")
-        found = {v.dtype for v in state.values()} if isinstance(state, dict) else set()
-    dtypes = {names.get(d) for d in found}
-    return dtypes.pop() if len(dtypes) == 1 else None
+        found = {v.dtype for v in state.values() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else set()
+    return sorted({names.get(d, str(d)) for d in found})
 
 
 def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None, given: set[str],
@@ -267,10 +266,13 @@ def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None
             for key, (value, fields, certain) in settings.items():
                 doubt = "" if certain else "; if transformers 4 wrote it, its plain Trainer was reentrant"
                 read[key] = (value, f"{'read' if certain else 'assumed'}: {TRAINING_ARGS} ({cls} {fields}{doubt})")
+    why = dict(UNRECORDED)
     if adapter is not None:
-        dtype = _adapter_dtype(adapter)
-        if dtype is not None:
-            read["lora.dtype"] = (dtype, f"read: {adapter.name} (the dtype the run kept the adapter in)")
+        dtypes = _adapter_dtypes(adapter)
+        if len(dtypes) == 1 and dtypes[0] in CHOICES["lora.dtype"]:
+            read["lora.dtype"] = (dtypes[0], f"read: {adapter.name} (the dtype the run kept the adapter in)")
+        else:
+            why["lora.dtype"] = f"{adapter.name} holds {', '.join(dtypes) or 'no tensors'}; lora.dtype sets one for all"
     flat = flatten(out)
     result: dict[str, dict[str, Any]] = {}
     for key in RUN_SETTINGS:
@@ -281,8 +283,8 @@ def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None
             _set_key(out, key, read[key][0])
             result[key] = {"value": read[key][0], "source": read[key][1]}
         else:
-            why = UNRECORDED.get(key, f"not in this checkpoint ({TRAINING_ARGS} unread or without it)")
-            result[key] = {"value": flat[key], "source": f"assumed: the config's; {why}"}
+            because = why.get(key, f"{TRAINING_ARGS} unread" if cls is None else f"not in {cls}")
+            result[key] = {"value": flat[key], "source": f"assumed: the config's; {because}"}
     if "probe.loss_type" in read and "probe.loss_type" not in given:
         out["probe"]["normalization"] = {"group_lmax": "dr_grpo", "per_token": "per_token"}.get(
             out["probe"]["loss_type"], out["probe"]["normalization"])
