@@ -103,8 +103,13 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False, allow: dict
     import torch
 
     p = Path(path)
-    allowed = (torch.serialization.safe_globals([(cls, name) for name, cls in allow.items()]) if allow
-               else contextlib.nullcontext())
+    allowed: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if allow:
+        try:  # stand-ins under the names they replace: (class, name) pairs, which older torch lacks
+            allowed = torch.serialization.safe_globals([(cls, name) for name, cls in allow.items()])
+        except (AttributeError, TypeError, ValueError):
+            raise GradprobeError(f"cannot read {what} {p}: loading it safely needs a newer torch (safe_globals with "
+                                 f"(class, name) pairs)") from None
     try:
         with warnings.catch_warnings(), allowed:
             warnings.simplefilter("ignore")

@@ -94,7 +94,7 @@ def _run(root, name: str, **config) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory):  # ~30 s on 2 idle cores: the tests that use it are marked slow
     """Three runs on one base: QLoRA with all of TRL's defaults (nf4 base, dapo, scale_rewards group, beta 0,
     bf16 autocast, gradient checkpointing); the same loss in fp32 on the fp32 base; TRL's grpo loss with
     batch reward scaling, in fp32, without checkpointing."""
@@ -122,6 +122,7 @@ def _relative_error(record, stack, g) -> float:
     return float((g + trainer).norm() / trainer.norm())  # the trainer descends the loss: its gradient is -g
 
 
+@pytest.mark.slow
 def test_training_args_are_read_with_stand_ins_only(runs):
     cls, args, notes = read_training_args(runs["defaults"]["checkpoint"])
     assert cls == "GRPOConfig" and notes == []
@@ -135,6 +136,7 @@ def test_training_args_are_read_with_stand_ins_only(runs):
     assert all(cls.__module__ == "gradprobe.trainer_checkpoint" for cls in STAND_INS.values())
 
 
+@pytest.mark.slow
 def test_trl_defaults_are_read_and_the_gradient_reproduced(runs):
     """QLoRA with TRL's defaults: dapo over the batch's tokens, rewards scaled by the group's std, bf16
     autocast, non-reentrant checkpointing (use_reentrant unset on transformers 5) and the LoRA weights in
@@ -164,6 +166,7 @@ def test_trl_defaults_are_read_and_the_gradient_reproduced(runs):
     assert _relative_error(rec, stack, g) < 0.03
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dapo_fp32", "grpo"])
 def test_fp32_runs_reproduce_the_trainers_gradient(runs, name):
     """In fp32 the probe's gradient is the trainer's to float rounding: same model, batch, advantages and
@@ -185,6 +188,7 @@ def test_fp32_runs_reproduce_the_trainers_gradient(runs, name):
     assert _relative_error(rec, stack2, g2) > 100 * err
 
 
+@pytest.mark.slow
 def test_delta_h1_and_diagnose_cli_on_the_trl_checkpoint(runs, tmp_path):
     """The CLI reads the same settings and reports where each came from; the max_grad_norm of the real step
     is the run's; diagnose probes the run's non-reentrant checkpointing and finds nothing wrong."""
@@ -210,6 +214,7 @@ def test_delta_h1_and_diagnose_cli_on_the_trl_checkpoint(runs, tmp_path):
     assert payload["verdict"]["root_cause"] == "healthy", payload["verdict"]
 
 
+@pytest.mark.slow
 def test_qlora_adapter_is_loaded_as_the_trainer_held_it(runs):
     """TRL on a 4-bit base trains the LoRA weights in bf16: gradprobe loads the checkpoint's adapter in bf16
     (lora.dtype, read from the adapter's weights) with exactly the values the trainer held after the save."""
@@ -223,6 +228,60 @@ def test_qlora_adapter_is_loaded_as_the_trainer_held_it(runs):
         torch.testing.assert_close(p.detach(), rec["saved"][name], rtol=0, atol=0)
 
 
+def _saved_args(tmp_path, cls=None, **fields):
+    """A config as the Trainer saves it (torch.save(self.args) in training_args.bin), without training."""
+    from trl import GRPOConfig
+
+    args = (cls or GRPOConfig)(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", **fields)
+    torch.save(args, tmp_path / "training_args.bin")
+    return args
+
+
+@pytest.mark.parametrize("fields, want", [
+    ({}, {"probe.loss_type": "dapo", "probe.scale_rewards": "group", "batch.group_size": 8, "autocast": "bf16",
+          "checkpointing": "non_reentrant", "probe.max_completion_length": 512, "probe.max_grad_norm": 1.0}),
+    (dict(loss_type="dr_grpo", scale_rewards="none", num_generations=6, per_device_train_batch_size=6,
+          temperature=0.7, max_completion_length=64, bf16=False, fp16=False,
+          gradient_checkpointing_kwargs={"use_reentrant": True}, max_grad_norm=0.0),
+     {"probe.loss_type": "dr_grpo", "probe.scale_rewards": "none", "batch.group_size": 6, "batch.temperature": 0.7,
+      "probe.max_completion_length": 64, "autocast": "off", "checkpointing": "reentrant", "probe.max_grad_norm": None}),
+    (dict(gradient_checkpointing=False, loss_type="bnpo", scale_rewards="batch"),
+     {"checkpointing": "off", "probe.loss_type": "bnpo", "probe.scale_rewards": "batch"}),
+])
+def test_grpo_config_fields_become_config_keys(tmp_path, fields, want):
+    from gradprobe.trainer_checkpoint import run_settings
+
+    _saved_args(tmp_path, **fields)
+    cls, args, notes = read_training_args(tmp_path)
+    assert cls == "GRPOConfig" and notes == []
+    settings, notes = run_settings(cls, args)
+    assert {k: settings[k][0] for k in want} == want
+    assert all(certain for _, _, certain in settings.values()) and notes == []
+
+
+def test_what_the_probe_does_not_model_is_a_note(tmp_path):
+    from gradprobe.trainer_checkpoint import run_settings
+
+    _saved_args(tmp_path, beta=0.04, loss_type="cispo", mask_truncated_completions=True)
+    settings, notes = run_settings(*read_training_args(tmp_path)[:2])
+    assert "probe.loss_type" not in settings
+    assert any("KL term (beta 0.04)" in n for n in notes) and any("'cispo'" in n for n in notes)
+    assert any("mask_truncated_completions=True" in n for n in notes)
+
+
+def test_plain_training_arguments_give_the_stack_settings_only(tmp_path):
+    from transformers import TrainingArguments
+
+    from gradprobe.trainer_checkpoint import run_settings
+
+    _saved_args(tmp_path, TrainingArguments, fp16=False, bf16=False, gradient_checkpointing=True, max_grad_norm=0.3)
+    cls, args, _ = read_training_args(tmp_path)
+    settings, _ = run_settings(cls, args)
+    assert cls == "TrainingArguments"
+    assert {k: v[0] for k, v in settings.items()} == {"probe.max_grad_norm": 0.3, "autocast": "off",
+                                                      "checkpointing": "non_reentrant"}
+
+
 class _Payload:
     def __reduce__(self):
         import os
@@ -230,6 +289,28 @@ class _Payload:
         return (os.system, ("echo owned > /dev/null",))
 
 
+def test_a_file_with_another_global_is_not_unpickled(tmp_path):
+    """An allowed config beside one other global (a callable here) is not loaded at all, and nothing runs."""
+    from trl import GRPOConfig
+
+    marker = tmp_path / "ran"
+
+    class Marker:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    args.extra = Marker()
+    torch.save(args, tmp_path / "training_args.bin")
+    cls, args, notes = read_training_args(tmp_path)
+    assert (cls, args, marker.exists()) == (None, {}, False)
+    assert len(notes) == 1 and "open, not loaded" in notes[0] and "settings are the config's" in notes[0]
+    (tmp_path / "training_args.bin").write_bytes(pickle.dumps(_Payload()))
+    cls, _, notes = read_training_args(tmp_path)
+    assert cls is None and "not a torch.save file" in notes[0]
+
+
+@pytest.mark.slow
 def test_unknown_or_malicious_training_args_are_not_executed(runs, tmp_path, capsys):
     """A training_args.bin that names anything outside the allowlist is not unpickled: a note, and the
     settings stay the config's (assumed); nothing in it runs."""
