@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, check_config, flatten
+from .config import CHOICES, check_config, flatten, legacy_normalization, set_key
 from .errors import GradprobeError
 from .files import load_torch_file
 from .objective import LOSS_TYPES
@@ -280,14 +280,13 @@ def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None
             was = f"; the run used {read[key][0]}" if key in read and read[key][0] != flat[key] else ""
             result[key] = {"value": flat[key], "source": f"given: --set{was}"}
         elif key in read:
-            _set_key(out, key, read[key][0])
+            set_key(out, key, read[key][0])
             result[key] = {"value": read[key][0], "source": read[key][1]}
         else:
             because = why.get(key, f"{TRAINING_ARGS} unread" if cls is None else f"not in {cls}")
             result[key] = {"value": flat[key], "source": f"assumed: the config's; {because}"}
     if "probe.loss_type" in read and "probe.loss_type" not in given:
-        out["probe"]["normalization"] = {"group_lmax": "dr_grpo", "per_token": "per_token"}.get(
-            out["probe"]["loss_type"], out["probe"]["normalization"])
+        out["probe"]["normalization"] = legacy_normalization(out["probe"]["loss_type"], out["probe"]["normalization"])
     return cls, result
 
 
@@ -298,13 +297,6 @@ RUN_SETTINGS = ("probe.loss_type", "probe.scale_rewards", "batch.group_size", "b
                 "quant.mode", "quant.compute_dtype")
 UNRECORDED = {"quant.mode": "a checkpoint does not record whether the base was quantised",
               "quant.compute_dtype": "a checkpoint does not record the base's 4-bit compute dtype"}
-
-
-def _set_key(tree: dict[str, Any], key: str, value: Any) -> None:
-    *head, leaf = key.split(".")
-    for part in head:
-        tree = tree[part]
-    tree[leaf] = value
 
 
 def _looks_local(name: str) -> bool:

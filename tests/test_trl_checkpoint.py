@@ -162,7 +162,7 @@ def test_trl_defaults_are_read_and_the_gradient_reproduced(runs):
     assert 0 < trainer.norm() < 1.0  # below max_grad_norm: the gradient the callback saw was not clipped
     # bf16 on both sides (autocast, bf16 LoRA weights and gradients), but not the same kernels' rounding
     # (TRL takes the log-softmax of bf16 logits, gradprobe of fp32 ones): agreement to a few bf16 ulps
-    # (2^-8 = 0.4%) of the gradient's norm; in fp32 the test below asks for 1e-4
+    # (2^-8 = 0.4%) of the gradient's norm (measured: 0.5%); in fp32 the test below asks for 1e-4
     assert _relative_error(rec, stack, g) < 0.03
 
 
@@ -180,7 +180,7 @@ def test_fp32_runs_reproduce_the_trainers_gradient(runs, name):
         assert (cfg["probe"]["loss_type"], cfg["probe"]["scale_rewards"], cfg["checkpointing"]) == \
             ("grpo", "batch", "off")
     err = _relative_error(rec, stack, g)
-    assert err < 1e-4, err
+    assert err < 1e-4, err  # measured: 4e-7
     # the loss normalisation is really tested: another loss type's gradient is far from the trainer's
     other = "grpo" if name == "dapo_fp32" else "dapo"
     _, _, stack2, _, g2 = _probe_gradient(rec["checkpoint"], rec["rollouts"], "quant.mode=none",
