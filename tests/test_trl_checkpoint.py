@@ -206,8 +206,14 @@ def test_delta_h1_and_diagnose_cli_on_the_trl_checkpoint(runs, tmp_path):
     step = payload["result"]["step"]
     assert step["max_grad_norm"] == 1.0 and step["sources"]["max_grad_norm"].startswith("read: training_args.bin")
     assert math.isfinite(payload["result"]["deltaH"])
-    res = CliRunner().invoke(app, ["diagnose", *args[:-2], "--json", str(out)])
+    diagnose_args = [a for a in args[:-2] if a != "--quiet"]
+    res = CliRunner().invoke(app, ["diagnose", *diagnose_args, "--json", str(out)])
     assert res.exit_code == 0, res.output
+    # the report says where each setting came from
+    assert "read from training_args.bin: probe.loss_type dapo, probe.scale_rewards group" in res.stdout
+    assert "read from adapter_model.safetensors: lora.dtype bfloat16" in res.stdout
+    assert "assumed: quant.mode nf4 (the config's; a checkpoint does not record whether the base was quantised)" \
+        in res.stdout
     payload = json.loads(out.read_text())
     assert (payload["config"]["checkpointing"], payload["config"]["autocast"], payload["config"]["lora"]["dtype"]) \
         == ("non_reentrant", "bf16", "bfloat16")
