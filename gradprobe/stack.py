@@ -140,6 +140,8 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
     if cfg["quant"]["mode"] == "none":
         return model.to(device)
     with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
+        # this process's own directory: under torchrun transformers writes on rank 0 only unless told
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.to(torch.float32 if preset in SMALL_PRESETS else torch.bfloat16).save_pretrained(tmp)
         del model
         return _load_pretrained(tmp, cfg, device)
