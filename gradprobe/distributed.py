@@ -120,7 +120,7 @@ def _exchange(stage: str, exc: BaseException | None, value: Any = None) -> list[
     exchange the others are in); raise on every healthy rank when one failed, naming the first that did."""
     mine = (None, value) if exc is None else (
         (_kind(exc), f"{type(exc).__name__}: " if _kind(exc) == "error" else "",
-         (str(exc).strip().splitlines() or [""])[0][:300]), None)
+         (str(exc).strip().splitlines() or [""])[0][:300], stage), None)
     got: list[Any] = [None] * world_size()
     try:
         dist.all_gather_object(got, mine)
@@ -131,9 +131,9 @@ def _exchange(stage: str, exc: BaseException | None, value: Any = None) -> list[
     failed = [(r, st) for r, (st, _) in enumerate(got) if st is not None]
     if not failed or exc is not None:
         return [v for _, v in got]
-    r, (kind, prefix, text) = failed[0]
+    r, (kind, prefix, text, where) = failed[0]
     others = f" (and rank(s) {', '.join(str(f[0]) for f in failed[1:])})" if len(failed) > 1 else ""
-    message = f"rank {r} failed during {stage}{others}: {prefix}{text}"
+    message = f"rank {r} failed during {where}{others}: {prefix}{text}"
     if kind == "oom":
         raise MemoryError(message)  # out of memory: the CLI's exit 5 with the microbatch to try
     if kind == "input":

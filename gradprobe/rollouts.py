@@ -10,6 +10,7 @@ tokenised with the model's tokenizer without adding special tokens: write them a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .attention import without_cudnn_attention
 from .errors import GradprobeError
 from .files import write_atomic
@@ -200,13 +202,22 @@ def _decode(tokenizer, ids: list[int], keep_special: bool = False) -> str:
     return tokenizer.decode(ids, skip_special_tokens=not keep_special)
 
 
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of prompt `index` in a batch of run seed `seed`: its own stream, so its responses do
+    not depend on which other prompts (or how many processes) share the work; hashed, so the streams of
+    nearby run seeds (seed + k, for warm-up and entropy batches) never coincide."""
+    return int.from_bytes(hashlib.sha256(f"gradprobe:{seed}:{index}".encode()).digest()[:7], "big")
+
+
 @torch.no_grad()
 @without_cudnn_attention()
 def generate_batch(stack, num_prompts: int, group_size: int, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int,
                    reward_fn: Callable[[str, str], float] = builtin_reward,
                    prompts: list[str] | None = None) -> Batch:
-    """Sample G responses to each of B built-in prompts and score them."""
+    """Sample G responses to each of B built-in prompts (prompt i from its own seed, prompt_seed) and score
+    them. Under torchrun each rank samples and scores a contiguous share of the prompts and every rank
+    receives the whole batch, the same as one process samples (distributed.py)."""
     tok = stack.tokenizer
     prompts = prompts or builtin_prompts(tok)
     texts = [prompts[i % len(prompts)] for i in range(num_prompts)]
@@ -216,31 +227,30 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
     if ctx is not None and width + max_new_tokens > ctx:
         raise GradprobeError(f"batch.max_new_tokens={max_new_tokens} after a {width}-token prompt exceeds the model's "
                              f"context ({ctx} positions); lower batch.max_new_tokens")
-    pad = tok.pad_token_id
-    rows = [[pad] * (width - len(p)) + p for p in prompt_ids for _ in range(group_size)]
-    input_ids = torch.tensor(rows, device=stack.device)
-    attention = (torch.arange(width, device=stack.device)[None, :] >=
-                 torch.tensor([width - len(p) for p in prompt_ids for _ in range(group_size)],
-                              device=stack.device)[:, None]).long()
+    r, w = distributed.rank(), distributed.world_size()
+    mine = range(r * num_prompts // w, (r + 1) * num_prompts // w)
     model = stack.model
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
+    groups = []
     try:
-        with stack.autocast():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tok.eos_token_id, use_cache=True)
+        with distributed.guard("generation"):
+            for i in mine:
+                torch.manual_seed(prompt_seed(seed, i))
+                input_ids = torch.tensor([prompt_ids[i]] * group_size, device=stack.device)
+                with stack.autocast():
+                    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id, use_cache=True)
+                responses, rewards = [], []
+                for row in out[:, len(prompt_ids[i]):].tolist():
+                    ids = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
+                    responses.append(ids)
+                    rewards.append(float(reward_fn(texts[i], _decode(tok, ids))))
+                groups.append(Group(prompt_ids[i], responses, rewards))
+            if w > 1:
+                groups = [g for part in distributed.exchange("gathering the sampled batch", groups) for g in part]
     finally:
         model.train(was_training)
-    new = out[:, width:].tolist()
-    groups = []
-    for i, text in enumerate(texts):
-        responses, rewards = [], []
-        for row in new[i * group_size:(i + 1) * group_size]:
-            ids = row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row
-            responses.append(ids)
-            rewards.append(float(reward_fn(text, _decode(tok, ids))))
-        groups.append(Group(prompt_ids[i], responses, rewards))
     return Batch(groups, temperature=temperature, meta={"source": "generated"})

@@ -26,11 +26,20 @@ def config(rollouts: str, optimizer_state: str, schedule: str) -> dict:
                                      f"probe.schedule={schedule}", "probe.microbatch_size=8"])
 
 
-def cases(stack, rollouts: str, optimizer_state: str) -> dict:
-    """{schedule: ProbeResult.to_dict()} of the probe with the real step (the optimizer state has momentum)."""
+def sample(stack):
+    """B = 7 prompts, G = 4: a batch that neither 2 nor 3 processes divide."""
     import gradprobe as gp
 
-    out = {}
+    return gp.build_batch(stack, gp.load_config(overrides=[*FP32, "batch.num_prompts=7", "batch.group_size=4",
+                                                           "batch.max_new_tokens=10"]))
+
+
+def cases(stack, rollouts: str, optimizer_state: str) -> dict:
+    """{schedule: ProbeResult.to_dict()} of the probe with the real step (the optimizer state has momentum),
+    and "sampled": the groups that generation gives."""
+    import gradprobe as gp
+
+    out: dict = {"sampled": [(g.prompt, g.responses, g.rewards) for g in sample(stack).groups]}
     for schedule in SCHEDULES:
         cfg = config(rollouts, optimizer_state, schedule)
         out[schedule] = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg).to_dict()
