@@ -43,7 +43,10 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank: the group's, else (launched, not yet joined) torchrun's RANK, else 0."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size() -> int:
@@ -58,6 +61,13 @@ def is_main() -> bool:
 def launched() -> bool:
     """Started by torchrun (or a SLURM script that sets its variables) with more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def check_units(units: int) -> None:
+    """Refuse, before any model loads, a launch with more processes than units."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > units:
+        split(units, world, [])
 
 
 def timeout_s() -> float:

@@ -75,6 +75,7 @@ def command(
     run = Run("delta-h1", json_)
 
     def body() -> int:
+        from .. import distributed
         from ..api import (  # heavy imports (torch) only when the command runs
             build_batch,
             delta_h1,
@@ -83,12 +84,15 @@ def command(
             warm_up,
             warmup_steps,
         )
-        from ..probe.engine import units_of
+        from ..probe.engine import planned_units, units_of
         from ..report.delta_h1 import delta_h1_payload, render_delta_h1
         from ..resume import ROLLOUTS, UnitStore, fingerprint, prepare_state_dir, read_resume
         from ..rollouts import read_rollouts, write_rollouts
         from ..stack import load_stack
 
+        if distributed.launched() and (state is not None or resume is not None):
+            raise GradprobeError("--state and --resume keep one process's units: run a resumable probe without "
+                                 "torchrun")
         if resume is not None:
             given = [name for name, v in (("--config", config), ("--set", set_), ("--seed", seed),
                                           ("--rollouts", rollouts), ("--checkpoint", checkpoint),
@@ -106,6 +110,9 @@ def command(
                 raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
                                      "sums every unit before its per-unit loop, so it cannot resume")
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
+        if distributed.launched():  # torchrun: refused before the model loads, then join the process group
+            distributed.check_units(planned_units(cfg))
+            distributed.init()
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
         run.stage = "model load"
         if entropy_rollouts is not None:

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,6 +105,18 @@ def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
         if len(g.responses) < 2:
             raise GradprobeError(f"prompt {i} has {len(g.responses)} response(s); G >= 2 is needed")
     return units
+
+
+def planned_units(cfg: dict[str, Any]) -> int:
+    """The units the config's batch will give, before it is read or sampled (a rollouts file: its lines)."""
+    b, p = cfg["batch"], cfg["probe"]
+    prompts = b["num_prompts"]
+    if b["rollouts"]:
+        try:
+            prompts = sum(1 for line in Path(b["rollouts"]).read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise GradprobeError(f"cannot read the rollouts file {b['rollouts']}: {exc.strerror}") from None
+    return prompts if p["mode"] == "exact" else -(-prompts // p["block_size"])
 
 
 def plan_chunks(prompts: list[int], group_sizes: list[int], microbatch: int) -> list[Chunk]:
