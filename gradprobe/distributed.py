@@ -135,12 +135,14 @@ def _exchange(stage: str, exc: BaseException | None, value: Any = None) -> list[
     try:
         dist.all_gather_object(got, mine)
     except Exception as err:  # a peer died or hangs past the timeout
+        _synced[0] = True  # nobody is left to tell
         raise RankFailed(f"rank {rank()}: the status exchange before {stage} failed: "
                          f"{(str(err).strip().splitlines() or [''])[0][:200]} (another rank exited or hung; "
                          f"its log says why)") from None
     failed = [(r, st) for r, (st, _) in enumerate(got) if st is not None]
     if not failed or exc is not None:
         return [v for _, v in got]
+    _synced[0] = True  # the failure is known to every rank: no guard reports it again
     r, (kind, prefix, text, where) = failed[0]
     others = f" (and rank(s) {', '.join(str(f[0]) for f in failed[1:])})" if len(failed) > 1 else ""
     message = f"rank {r} failed during {where}{others}: {prefix}{text}"

@@ -5,9 +5,14 @@ with one line naming it. The launches spawn real processes (tests/support/dist_w
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +140,37 @@ def test_a_failing_rank_ends_the_job_naming_it(job, monkeypatch):
     first = (out / "world2.0.error").read_text().splitlines()[0]
     assert first == ("RankFailed: rank 1 failed during the probe: RuntimeError: injected failure in a forward"), first
     assert seconds < 120
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m gradprobe ARGS` on the CPU (gloo), from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_VISIBLE_DEVICES": "",
+           "GRADPROBE_DIST_TIMEOUT": "120", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           "-m", "gradprobe", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_rank0_alone_reports_the_one_process_numbers(job):
+    out, rollouts, opt, single = job
+    sets = [x for s in [*dist_worker.FP32, "probe.precondition=adam", f"probe.optimizer_state={opt}"]
+            for x in ("--set", s)]
+    proc = torchrun(2, "delta-h1", "--rollouts", rollouts, *sets, "--json", str(out / "cli.json"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("the next optimizer step") == 1  # one report: rank 0's
+    result = json.loads((out / "cli.json").read_text())["result"]
+    assert result["world_size"] == 2 and result["units_per_rank"] == [4, 3]
+    for key in ("deltaH", "deltaH1", "se_deltaH", "se_unbiased"):
+        assert result[key] == pytest.approx(single["packed"][key], rel=1e-6), key
+
+
+@pytest.mark.slow
+def test_cli_refuses_more_processes_than_units_before_loading(job, tmp_path):
+    _, rollouts, _, _ = job
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(Path(rollouts).read_text().splitlines(keepends=True)[:2]))
+    proc = torchrun(3, "delta-h1", "--rollouts", str(two))
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # each rank's exit code, in torchrun's summary
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: 3 processes for 2 units: every rank needs at least one unit; launch at most 2 "
+                     "processes (torchrun --nproc-per-node) or probe more prompts"]
