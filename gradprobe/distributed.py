@@ -43,10 +43,7 @@ def active() -> bool:
 
 
 def rank() -> int:
-    """This process's rank: the group's, else (launched, not yet joined) torchrun's RANK, else 0."""
-    if active():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", "0")) if launched() else 0
+    return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
@@ -54,8 +51,10 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """Rank 0 alone prints and writes."""
-    return rank() == 0
+    """Rank 0 alone prints and writes (torchrun's RANK decides before the group is joined)."""
+    if active():
+        return dist.get_rank() == 0
+    return not launched() or int(os.environ.get("RANK", "0")) == 0
 
 
 def launched() -> bool:
