@@ -55,13 +55,13 @@ def test_forward_starts_follow_the_one_process_packing(fp32_stacks, rollouts_fil
     assert forward_starts(units, sizes, 8, "fused") == [1, 2, 3, 4, 5]  # one unit each
 
 
-def launch(world: int, out, rollouts: str, optimizer_state: str, fail_rank: int = -1,
+def launch(world: int, out, rollouts: str, optimizer_state: str, fail_rank: int = -1, oom: bool = False,
            timeout: float = 300.0) -> tuple[list[int | None], float]:
     """Start `world` ranks (spawned processes, gloo), wait for all; (exit codes, seconds)."""
     ctx = multiprocessing.get_context("spawn")
     port = dist_worker.free_port()
     procs = [ctx.Process(target=dist_worker.worker, args=(r, world, port, rollouts, optimizer_state, str(out),
-                                                           fail_rank)) for r in range(world)]
+                                                           fail_rank, oom)) for r in range(world)]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -136,14 +136,19 @@ def test_ranks_give_the_one_process_numbers(job, world):
 
 
 @pytest.mark.slow
-def test_a_failing_rank_ends_the_job_naming_it(job, monkeypatch):
+@pytest.mark.parametrize("oom", [False, True], ids=["raises", "out of memory"])
+def test_a_failing_rank_ends_the_job_naming_it(job, monkeypatch, oom):
+    """Rank 1 raises in its first forward; rank 0 (still computing) stops at the reductions with one line
+    naming it: an out-of-memory error stays one (MemoryError: the CLI's exit 5 with the microbatch to try)."""
     out, rollouts, opt, _ = job
     monkeypatch.setenv("GRADPROBE_DIST_TIMEOUT", "30")
     (out / "world2.0.error").unlink(missing_ok=True)
-    codes, seconds = launch(2, out, rollouts, opt, fail_rank=1, timeout=120)
+    codes, seconds = launch(2, out, rollouts, opt, fail_rank=1, oom=oom, timeout=120)
     assert all(c not in (0, None) for c in codes), codes  # every rank exits, none with success
     first = (out / "world2.0.error").read_text().splitlines()[0]
-    assert first == ("RankFailed: rank 1 failed during the probe: RuntimeError: injected failure in a forward"), first
+    assert first == ("MemoryError: rank 1 failed during the probe: CUDA out of memory. Tried to allocate 2.00 GiB"
+                     if oom else "RankFailed: rank 1 failed during the probe: RuntimeError: injected failure in a "
+                                 "forward"), first
     assert seconds < 120
 
 

@@ -50,8 +50,9 @@ def cases(stack, rollouts: str, optimizer_state: str) -> dict:
 
 
 def worker(rank: int, world: int, port: int, rollouts: str, optimizer_state: str, out: str,
-           fail_rank: int = -1) -> None:
-    """Rank `rank` of `world`; rank `fail_rank` raises inside its first forward."""
+           fail_rank: int = -1, oom: bool = False) -> None:
+    """Rank `rank` of `world`; rank `fail_rank` raises inside its first forward (torch's out-of-memory error
+    with `oom`, as a device that ran out of memory raises it)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="")
     os.environ.setdefault("GRADPROBE_DIST_TIMEOUT", "60")
@@ -67,6 +68,8 @@ def worker(rank: int, world: int, port: int, rollouts: str, optimizer_state: str
         stack = gp.load_stack(config(rollouts, optimizer_state, "packed"))
         if rank == fail_rank:
             def broken(self, chunk):
+                if oom:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
                 raise RuntimeError("injected failure in a forward")
             engine._Engine.forward = broken
         result = cases(stack, rollouts, optimizer_state)
