@@ -114,7 +114,7 @@ def test_ranks_give_the_one_process_numbers(job, world):
     codes, seconds = launch(world, out, rollouts, opt)
     assert codes == [0] * world, (out / f"world{world}.0.error").read_text() if codes[0] else codes
     many = torch.load(out / f"world{world}.pt")
-    assert many["sampled"] == single["sampled"]  # generation sharded by prompt: the same batch
+    assert many["sampled"] == single["sampled"]  # generation sharded by calls: the same batch
     for schedule in dist_worker.SCHEDULES:
         one, dist = single[schedule], many[schedule]
         assert dist["world_size"] == world and sum(dist["units_per_rank"]) == one["B"] == 7

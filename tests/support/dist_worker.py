@@ -26,12 +26,12 @@ def config(rollouts: str, optimizer_state: str, schedule: str) -> dict:
                                      f"probe.schedule={schedule}", "probe.microbatch_size=8"])
 
 
-def sample(stack):
+def sample(stack, prompts: int = 7, tokens: int = 10):
     """B = 7 prompts, G = 4: a batch that neither 2 nor 3 processes divide."""
     import gradprobe as gp
 
-    return gp.build_batch(stack, gp.load_config(overrides=[*FP32, "batch.num_prompts=7", "batch.group_size=4",
-                                                           "batch.max_new_tokens=10"]))
+    return gp.build_batch(stack, gp.load_config(overrides=[*FP32, f"batch.num_prompts={prompts}", "batch.group_size=4",
+                                                           f"batch.max_new_tokens={tokens}"]))
 
 
 def cases(stack, rollouts: str, optimizer_state: str) -> dict:
@@ -39,7 +39,8 @@ def cases(stack, rollouts: str, optimizer_state: str) -> dict:
     and "sampled": the groups that generation gives."""
     import gradprobe as gp
 
-    out: dict = {"sampled": [(g.prompt, g.responses, g.rewards) for g in sample(stack).groups]}
+    # 20 prompts: three generate() calls (8, 8, 4 prompts) for the ranks to share
+    out: dict = {"sampled": [(g.prompt, g.responses, g.rewards) for g in sample(stack, 20, 6).groups]}
     for schedule in SCHEDULES:
         cfg = config(rollouts, optimizer_state, schedule)
         out[schedule] = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg).to_dict()
