@@ -258,16 +258,6 @@ def gather_rows(t: torch.Tensor, shard: Shard, stage: str = "gathering per-unit 
     return full.to(t.device)
 
 
-def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0, stage: str = "broadcast") -> None:
-    """Overwrite every rank's tensors with rank src's (in place)."""
-    dev = _comm_device()
-    for t in tensors:
-        buf = t.detach().to(dev)
-        _collective(stage, lambda buf=buf: dist.broadcast(buf, src))
-        if buf.data_ptr() != t.data_ptr():
-            t.detach().copy_(buf)
-
-
 def ordered_sums(rows: Sequence[torch.Tensor], partial: Sequence[torch.Tensor], shard: Shard
                  ) -> list[torch.Tensor]:
     """The sums over all units of k row banks, added in unit order as one process adds them.
