@@ -33,6 +33,9 @@ DEFAULT_TIMEOUT_S = 1800.0
 SLAB_BYTES = 256 << 20  # one message of the ring exchange: bounded, so a host bank never needs a device copy
 
 
+NO_RESUME = "--state and --resume keep one process's units: run a resumable probe without torchrun"
+
+
 class RankFailed(RuntimeError):
     """Another rank's local work raised (its message is in this one), or a collective failed or timed out."""
 

@@ -249,7 +249,7 @@ def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditi
     shard = shard_units(batch, probe_cfg, units) if distributed.active() else None
     if shard is not None:
         if store is not None:
-            raise GradprobeError("--state/--resume keep one process's units: run a resumable probe without torchrun")
+            raise GradprobeError(distributed.NO_RESUME)
         units = units[shard.lo:shard.hi]
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
