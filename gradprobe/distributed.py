@@ -261,6 +261,17 @@ def gather_rows(t: torch.Tensor, shard: Shard, stage: str = "gathering per-unit 
     return full.to(t.device)
 
 
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0, stage: str = "a broadcast") -> None:
+    """Overwrite every rank's tensors with rank src's, in place (one model and one optimizer state on every
+    rank, whatever the rounding of nondeterministic kernels in work that every rank repeated)."""
+    dev = _comm_device()
+    for t in tensors:
+        buf = t.detach().to(dev)
+        _collective(stage, lambda buf=buf: dist.broadcast(buf, src))
+        if buf.data_ptr() != t.data_ptr():
+            t.detach().copy_(buf)
+
+
 def ordered_sums(rows: Sequence[torch.Tensor], partial: Sequence[torch.Tensor], shard: Shard
                  ) -> list[torch.Tensor]:
     """The sums over all units of k row banks, added in unit order as one process adds them.

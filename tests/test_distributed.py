@@ -162,16 +162,25 @@ def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_under_torchrun_rank0_alone_reports_the_one_process_numbers(job):
-    out, rollouts, opt, single = job
-    sets = [x for s in [*dist_worker.FP32, "probe.precondition=adam", f"probe.optimizer_state={opt}"]
-            for x in ("--set", s)]
-    proc = torchrun(2, "delta-h1", "--rollouts", rollouts, *sets, "--json", str(out / "cli.json"))
+    """The whole command under torchrun: a warm-up step (sampled over the ranks, its model and AdamW state
+    then rank 0's on every rank) drives the real step; one report, one JSON, the one-process numbers."""
+    out, rollouts, _, _ = job
+    sets = [*dist_worker.FP32, "probe.warmup_steps=1", "batch.num_prompts=12", "batch.max_new_tokens=8"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = gp.run_delta_h1(gp.load_config(overrides=[*sets, f"batch.rollouts={rollouts}"])).to_dict()
+    finally:
+        torch.set_num_threads(threads)
+    proc = torchrun(2, "delta-h1", "--rollouts", rollouts, *[x for s in sets for x in ("--set", s)],
+                    "--json", str(out / "cli.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("the next optimizer step") == 1  # one report: rank 0's
     result = json.loads((out / "cli.json").read_text())["result"]
-    assert result["world_size"] == 2 and result["units_per_rank"] == [4, 3]
-    for key in ("deltaH", "deltaH1", "se_deltaH", "se_unbiased"):
-        assert result[key] == pytest.approx(single["packed"][key], rel=1e-6), key
+    assert result["world_size"] == 2 and result["units_per_rank"] == [4, 3] and result["warmup_steps"] == 1
+    assert abs(one["parts"]["momentum"]["value"]) > 0
+    for key in ("deltaH", "deltaH1", "se_deltaH", "se_unbiased", "se_deltaH_batches"):
+        assert result[key] == pytest.approx(one[key], rel=1e-6), key
 
 
 @pytest.mark.slow
