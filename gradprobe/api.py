@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .errors import GradprobeError
 from .optim.precondition import Preconditioner, build_preconditioner, from_adam_state
 from .optim.state import live_state_dict, no_decay_names
@@ -91,6 +92,9 @@ def warm_up(stack, cfg: dict[str, Any], steps: int) -> torch.optim.Optimizer:
             offset += p.numel()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if distributed.active():  # every rank took these steps: rank 0's model and state are everyone's
+        distributed.broadcast_([*stack.params, *(v for p in stack.params for _, v in sorted(opt.state[p].items())
+                                                 if torch.is_tensor(v))], stage="the warm-up's model and state")
     return opt
 
 

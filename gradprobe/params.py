@@ -70,11 +70,11 @@ class FlatLayout:
         products are fp64 over 2^20-column slabs (exact to fp64; milliseconds for a bank of tens of GB)."""
         if a.is_cuda:
             out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-            for s in range(0, self.n, 1 << 20):
+            for s in range(0, a.shape[1], 1 << 20):
                 out += a[:, s:s + (1 << 20)].double() @ b[:, s:s + (1 << 20)].double().T
             return out
         out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64)
-        for s in range(0, self.n, cols):
+        for s in range(0, a.shape[1], cols):
             out += (a[:, s:s + cols] @ b[:, s:s + cols].T).double()
         return out
 

@@ -10,6 +10,7 @@ tokenised with the model's tokenizer without adding special tokens: write them a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .attention import without_cudnn_attention
 from .errors import GradprobeError
 from .files import write_atomic
@@ -214,13 +216,28 @@ def _decode(tokenizer, ids: list[int], keep_special: bool = False) -> str:
     return tokenizer.decode(ids, skip_special_tokens=not keep_special)
 
 
+PROMPTS_PER_CALL = 8  # prompts sampled together by one generate() call
+
+
+def call_seed(seed: int, first: int) -> int:
+    """The sampling seed of the generate() call whose first prompt is `first`, in a batch of run seed `seed`:
+    each call has its own stream, so its responses do not depend on which process samples it. The first call
+    uses the run seed itself (a batch of up to PROMPTS_PER_CALL prompts is one call seeded `seed`); the others
+    hash (seed, first), so they never meet the streams of nearby run seeds (seed + k: warm-up, entropy batch)."""
+    if first == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"gradprobe:{seed}:{first}".encode()).digest()[:7], "big")
+
+
 @torch.no_grad()
 @without_cudnn_attention()
 def generate_batch(stack, num_prompts: int, group_size: int, temperature: float, top_p: float,
                    max_new_tokens: int, seed: int,
                    reward_fn: Callable[[str, str], float] = builtin_reward,
                    prompts: list[str] | None = None) -> Batch:
-    """Sample G responses to each of B built-in prompts and score them."""
+    """Sample G responses to each of B built-in prompts and score them. Prompts are sampled in calls of
+    PROMPTS_PER_CALL consecutive prompts, each from its own seed (call_seed). Under torchrun each rank runs a
+    contiguous share of the calls and every rank receives the whole batch: the batch one process samples."""
     tok = stack.tokenizer
     prompts = prompts or builtin_prompts(tok)
     texts = [prompts[i % len(prompts)] for i in range(num_prompts)]
@@ -230,24 +247,41 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
     if ctx is not None and width + max_new_tokens > ctx:
         raise GradprobeError(f"batch.max_new_tokens={max_new_tokens} after a {width}-token prompt exceeds the model's "
                              f"context ({ctx} positions); lower batch.max_new_tokens")
+    calls = [range(a, min(a + PROMPTS_PER_CALL, num_prompts)) for a in range(0, num_prompts, PROMPTS_PER_CALL)]
+    r, w = distributed.rank(), distributed.world_size()
+    model = stack.model
+    was_training = model.training
+    model.eval()
+    groups: list[Group] = []
+    try:
+        with distributed.guard("generation"):
+            for call in calls[r * len(calls) // w:(r + 1) * len(calls) // w]:
+                torch.manual_seed(call_seed(seed, call.start))
+                groups += _sample(stack, [prompt_ids[i] for i in call], [texts[i] for i in call], group_size,
+                                  temperature, top_p, max_new_tokens, reward_fn)
+            if w > 1:
+                groups = [g for part in distributed.exchange("gathering the sampled batch", groups) for g in part]
+    finally:
+        model.train(was_training)
+    return Batch(groups, temperature=temperature, meta={"source": "generated"})
+
+
+def _sample(stack, prompt_ids: list[list[int]], texts: list[str], group_size: int, temperature: float,
+            top_p: float, max_new_tokens: int, reward_fn: Callable[[str, str], float]) -> list[Group]:
+    """One generate() call: G responses to each prompt (left-padded together), scored."""
+    tok = stack.tokenizer
+    width = max(map(len, prompt_ids))
     pad = tok.pad_token_id
     rows = [[pad] * (width - len(p)) + p for p in prompt_ids for _ in range(group_size)]
     input_ids = torch.tensor(rows, device=stack.device)
     attention = (torch.arange(width, device=stack.device)[None, :] >=
                  torch.tensor([width - len(p) for p in prompt_ids for _ in range(group_size)],
                               device=stack.device)[:, None]).long()
-    model = stack.model
-    was_training = model.training
-    model.eval()
-    torch.manual_seed(seed)
-    try:
-        with stack.autocast():
-            out = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                 temperature=temperature, top_p=top_p, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tok.eos_token_id, use_cache=True)
-    finally:
-        model.train(was_training)
+    with stack.autocast():
+        out = stack.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                   temperature=temperature, top_p=top_p, top_k=0,
+                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                   eos_token_id=tok.eos_token_id, use_cache=True)
     new = out[:, width:].tolist()
     groups = []
     for i, text in enumerate(texts):
@@ -257,4 +291,4 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
             responses.append(ids)
             rewards.append(float(reward_fn(text, _decode(tok, ids))))
         groups.append(Group(prompt_ids[i], responses, rewards))
-    return Batch(groups, temperature=temperature, meta={"source": "generated"})
+    return groups

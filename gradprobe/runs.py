@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import GradprobeError
+
 
 @dataclass
 class Tracker:
@@ -78,11 +80,17 @@ def run_delta_h1(cfg: dict[str, Any], *, state_dir: str | Path | None = None,
     state_dir: a directory prepared by resume.prepare_state_dir (or one being resumed): each finished unit's
     gradients are kept there and reused, and the batch is read back from it when it holds one.
     save_rollouts: also write the batch used as JSONL."""
+    from . import distributed
     from .api import build_batch, delta_h1
-    from .probe.engine import units_of
+    from .probe.engine import planned_units, units_of
     from .resume import ROLLOUTS, UnitStore, fingerprint
     from .rollouts import read_rollouts, write_rollouts
 
+    if distributed.launched():  # torchrun (docs/distributed.md): refused before the model loads, then joined
+        if state_dir is not None:
+            raise GradprobeError(distributed.NO_RESUME)
+        distributed.check_units(planned_units(cfg))
+        distributed.init()
     clock = _Clock(tracker)
     stack, precond, optimizer, warm = _warmed_stack(cfg, clock, build_precond=True)
     saved_batch = Path(state_dir) / ROLLOUTS if state_dir is not None else None

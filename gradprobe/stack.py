@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .errors import GradprobeError
 from .tokenizer import MICRO_ALPHABET, CharTokenizer
 
@@ -75,9 +76,11 @@ class Stack:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise GradprobeError("device 'cuda' was asked for but no CUDA device is visible")
+    if name == "cuda" and distributed.active():  # torchrun: this rank's GPU (LOCAL_RANK), by its index
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -140,6 +143,8 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
     if cfg["quant"]["mode"] == "none":
         return model.to(device)
     with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
+        # this process's own directory: under torchrun transformers writes on rank 0 only unless told
+        model.should_save_on_this_rank = lambda is_main_process: True
         model.to(torch.float32 if preset in SMALL_PRESETS else torch.bfloat16).save_pretrained(tmp)
         del model
         return _load_pretrained(tmp, cfg, device)

@@ -68,11 +68,15 @@ def consoles(quiet: bool, json_to_stdout: bool) -> tuple[Console, Console]:
     """stdout for the report, stderr for progress and errors; plain when NO_COLOR is set or not a TTY.
     Not on a terminal (and no COLUMNS), nothing wraps at 80 columns: a fix or a code line piped to a file
     must stay one piece that can be copied."""
+    from .. import distributed  # torch: only once a command runs
+
     no_color = bool(os.environ.get("NO_COLOR"))
-    out = Console(no_color=no_color, quiet=quiet or json_to_stdout, highlight=False)
+    other_rank = not distributed.is_main()  # under torchrun rank 0 alone prints (and names a failing rank)
+    quiet = quiet or json_to_stdout or other_rank
+    out = Console(no_color=no_color, quiet=quiet, highlight=False)
     if not out.is_terminal and not os.environ.get("COLUMNS"):
-        out = Console(no_color=no_color, quiet=quiet or json_to_stdout, highlight=False, width=WIDE, soft_wrap=True)
-    err = Console(stderr=True, no_color=no_color, highlight=False, soft_wrap=True)
+        out = Console(no_color=no_color, quiet=quiet, highlight=False, width=WIDE, soft_wrap=True)
+    err = Console(stderr=True, no_color=no_color, highlight=False, soft_wrap=True, quiet=other_rank)
     return out, err
 
 
@@ -119,8 +123,11 @@ def emit(out: Console, ckpt: Any, render: Callable[[], None], payload: dict[str,
 
 
 def write_json(payload: dict[str, Any], target: str | None) -> None:
-    """To stdout ('-') or atomically to a file (files.write_atomic): a crash leaves the previous file."""
-    if target is None:
+    """To stdout ('-') or atomically to a file (files.write_atomic): a crash leaves the previous file.
+    Under torchrun rank 0 alone writes."""
+    from .. import distributed
+
+    if target is None or not distributed.is_main():
         return
     text = json.dumps(_clean(payload), indent=2, allow_nan=False)
     if target == "-":
@@ -322,4 +329,7 @@ def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None 
         err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(first)} (rerun with --debug for the "
                   f"traceback)")
         raise typer.Exit(EXIT_INTERNAL) from None
+    finally:
+        if "gradprobe.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            sys.modules["gradprobe.distributed"].shutdown()
     raise typer.Exit(code)

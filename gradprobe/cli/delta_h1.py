@@ -57,11 +57,14 @@ def command(
     run = Run(command="delta-h1", json_target=inputs.json_)
 
     def body() -> int:
+        from .. import distributed
         from ..report.delta_h1 import delta_h1_payload, render_delta_h1
         from ..resume import prepare_state_dir, read_resume
         from ..runs import run_delta_h1
 
         outputs = {"--save-rollouts": save_rollouts}
+        if distributed.launched() and (state is not None or resume is not None):
+            raise GradprobeError(distributed.NO_RESUME)
         if resume is not None:
             given = inputs.given() + [flag for flag, v in (("--entropy-rollouts", entropy_rollouts),
                                                              ("--state", state)) if v]

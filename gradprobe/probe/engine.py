@@ -14,10 +14,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import distributed
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
 from ..objective import LEGACY_NORMALIZATION, pack, sequence_logprobs, x_weights, y_weights_for_batch
@@ -88,6 +90,8 @@ class ProbeResult:
     # each unit's share of deltaH and deltaH1, summing to them (attribution.py); the entropy batch's units
     units: list[dict[str, Any]] = field(default_factory=list)
     entropy_units: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1  # processes of a torchrun launch (distributed.py); 1 without it
+    units_per_rank: list[int] = field(default_factory=list)  # how many units each rank processed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +109,18 @@ def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
         if len(g.responses) < 2:
             raise GradprobeError(f"prompt {i} has {len(g.responses)} response(s); G >= 2 is needed")
     return units
+
+
+def planned_units(cfg: dict[str, Any]) -> int:
+    """The units the config's batch will give, before it is read or sampled (a rollouts file: its lines)."""
+    b, p = cfg["batch"], cfg["probe"]
+    prompts = b["num_prompts"]
+    if b["rollouts"]:
+        try:
+            prompts = sum(1 for line in Path(b["rollouts"]).read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise GradprobeError(f"cannot read the rollouts file {b['rollouts']}: {exc.strerror}") from None
+    return prompts if p["mode"] == "exact" else -(-prompts // p["block_size"])
 
 
 def plan_chunks(prompts: list[int], group_sizes: list[int], microbatch: int) -> list[Chunk]:
@@ -149,7 +165,7 @@ class _Engine:
         # the run's own loss (objective.y_weights_for_batch: the batch loss is the mean over groups), per unit
         whole = y_weights_for_batch(batch, self.norm, probe_cfg.get("scale_rewards", "none"),
                                     probe_cfg.get("max_completion_length"))
-        self.y_w = [w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole)]
+        self.y_w = {p: w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole) if p in unit_of_prompt}
         self._packed: dict[tuple, tuple[Any, int]] = {}
         self._wy: dict[tuple, torch.Tensor] = {}
 
@@ -209,10 +225,36 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_max_rss"
 
 
+def forward_starts(units: list[list[int]], group_sizes: list[int], microbatch: int, schedule: str) -> list[int]:
+    """The units at which a forward of the one-process run begins: a rank whose share starts at one of them
+    runs the same forwards as one process (packed puts several units in a forward; the others one each)."""
+    if schedule != "packed":
+        return list(range(1, len(units)))
+    first = {ps[0]: u for u, ps in enumerate(units)}
+    chunks = plan_chunks([p for ps in units for p in ps], group_sizes, microbatch)
+    return [first[c[0][0]] for c in chunks if c[0][1] == 0 and c[0][0] in first]
+
+
+def shard_units(batch: Batch, probe_cfg: dict[str, Any], units: list[list[int]]) -> distributed.Shard:
+    """This rank's contiguous share of the units, cut where the one-process run starts a forward."""
+    if probe_cfg["schedule"] == "literal":
+        raise GradprobeError("the literal schedule is the one-process cross-check: run it without torchrun, or use "
+                             "probe.schedule=packed, fused or one_backward")
+    cuts = forward_starts(units, [len(g.responses) for g in batch.groups], probe_cfg["microbatch_size"],
+                          probe_cfg["schedule"])
+    starts, aligned = distributed.split(len(units), distributed.world_size(), cuts)
+    return distributed.Shard(distributed.rank(), distributed.world_size(), starts, aligned)
+
+
 def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
              progress: Callable[[int, int], None] | None = None, store: Any = None,
              step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> Context:
     units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
+    shard = shard_units(batch, probe_cfg, units) if distributed.active() else None
+    if shard is not None:
+        if store is not None:
+            raise GradprobeError(distributed.NO_RESUME)
+        units = units[shard.lo:shard.hi]
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
@@ -220,7 +262,7 @@ def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditi
         raise GradprobeError("the literal schedule sums every unit before its per-unit loop, so it cannot resume; "
                              "use probe.schedule=packed (the default) with --state")
     return Context(stack, batch, probe_cfg, precond, units, eng, FlatLayout(stack.params), acc, progress,
-                   store=store, step_parts=step_parts)
+                   store=store, step_parts=step_parts, shard=shard)
 
 
 @without_cudnn_attention()
@@ -234,7 +276,12 @@ def unit_directions(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Pre
     if v.shape != (stack.n_params,):
         raise GradprobeError(f"a direction needs {stack.n_params} values (one per trainable parameter); "
                              f"got shape {tuple(v.shape)}")
-    x, y = directions(_context(stack, batch, probe_cfg, precond), v)
+    ctx = _context(stack, batch, probe_cfg, precond)
+    with distributed.guard("the directional derivatives"):
+        x, y = directions(ctx, v)
+    if ctx.shard is not None:
+        distributed.sync("gathering the directional derivatives")
+        x, y = distributed.gather_rows(x, ctx.shard), distributed.gather_rows(y, ctx.shard)
     return {"x": x, "y": y}
 
 
@@ -247,17 +294,22 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     `step_parts` (the real step's decomposition, sink.StepParts) also deltaH of the step the optimizer will
     take (real_step.py)."""
     ctx = _context(stack, batch, probe_cfg, precond, progress, store, step_parts)
-    layout, eng, n, m = ctx.layout, ctx.eng, stack.n_params, ctx.m
+    layout, eng, n, m = ctx.layout, ctx.eng, stack.n_params, ctx.total
     if stack.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()
-    out = schedules.get(probe_cfg["schedule"])(ctx)
+    with distributed.guard("the probe"):  # the schedule's sink.finish() opens the reductions with a sync
+        out = schedules.get(probe_cfg["schedule"])(ctx)
     sx, sy, diag_t, cross = out.sx, out.sy, out.diag_t, out.cross
     x_dot_sy, y_dot_sx = out.x_dot_sy, out.y_dot_sx
-    x_present, y_present = ctx.x_present, ctx.y_present
+    x_present, y_present = min(ctx.x_present), min(ctx.y_present)
+    counts = [eng.forwards, eng.backwards, eng.tokens]
     if stack.device.type == "cuda":
         torch.cuda.synchronize(stack.device)
     seconds = time.perf_counter() - t0
+    if ctx.shard is not None:  # whole-run counts
+        counts = distributed.all_reduce(torch.tensor(counts, dtype=torch.int64), "sum").tolist()
+        x_present, y_present = distributed.all_reduce(torch.tensor([x_present, y_present]), "min").tolist()
     sxsy_t = layout.dots(sx, sy)
     bars_dot = float(sxsy_t.sum()) / m ** 2
     diag = diag_t.sum(1)
@@ -266,8 +318,11 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     x_norms = layout.dots(sx, sx)
     y_norms = layout.dots(sy, sy)
     peak, peak_kind = _peak_memory(stack.device)
+    if ctx.shard is not None:  # the largest rank's
+        peak = int(distributed.all_reduce(torch.tensor([peak], dtype=torch.int64), "max"))
     extra = _real_step_fields(out.real, sy, learning_rate, m, step_parts is not None)
-    units = unit_rows(batch, ctx.units, stack.tokenizer, [-learning_rate * r / m for r in st.row_means],
+    every_unit = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])  # ctx.units: this rank's share
+    units = unit_rows(batch, every_unit, stack.tokenizer, [-learning_rate * r / m for r in st.row_means],
                       out.real[0].unit_terms if out.real is not None else None)
     return ProbeResult(
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
@@ -278,16 +333,28 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         bars_dot=bars_dot, diag_sum=st.diag_sum, B=m, G=batch.G, n_prompts=batch.B,
         learning_rate=learning_rate, n_params=n, n_tensors=len(stack.params),
         x_sum_norm=float(x_norms.sum().sqrt()), y_sum_norm=float(y_norms.sum().sqrt()),
-        x_nonnull=min(x_present), y_nonnull=min(y_present),
+        x_nonnull=x_present, y_nonnull=y_present,
         x_nonzero=int((x_norms > 0).sum()), y_nonzero=int((y_norms > 0).sum()),
         row_means=st.row_means,
         modules=_group_contributions(stack.names, per_tensor, module_name),
         layers=_group_contributions(stack.names, per_tensor, layer_name),
         mode=probe_cfg["mode"], schedule=out.schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
-        forwards=eng.forwards, backwards=eng.backwards, tokens=eng.tokens,
-        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes, units=units, **extra,
+        forwards=counts[0], backwards=counts[1], tokens=counts[2],
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes + _shard_notes(ctx),
+        world_size=ctx.shard.world if ctx.shard else 1, units_per_rank=ctx.shard.counts if ctx.shard else [m],
+        units=units, **extra,
     )
+
+
+def _shard_notes(ctx: Context) -> list[str]:
+    sh = ctx.shard
+    if sh is None:
+        return []
+    how = ("each rank's forwards are the one-process run's, so every number equals it up to fp64 summation order"
+           if sh.aligned else "too few forward boundaries to cut at: the packing, hence fp32 rounding, differs "
+                              "from one process")
+    return [f"{sh.world} ranks, units per rank {sh.counts}: {how}"]
 
 
 def _real_step_fields(real: Any, sy: torch.Tensor, learning_rate: float, m: int, asked: bool) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..environment import available_host_memory
 from ..errors import GradprobeError
 from ..params import FlatLayout
@@ -81,12 +82,16 @@ class UnitSink:
     bank='device' keeps the bank on the device instead (choose_bank): each unit's gradients are formed in
     its bank row (rows()), P, the dots and the sums run there, K is one fp64 pass there, and nothing but
     the [m, m] result and the sums crosses to the host. `slots`: how many units one forward may hold open
-    (the device buffers that rows() hands out with a host bank)."""
+    (the device buffers that rows() hands out with a host bank).
+
+    Under torchrun (`shard`, distributed.Shard) the sink holds this rank's m units and finish() reduces over
+    the ranks: the sums in unit order, the diagonal dots gathered, K by a ring exchange (distributed.py)."""
 
     def __init__(self, layout: FlatLayout, m: int, device: torch.device, sums_on_device: bool,
-                 pvec: torch.Tensor | None, bank: str = "host", slots: int = 0):
+                 pvec: torch.Tensor | None, bank: str = "host", slots: int = 0, shard: Any = None):
         n = layout.n
         self.layout = layout
+        self.shard = shard
         self.then_result: Any = None  # what finish's `then` returned
         self.device = device
         self.bank = bank
@@ -198,7 +203,9 @@ class UnitSink:
                 self.sx, self.sy = stage[0], stage[1]
                 self.diag_t = self.diag_t.cpu()
             self._staging = []
-        out = self.layout.cross_dots(self.bank_x, self.bank_y).cpu() if self.bank != "none" else None
+        if self.shard is not None:
+            self._reduce()
+        out = self.cross(self.bank_x, self.bank_y) if self.bank != "none" else None
         if then is not None and self.bank != "none":
             self.then_result = then(self.bank_x, self.bank_y)
         if self.bank != "host":
@@ -206,6 +213,29 @@ class UnitSink:
         self.bank_x = self.bank_y = torch.empty(0)
         self._tmp = None
         return out
+
+    def _reduce(self) -> None:
+        """Whole-batch sums (added in unit order across the ranks) and diagonal dots on every rank."""
+        distributed.sync("the reductions")
+        banks = [self.bank_x, self.bank_y] if self.bank != "none" else [torch.empty(0)] * 2
+        self.sx, self.sy = distributed.ordered_sums(banks, [self.sx, self.sy], self.shard)
+        self.diag_t = distributed.gather_rows(self.diag_t, self.shard)
+
+    def cross(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """K[u, v] = a[u].b[v] (fp64, CPU) over every unit of the batch, from the rows of this sink's units."""
+        if self.shard is None:
+            return self.layout.cross_dots(a, b).cpu()
+        return distributed.ring_cross(a, b, self.shard, self.layout.cross_dots)
+
+    def dot_rows(self, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """a[u].w[j] (fp64 [units of the batch, k], CPU) for rows a of this sink's units and a few vectors w."""
+        if self.shard is None:
+            return self.layout.cross_dots(a, w).cpu()
+        return distributed.rows_dot(a, w, self.shard, self.layout.cross_dots)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-unit values of this sink's units -> those of every unit of the batch."""
+        return rows if self.shard is None else distributed.gather_rows(rows, self.shard)
 
 
 
@@ -232,9 +262,9 @@ def real_step_hook(layout: FlatLayout, sink: UnitSink, pvec: torch.Tensor | None
         parts = step_parts([v.clone() for v in layout.views(g)])
         a = layout.gather(parts.fresh, cpu) * parts.clip_factor
         bank_y.mul_((a if p is None else torch.where(p > 0, a / p, torch.zeros(()))).to(dev))
-        fresh_cross = -layout.cross_dots(bank_x, bank_y).cpu()  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
+        fresh_cross = -sink.cross(bank_x, bank_y)  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
         w = torch.stack([layout.gather(parts.momentum, cpu), layout.gather(parts.decay, cpu)])
-        xw = layout.cross_dots(bank_x, w.to(dev)).cpu()
+        xw = sink.dot_rows(bank_x, w.to(dev))
         est = real_step.same_batch(fresh_cross, xw[:, 0], xw[:, 1], float(parts.clip_factor))
         return est, parts, a * g + w.sum(0)
 

@@ -31,6 +31,7 @@ class Context:
     x_present: list[int] = field(default_factory=list)  # tensors reached by each X backward
     y_present: list[int] = field(default_factory=list)
     store: Any = None  # resume.UnitStore: units an interrupted run finished are restored, not recomputed
+    shard: Any = None  # distributed.Shard under torchrun: `units` are this rank's share, unit indices local
 
     def restored(self, u: int, sink: Any, fx: torch.Tensor, fy: torch.Tensor) -> bool:
         """Unit u from the store, pushed as if computed (the saved fp32 bits, in the same order): True; or False."""
@@ -54,7 +55,13 @@ class Context:
 
     @property
     def m(self) -> int:
+        """Units this process computes (all of them without torchrun)."""
         return len(self.units)
+
+    @property
+    def total(self) -> int:
+        """Units of the whole batch: what the estimates average over."""
+        return self.shard.m if self.shard is not None else len(self.units)
 
     def pvec(self, device: torch.device) -> torch.Tensor | None:
         """P as one flat vector at the layout's offsets (None: identity)."""

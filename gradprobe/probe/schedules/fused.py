@@ -13,12 +13,12 @@ from .base import Context, Outcome
 
 def new_sink(ctx: Context) -> UnitSink:
     return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.cfg["accumulate_on"] == "device",
-                    ctx.pvec(torch.device("cpu")))
+                    ctx.pvec(torch.device("cpu")), shard=ctx.shard)
 
 
 def finish(ctx: Context, sink: UnitSink, schedule: str) -> Outcome:
     hook = None if ctx.step_parts is None else \
-        real_step_hook(ctx.layout, sink, ctx.pvec(torch.device("cpu")), ctx.m, ctx.step_parts)
+        real_step_hook(ctx.layout, sink, ctx.pvec(torch.device("cpu")), ctx.total, ctx.step_parts)
     cross = sink.finish(hook)
     return Outcome(sink.sx, sink.sy, sink.diag_t, cross.sum(1), cross.sum(0), cross, schedule, real=sink.then_result)
 

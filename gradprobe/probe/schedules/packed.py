@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from ... import distributed
 from ...params import FlatLayout
 from .. import lora_grads
 from ..engine import Chunk, plan_chunks
 from ..sink import UnitSink, choose_bank
 from . import fused
 from .base import Context, Outcome
+
+BANKS = ("device", "host", "none")  # best first
 
 
 def forwards(ctx: Context, one_unit_each: bool) -> list[Chunk]:
@@ -36,9 +39,13 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     chunk_units = [sorted({unit_of[p] for p, _, _ in c}) for c in chunks]
     last = {u: i for i, us in enumerate(chunk_units) for u in us}  # the forward that completes each unit
     where, why = choose_bank(ctx.cfg.get("bank", "auto"), ctx.m, layout.n, stack.device, ctx.batch.B)
+    if ctx.shard is not None:  # one place for every rank's bank (the ring needs a bank on all or none)
+        worst = max(distributed.exchange("choosing the bank", where), key=BANKS.index)
+        if worst != where:
+            where, why = choose_bank(worst, ctx.m, layout.n, stack.device, ctx.batch.B)
     pvec = ctx.pvec(torch.device("cpu"))
     sink = UnitSink(layout, ctx.m, stack.device, ctx.cfg["accumulate_on"] == "device", pvec, bank=where,
-                    slots=max(len(us) for us in chunk_units))
+                    slots=max(len(us) for us in chunk_units), shard=ctx.shard)
     eng.prepare(chunks)
     saved = {u: ctx.store.load(u) for u in range(ctx.m)} if ctx.store is not None else {}
     saved = {u: v for u, v in saved.items() if v is not None}  # units an interrupted run finished
@@ -87,6 +94,7 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     # no bank: X[u].sum Y and Y[u].sum X = grad LY[u].(P sum X) as directional derivatives, a second pass
     pvec = ctx.pvec(stack.device)
     x_dot_sy, y_dot_sx = _directions(ctx, sink.sy, sink.sx * pvec if pvec is not None else sink.sx, name)
+    x_dot_sy, y_dot_sx = sink.gather(x_dot_sy), sink.gather(y_dot_sx)
     return Outcome(sink.sx, sink.sy, sink.diag_t, x_dot_sy, y_dot_sx, None, name, notes=notes)
 
 
