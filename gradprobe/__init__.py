@@ -8,6 +8,15 @@ from .probe import ProbeResult
 from .rollouts import Batch, Group, read_rollouts, write_rollouts
 from .stack import Stack, load_stack
 
-__all__ = ["Batch", "CheckFailed", "GradprobeError", "Group", "ProbeResult", "Stack", "build_batch",
-           "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts", "write_rollouts"]
+__all__ = ["Batch", "CheckFailed", "GradprobeCallback", "GradprobeError", "Group", "ProbeResult", "Stack",
+           "build_batch", "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts", "write_rollouts"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """GradprobeCallback on first use: importing transformers' Trainer machinery costs seconds the CLI never needs."""
+    if name == "GradprobeCallback":
+        from .callback import GradprobeCallback
+
+        return GradprobeCallback
+    raise AttributeError(f"module 'gradprobe' has no attribute {name!r}")
