@@ -53,7 +53,7 @@ class GradprobeCallback(TrainerCallback):
     def __init__(self, eval_prompts: Sequence[str], *, every_n_steps: int = 10, jsonl: str | Path | None = None,
                  group_size: int = 8, max_new_tokens: int | None = None, temperature: float | None = None,
                  method: str = "auto", is_samples: int = 256, max_enumerate: int = 20000,
-                 exact_first_order: bool = True, microbatch_size: int = 8, seed: int = 0, tokenizer: Any = None,
+                 exact_first_order: bool = False, microbatch_size: int = 8, seed: int = 0, tokenizer: Any = None,
                  trainer: Any = None):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise GradprobeError(f"every_n_steps must be an integer >= 1; got {every_n_steps!r}")
@@ -121,8 +121,8 @@ class GradprobeCallback(TrainerCallback):
         self.method = self.method_asked if self.method_asked != "auto" else \
             "exact" if n <= self.max_enumerate else "importance"
         self.max_grad_norm = float(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.records = []
         if self.jsonl is not None:
-            self.records = []
             write_atomic(self.jsonl, "", what="the gradprobe JSONL")
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -133,7 +133,7 @@ class GradprobeCallback(TrainerCallback):
         if step % self.every_n_steps:
             return
         t0 = time.perf_counter()
-        stack = self.stack
+        stack, clock = self.stack, _Clock()
         with untouched(stack.model):
             grads = [p.grad for p in stack.params]
             missing = sum(g is None for g in grads)
@@ -146,15 +146,19 @@ class GradprobeCallback(TrainerCallback):
             flat_update = torch.cat([d.reshape(-1).double() for d in update])
             flat_parts = torch.cat([t.reshape(-1).double() for t in parts.total(grads)])
             grad_norm = float(torch.cat([g.reshape(-1).double().cpu() for g in grads]).norm())
+            clock.lap("step")
             stack.model.eval()
             policy = Policy(stack, self.method, self.tau, self.max_len)
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             batch = sampled_batch(stack, policy, self.prompt_ids, self.group_size, gen, self.tau)
+            clock.lap("entropy batch")
             est = independent_step(stack, batch, self.probe_cfg, parts, grads)
+            clock.lap("X_E")
             exact = None
             if self.method == "exact" and self.exact_first_order:
                 _, grad_h = exact_entropy_grad(stack, self.prompt_ids, self.tau, self.max_len)
                 exact = float(grad_h.double() @ flat_update)
+                clock.lap("exact grad H")
             truth = EntropyChange(stack, policy, self.prompt_ids, self.is_samples, self.seed * 1_000_003 + step + 7)
         theta_norm = float(torch.cat([p.detach().reshape(-1).double().cpu() for p in stack.params]).norm())
         self._pending = dict(
@@ -167,7 +171,8 @@ class GradprobeCallback(TrainerCallback):
             params_without_grad=missing, eval_prompts=len(self.prompt_ids), group_size=self.group_size,
             max_new_tokens=self.max_len, temperature=self.tau, optimizer=settings.optimizer,
             optimizer_step=settings.step)
-        self._pending["_truth"] = truth
+        clock.lap("truth at theta")
+        self._pending["_truth"], self._pending["timings"] = truth, clock.laps
         self._pending["_forecast_seconds"] = time.perf_counter() - t0
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -203,6 +208,18 @@ class GradprobeCallback(TrainerCallback):
         should_log = self.trainer.control.should_log
         Trainer.log(self.trainer, logs)
         self.trainer.control.should_log = should_log
+
+
+class _Clock:
+    """Seconds per phase of a forecast (the cost breakdown in the JSONL)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.t = now - self.t, now
 
 
 def _unwrap(optimizer: Any) -> Any:
