@@ -18,31 +18,10 @@ import torch
 import gradprobe as gp
 from gradprobe.errors import GradprobeError
 from gradprobe.rollouts import BUILTIN_PROMPTS, MICRO_PROMPTS
-from gradprobe.validate import GROUND_TRUTH
+from tests.support.trainer_run import micro_trainer
 from tests.support.trl_run import train_grpo
 
 EVAL = MICRO_PROMPTS[:3]
-
-
-def micro_trainer(output_dir, lr: float = 1e-4, steps: int = 4, optim: str = "adamw_torch"):
-    """A plain transformers Trainer on the micro QLoRA stack, language-modelling loss on fixed sequences."""
-    from transformers import Trainer, TrainingArguments
-
-    cfg = gp.load_config(overrides=[*GROUND_TRUTH, "seed=0"])
-    stack = gp.load_stack(cfg)
-    tok = stack.tokenizer
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(32):
-        tail = "".join("abcdefg"[j] for j in torch.randint(7, (4,), generator=gen).tolist())
-        ids = torch.tensor((tok.encode(MICRO_PROMPTS[i % len(MICRO_PROMPTS)] + tail, add_bos=True)
-                            + [tok.pad_token_id] * 12)[:12])
-        rows.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-    args = TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=8,
-                             learning_rate=lr, weight_decay=0.1, max_grad_norm=1.0, logging_steps=1,
-                             report_to="none", use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True,
-                             optim=optim)
-    return Trainer(model=stack.model, args=args, train_dataset=rows), tok
 
 
 def trainable(trainer) -> dict[str, torch.Tensor]:
