@@ -30,11 +30,12 @@ def pearson(a: list[float], b: list[float]) -> float:
 
 
 def run(trainer: str, steps: int, lr: float, every: int, prompts: int, group: int, max_new_tokens: int,
-        is_samples: int, out: Path, seed: int) -> list[dict]:
+        is_samples: int, out: Path, seed: int, work: Path) -> list[dict]:
+    """Train in `work` with the callback writing `out`; returns its records."""
     if trainer == "plain":
         from tests.support.trainer_run import micro_trainer
 
-        tr, tok = micro_trainer(out.parent / "run", lr=lr, steps=steps, seed=seed)
+        tr, tok = micro_trainer(work / "run", lr=lr, steps=steps, seed=seed)
         cb = GradprobeCallback(MICRO_PROMPTS[:prompts], every_n_steps=every, tokenizer=tok, group_size=group,
                                max_new_tokens=max_new_tokens, exact_first_order=True, jsonl=out, seed=seed)
         cb.attach(tr).trainer.train()
@@ -51,7 +52,7 @@ def run(trainer: str, steps: int, lr: float, every: int, prompts: int, group: in
             super().__init__(*args, **kwargs)
             cb.attach(self)
 
-    train_grpo(out.parent / "run", trainer_class=Probed, max_steps=steps, save_steps=10 ** 6, learning_rate=lr,
+    train_grpo(work / "run", trainer_class=Probed, max_steps=steps, save_steps=10 ** 6, learning_rate=lr,
                seed=seed)
     return cb.records
 
@@ -113,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gradprobe-bench-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "gradprobe.jsonl"
         records = run(args.trainer, args.steps, args.lr, args.every, args.prompts, args.group, args.max_new_tokens,
-                      args.is_samples, out, args.seed)
+                      args.is_samples, out, args.seed, Path(tmp))
     print(f"{args.trainer}: {args.steps} steps, lr {args.lr:g}, forecast every {args.every}, {args.prompts} "
           f"evaluation prompts x {args.group}")
     print(table(records))

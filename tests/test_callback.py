@@ -115,6 +115,10 @@ def test_train_begin_refuses_what_it_cannot_model(tmp_path):
     trainer.add_callback(gp.GradprobeCallback(EVAL, tokenizer=tok))
     with pytest.raises(GradprobeError, match="attach"):
         trainer.train()
+    trainer, tok = micro_trainer(tmp_path / "no-directory", steps=1)
+    gp.GradprobeCallback(EVAL, tokenizer=tok, jsonl=tmp_path / "missing" / "g.jsonl").attach(trainer)
+    with pytest.raises(GradprobeError, match="cannot write"):
+        trainer.train()
     trainer, _ = micro_trainer(tmp_path / "no-tokenizer", steps=1)
     gp.GradprobeCallback(EVAL).attach(trainer)
     with pytest.raises(GradprobeError, match="tokenizer"):
