@@ -1,4 +1,4 @@
-"""The Python API: the same steps the CLI takes, for a user's own script.
+"""The Python API's steps, for a user's own script (runs.py chains them into one call per command).
 
     from gradprobe import load_config, load_stack, build_batch, delta_h1
     cfg = load_config(overrides=["probe.microbatch_size=4"])

@@ -64,6 +64,9 @@ class UnitStore:
 
 def prepare_state_dir(directory: str | Path, cfg: dict[str, Any]) -> Path:
     """A new or empty state directory (checked before the model loads); refuses one holding another run."""
+    if cfg["probe"]["schedule"] == "literal":
+        raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
+                             "sums every unit before its per-unit loop, so it cannot resume")
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise GradprobeError(f"--state {d} is a file; give a directory")

@@ -256,7 +256,7 @@ def _ratio(num: float, num_se: float, den: float, den_se: float) -> tuple[float,
 
 
 @without_cudnn_attention()
-def run_validate(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None,
+def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None,
                  optimizer: Any = None) -> ValidateResult:
     """The whole comparison; theta (and `optimizer`, the real step's source when given) is unchanged afterwards."""
     check_config(cfg)

@@ -144,3 +144,23 @@ def test_usage_errors_from_the_console_script_are_one_line(argv, says):
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and says in res.stderr, res.stderr
     assert res.stdout == ""
+
+
+@pytest.mark.slow
+def test_run_delta_h1_is_the_stepwise_api_in_one_call():
+    """The CLI's library entry chains the documented steps; its tracker ends at the probe with every unit."""
+    from gradprobe import api, build_batch, delta_h1, load_config, load_stack, run_delta_h1
+    from gradprobe.runs import Tracker
+
+    cfg = load_config(overrides=["batch.num_prompts=4", "batch.max_new_tokens=6"])
+    tracker = Tracker()
+    one = run_delta_h1(cfg, tracker=tracker)
+    assert tracker.stage == "probe" and tracker.units == 4 and tracker.units_done == 4
+    assert {"stack", "warm-up", "batch", "probe"} <= set(one.timings)
+
+    stack = load_stack(cfg)
+    opt = api.warm_up(stack, cfg, api.warmup_steps(cfg))
+    precond = api.live_preconditioner(stack, opt, cfg, "the warm-up")
+    steps = delta_h1(stack, build_batch(stack, cfg), cfg, precond=precond, optimizer=opt)
+    assert (one.deltaH, one.se_deltaH, one.deltaH1, one.se) == (steps.deltaH, steps.se_deltaH, steps.deltaH1,
+                                                                steps.se)

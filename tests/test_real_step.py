@@ -203,7 +203,7 @@ def test_validate_steps_along_the_real_update():
     the model and the optimizer are unchanged afterwards."""
     from gradprobe.config import load_config
     from gradprobe.stack import load_stack
-    from gradprobe.validate import GROUND_TRUTH, run_validate
+    from gradprobe.validate import GROUND_TRUTH, sweep
 
     cfg = load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12", "validate.points=3"])
     stack = load_stack(cfg)
@@ -216,13 +216,13 @@ def test_validate_steps_along_the_real_update():
     opt.zero_grad(set_to_none=True)
     theta = [p.detach().clone() for p in stack.params]
     state = {k: v.clone() for k, v in opt.state[stack.params[3]].items()}
-    r = run_validate(stack, cfg, optimizer=opt)
+    r = sweep(stack, cfg, optimizer=opt)
     assert r.direction == "real" and r.eta_run == 1.0 and r.step["optimizer"] == "AdamW" and r.step["step"] == 4
     assert r.step_run == pytest.approx(r.d_norm / r.theta_norm)
     assert abs(r.points[0].ratio_exact - 1) < 0.01 and abs(r.slope_fit / r.slope_exact - 1) < 0.01
     assert all(torch.equal(p.detach(), t) for p, t in zip(stack.params, theta))
     assert all(torch.equal(opt.state[stack.params[3]][k], v) for k, v in state.items())
-    plain = run_validate(stack, load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12",
+    plain = sweep(stack, load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12",
                                                        "validate.points=3", "validate.direction=plain"]))
     assert plain.direction == "plain" and plain.d_norm != pytest.approx(r.d_norm, rel=0.1)
 

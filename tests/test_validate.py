@@ -31,7 +31,7 @@ from gradprobe.probe import run_probe, ustat
 from gradprobe.report.validate import ratio_plot, render_validate, save_plot, validate_payload
 from gradprobe.rollouts import MICRO_PROMPTS, Batch, Group, builtin_prompts, builtin_reward
 from gradprobe.stack import load_stack
-from gradprobe.validate import GROUND_TRUTH, _Step, exact_entropy_grad, run_validate
+from gradprobe.validate import GROUND_TRUTH, _Step, exact_entropy_grad, sweep
 from tests.support.persample import sequence_jacobian
 
 MAX_LEN = 4
@@ -134,11 +134,11 @@ def test_exact_grad_matches_central_difference(micro, pool):
 
 @pytest.fixture(scope="module")
 def small_run(micro):
-    """run_validate on the micro model with a small evaluation batch, and theta before and after."""
+    """sweep on the micro model with a small evaluation batch, and theta before and after."""
     _, stack = micro
     cfg = load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=16"])
     before = [p.detach().clone() for p in stack.params]
-    r = run_validate(stack, cfg)
+    r = sweep(stack, cfg)
     return r, before, [p.detach().clone() for p in stack.params]
 
 
@@ -194,11 +194,11 @@ def test_importance_sampling_tracks_the_exact_change(micro, pool):
 
 
 def test_importance_path_end_to_end(micro):
-    """run_validate's importance-sampling branch on the micro model (where exact would be chosen)."""
+    """sweep's importance-sampling branch on the micro model (where exact would be chosen)."""
     _, stack = micro
     cfg = load_config(overrides=[*GROUND_TRUTH, "validate.method=importance", "validate.eval_num_prompts=4",
                                  "validate.is_samples=300", "validate.points=3"])
-    r = run_validate(stack, cfg)
+    r = sweep(stack, cfg)
     assert r.method == "importance" and r.slope_exact is None and r.responses_per_prompt is None
     assert 0 < r.is_min_ess <= 300
     with torch.no_grad():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import math
 import os
@@ -11,7 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..config import load_config
 from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
 from ..files import check_outputs, write_atomic
+from ..runs import Tracker
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/).",
                                                    show_default=False)]
@@ -138,25 +141,14 @@ def check_paths(outputs: dict[str, str | Path | None], cfg: dict[str, Any] | Non
 
 
 @dataclass
-class Run:
+class Run(Tracker):
     """How far a command got: what an interruption or an out-of-memory error reports and writes."""
 
-    command: str
+    command: str = ""
     json_target: str | None = None
     cfg: dict[str, Any] | None = None
-    stage: str = "starting"
-    units_done: int = 0
-    units: int | None = None
     state_dir: str | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
     what: str = "units"  # what progress counts (validate: the points of its sweep)
-
-    def progress(self, inner: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-        def update(done: int, total: int) -> None:
-            self.units_done, self.units = done, total
-            if inner is not None:
-                inner(done, total)
-        return update
 
     def done(self) -> str:
         units = f", {self.units_done}/{self.units} {self.what} done" if self.units else ""
@@ -169,6 +161,65 @@ class Run:
                 "config": self.cfg, "progress": {"stage": self.stage, "units_done": self.units_done,
                                                  "units": self.units},
                 "resume": {"state_dir": self.state_dir, **self.facts} if self.state_dir else None}
+
+
+@dataclass
+class Inputs:
+    """The options every probing command takes: where the configuration, the batch and the training run come
+    from, and where the result goes."""
+
+    config: Path | None = None
+    set_: list[str] | None = None
+    seed: int | None = None
+    rollouts: Path | None = None
+    checkpoint: Path | None = None
+    optimizer_state: Path | None = None
+    json_: str | None = None
+    quiet: bool = False
+    debug: bool = False
+
+    def consoles(self) -> tuple[Console, Console]:
+        return consoles(self.quiet, self.json_ == "-")
+
+    def given(self) -> list[str]:
+        """The configuring options given, by flag (a resumed run refuses them)."""
+        return [flag for flag, v in (("--config", self.config), ("--set", self.set_), ("--seed", self.seed),
+                                     ("--rollouts", self.rollouts), ("--checkpoint", self.checkpoint),
+                                     ("--optimizer-state", self.optimizer_state)) if v]
+
+    def load(self, base: list[str] | tuple[str, ...] = (), outputs: dict[str, str | Path | None] | None = None):
+        """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every output path
+        checked against the inputs, all before the model loads. `base`: overrides under the user's --set."""
+        cfg, ckpt = apply_checkpoint(make_config(self.config, [*base, *(self.set_ or [])], self.seed, self.rollouts),
+                                     self.checkpoint, self.optimizer_state)
+        check_paths({"--json": self.json_, **(outputs or {})}, cfg, (self.config, self.checkpoint,
+                                                                   self.optimizer_state))
+        return cfg, ckpt
+
+
+_FIRST = (("config", ConfigOpt, None), ("set_", SetOpt, None), ("seed", SeedOpt, None),
+          ("rollouts", RolloutsOpt, None), ("checkpoint", CheckpointOpt, None),
+          ("optimizer_state", OptimizerStateOpt, None))
+_LAST = (("json_", JsonOpt, None), ("quiet", QuietOpt, False), ("debug", DebugOpt, False))
+
+
+def with_inputs(fn: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared options (Inputs) around its own, so that each is declared once: Typer reads
+    the signature built here; the command receives `inputs` and its own options."""
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+           for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "inputs"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+              for name, kind, default in (*_FIRST, *_LAST)]
+    params = [*shared[:len(_FIRST)], *own, *shared[len(_FIRST):]]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> None:
+        inputs = Inputs(**{name: kwargs.pop(name) for name, _, _ in (*_FIRST, *_LAST)})
+        fn(inputs, **kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
 
 
 PARTIAL_SCHEMA = "gradprobe.partial/1"

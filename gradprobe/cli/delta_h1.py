@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,23 +10,13 @@ import typer
 from ..config import config_from_dict
 from ..errors import GradprobeError
 from .common import (
-    CheckpointOpt,
-    ConfigOpt,
-    DebugOpt,
-    JsonOpt,
-    OptimizerStateOpt,
-    QuietOpt,
-    RolloutsOpt,
+    Inputs,
     Run,
-    SeedOpt,
-    SetOpt,
-    apply_checkpoint,
     check_paths,
-    consoles,
     emit,
     guarded,
-    make_config,
     progress_bar,
+    with_inputs,
 )
 
 EPILOG = """Examples:
@@ -46,13 +35,9 @@ EPILOG = """Examples:
 """
 
 
+@with_inputs
 def command(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    seed: SeedOpt = None,
-    rollouts: RolloutsOpt = None,
-    checkpoint: CheckpointOpt = None,
-    optimizer_state: OptimizerStateOpt = None,
+    inputs: Inputs,
     save_rollouts: Annotated[Path | None, typer.Option("--save-rollouts", help="Write the batch used as JSONL.",
                                                           show_default=False)] = None,
     entropy_rollouts: Annotated[Path | None, typer.Option(
@@ -65,86 +50,37 @@ def command(
         "--resume", help="Continue an interrupted run: its partial JSON or its --state directory. The "
         "configuration and the batch come from there; the result equals an uninterrupted run's.",
         show_default=False)] = None,
-    json_: JsonOpt = None,
-    quiet: QuietOpt = False,
-    debug: DebugOpt = False,
 ) -> None:
     """Predict how much the next optimizer step changes the policy's entropy (deltaH, the step the run's
     optimizer will take: momentum, weight decay, clipping) with an SE; deltaH1 (the plain step) beside it."""
-    out, err = consoles(quiet, json_ == "-")
-    run = Run("delta-h1", json_)
+    out, err = inputs.consoles()
+    run = Run(command="delta-h1", json_target=inputs.json_)
 
     def body() -> int:
-        from ..api import (  # heavy imports (torch) only when the command runs
-            build_batch,
-            delta_h1,
-            live_preconditioner,
-            preconditioner,
-            warm_up,
-            warmup_steps,
-        )
-        from ..probe.engine import units_of
         from ..report.delta_h1 import delta_h1_payload, render_delta_h1
-        from ..resume import ROLLOUTS, UnitStore, fingerprint, prepare_state_dir, read_resume
-        from ..rollouts import read_rollouts, write_rollouts
-        from ..stack import load_stack
+        from ..resume import prepare_state_dir, read_resume
+        from ..runs import run_delta_h1
 
+        outputs = {"--save-rollouts": save_rollouts}
         if resume is not None:
-            given = [name for name, v in (("--config", config), ("--set", set_), ("--seed", seed),
-                                          ("--rollouts", rollouts), ("--checkpoint", checkpoint),
-                                          ("--optimizer-state", optimizer_state), ("--state", state)) if v]
+            given = inputs.given() + [flag for flag, v in (("--entropy-rollouts", entropy_rollouts),
+                                                             ("--state", state)) if v]
             if given:
                 raise GradprobeError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
             state_dir, stored = read_resume(resume)
             cfg, ckpt = config_from_dict(stored, str(state_dir / "meta.json")), None
             # the partial JSON given to --resume may be replaced by the final result
-            check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (state_dir / "meta.json",))
+            check_paths({"--json": inputs.json_, **outputs}, cfg, (state_dir / "meta.json",))
         else:
-            cfg, ckpt = apply_checkpoint(make_config(config, set_, seed, rollouts), checkpoint, optimizer_state)
-            check_paths({"--json": json_, "--save-rollouts": save_rollouts}, cfg, (config, checkpoint, optimizer_state))
-            if state is not None and cfg["probe"]["schedule"] == "literal":
-                raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
-                                     "sums every unit before its per-unit loop, so it cannot resume")
+            cfg, ckpt = inputs.load(outputs=outputs)
+            if entropy_rollouts is not None:
+                cfg["batch"]["entropy_rollouts"], cfg["probe"]["entropy_batch"] = str(entropy_rollouts), "independent"
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
-        run.stage = "model load"
-        if entropy_rollouts is not None:
-            cfg["batch"]["entropy_rollouts"], cfg["probe"]["entropy_batch"] = str(entropy_rollouts), "independent"
-        t0 = time.perf_counter()
-        stack = load_stack(cfg)
-        precond = preconditioner(stack, cfg)  # a mismatched optimizer state fails here, before sampling
-        tw = time.perf_counter()
-        optimizer, warm = None, warmup_steps(cfg)
-        if warm:  # the embedded default: a few real AdamW steps, so that the step has momentum to show
-            optimizer = warm_up(stack, cfg, warm)
-            precond = live_preconditioner(stack, optimizer, cfg, f"the AdamW of {warm} warm-up steps")
-        t1 = time.perf_counter()
-        run.stage = "batch"
-        saved_batch = state_dir / ROLLOUTS if state_dir is not None else None
-        if resume is not None and saved_batch.is_file():
-            vocab = stack.model.get_input_embeddings().num_embeddings
-            batch = read_rollouts(saved_batch, stack.tokenizer, vocab, temperature=cfg["batch"]["temperature"])
-        else:
-            batch = build_batch(stack, cfg)
-        t2 = time.perf_counter()
-        if save_rollouts is not None:
-            write_rollouts(batch, save_rollouts)
-        store = None
-        if state_dir is not None:
-            if not saved_batch.is_file():
-                write_rollouts(batch, saved_batch)
-            store = UnitStore(state_dir, fingerprint(cfg, batch, stack.params, precond.scales))
-            run.facts = {"fingerprint": store.fingerprint, "units_saved": store.done()}
-        run.stage, run.units = "probe", len(units_of(batch, cfg["probe"]["mode"], cfg["probe"]["block_size"]))
-        with progress_bar(err, not quiet, "probing units") as bar:
-            result = delta_h1(stack, batch, cfg, progress=run.progress(bar), precond=precond, store=store,
-                              optimizer=optimizer)
-        result.warmup_steps = warm
-        result.timings.update(stack=tw - t0, batch=t2 - t1)
-        if warm:
-            result.timings["warm-up"] = t1 - tw
+        with progress_bar(err, not inputs.quiet, "probing units") as bar:
+            result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar)
         run.stage = "report"
-        emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), json_)
+        emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), inputs.json_)
         return 0
 
-    guarded(debug, err, body, run)
+    guarded(inputs.debug, err, body, run)
