@@ -139,14 +139,15 @@ def probed_grpo(cb):
 
 @pytest.mark.slow
 def test_grpo_trainer_with_the_callback(tmp_path_factory):
-    """TRL's GRPOTrainer with its defaults (dapo loss, bf16 autocast, gradient checkpointing): the same losses
-    and weights with and without the callback; forecast and realised logged at the configured steps."""
+    """TRL's GRPOTrainer with its defaults (dapo loss, bf16 autocast, gradient checkpointing) on an nf4 base
+    (QLoRA: TRL trains the LoRA weights in bf16): the same losses and weights with and without the callback;
+    forecast and realised logged at the configured steps."""
     out = tmp_path_factory.mktemp("grpo")
     base = out / "base"
-    bare = train_grpo(out / "bare", base_dir=base)
+    bare = train_grpo(out / "bare", base_dir=base, quant="nf4")
     cb = gp.GradprobeCallback(BUILTIN_PROMPTS[:2], every_n_steps=2, group_size=4, is_samples=32,
                               jsonl=out / "gradprobe.jsonl")
-    probed = train_grpo(out / "probed", base_dir=base, trainer_class=probed_grpo(cb))
+    probed = train_grpo(out / "probed", base_dir=base, quant="nf4", trainer_class=probed_grpo(cb))
     assert losses(bare) and losses(bare) == losses(probed)
     assert same_weights(trainable(bare), trainable(probed))
     lines = [json.loads(line) for line in (out / "gradprobe.jsonl").read_text().splitlines()]
@@ -157,7 +158,10 @@ def test_grpo_trainer_with_the_callback(tmp_path_factory):
     assert rec["lr"] == pytest.approx(step2["learning_rate"])  # the rate this step used
     for key in ("deltaH", "se_deltaH", "realised", "realised_se"):
         assert math.isfinite(rec[key])
-    assert rec["se_deltaH"] > 0 and rec["realised_se"] > 0 and rec["parts_residual"] < 1e-3
+    assert rec["se_deltaH"] > 0 and rec["realised_se"] > 0
+    # the real step lands on bf16 LoRA weights (rounded to bf16's grid); decompose's parts are the unrounded step
+    assert any(p.dtype == torch.bfloat16 for p in probed.model.parameters() if p.requires_grad)
+    assert rec["parts_residual"] < 0.1
     logged = [h for h in probed.state.log_history if "gradprobe/deltaH" in h]
     assert [h["step"] for h in logged] == [2] and logged[0]["gradprobe/realised"] == rec["realised"]
     # TRL's own metrics still reach its log (the callback logs through Trainer.log, not TRL's override)
