@@ -135,14 +135,17 @@ class GradprobeCallback(TrainerCallback):
         t0 = time.perf_counter()
         stack, clock = self.stack, _Clock()
         with untouched(stack.model):
-            grads = [p.grad for p in stack.params]
-            missing = sum(g is None for g in grads)
-            grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(stack.params, grads)]
+            skipped = [p.grad is None for p in stack.params]  # the optimizer's step() leaves these alone
+            grads = [torch.zeros_like(p) if s else p.grad.detach() for p, s in zip(stack.params, skipped)]
             lr = float(self.optimizer.param_groups[0]["lr"])
             update = real_update(self.optimizer, stack.params, grads, names=stack.names)
             settings = step_settings(self.optimizer, stack.names, stack.params)
             parts = decompose(settings, mapped_state(self.optimizer, stack.names, stack.params), stack.names,
                               stack.params, grads)
+            for j in (j for j, s in enumerate(skipped) if s):
+                update[j] = torch.zeros_like(update[j])
+                for ts in (parts.fresh, parts.momentum, parts.decay):
+                    ts[j] = torch.zeros_like(ts[j])
             flat_update = torch.cat([d.reshape(-1).double() for d in update])
             flat_parts = torch.cat([t.reshape(-1).double() for t in parts.total(grads)])
             grad_norm = float(torch.cat([g.reshape(-1).double().cpu() for g in grads]).norm())
@@ -168,7 +171,7 @@ class GradprobeCallback(TrainerCallback):
             parts_residual=float((flat_parts - flat_update).norm() / (flat_update.norm() or 1.0)),
             grad_norm=grad_norm, max_grad_norm=self.max_grad_norm,
             clipped=self.max_grad_norm is not None and grad_norm >= self.max_grad_norm * (1 - 1e-4),
-            params_without_grad=missing, eval_prompts=len(self.prompt_ids), group_size=self.group_size,
+            params_without_grad=sum(skipped), eval_prompts=len(self.prompt_ids), group_size=self.group_size,
             max_new_tokens=self.max_len, temperature=self.tau, optimizer=settings.optimizer,
             optimizer_step=settings.step)
         clock.lap("truth at theta")
