@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         "init": "random",
+        "dtype": "float32",
     },
     "autocast": "bf16",
     "checkpointing": "reentrant",
@@ -85,6 +86,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quant.mode": ("none", "nf4", "fp4"),
     "quant.compute_dtype": ("bfloat16", "float16", "float32"),
     "lora.init": ("random", "zero_b"),
+    "lora.dtype": ("float32", "bfloat16", "float16"),
     "autocast": ("bf16", "fp16", "off"),
     "checkpointing": ("reentrant", "non_reentrant", "off"),
     "probe.mode": ("exact", "blocks"),
@@ -226,6 +228,16 @@ def _check(flat: dict[str, Any]) -> None:
                              "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
 
 
+def check_config(tree: dict[str, Any]) -> None:
+    """Validate a whole configuration (one a checkpoint changed, too)."""
+    _check(flatten(tree))
+
+
+def legacy_normalization(loss_type: str, current: str) -> str:
+    """probe.normalization kept in step with probe.loss_type where the older key has a name for it."""
+    return next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss_type), current)
+
+
 def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
     """probe.loss_type, or the older probe.normalization it replaces (its dr_grpo is group_lmax): the one
     that was given sets the other; both given must agree."""
@@ -240,10 +252,11 @@ def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
     if "probe.normalization" in given and "probe.loss_type" not in given:
         probe["loss_type"] = legacy
     else:
-        probe["normalization"] = next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss), norm)
+        probe["normalization"] = legacy_normalization(loss, norm)
 
 
-def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree[a][b] = value for the dotted key a.b."""
     *head, leaf = key.split(".")
     for part in head:
         tree = tree[part]
@@ -261,7 +274,7 @@ def _merge_file(tree: dict[str, Any], data: Any, source: str) -> set[str]:
             raise GradprobeError(f"{source}: '{key}' is a section; give its keys as a mapping")
         if key not in VALID_KEYS:
             raise _unknown(key)
-        _set(tree, key, _coerce(key, value))
+        set_key(tree, key, _coerce(key, value))
     return set(flatten(data))
 
 
@@ -302,7 +315,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         given |= _merge_file(tree, data, str(p))
     for text in overrides:
         key, value = parse_override(text)
-        _set(tree, key, _coerce(key, value))
+        set_key(tree, key, _coerce(key, value))
         given.add(key)
     if seed is not None:
         tree["seed"] = seed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -91,18 +92,26 @@ def _umask() -> int:
     return mask
 
 
-def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> object:
+def load_torch_file(path: str | Path, what: str, mmap: bool = False, allow: dict[str, type] | None = None) -> object:
     """torch.load(weights_only=True) with one plain line for any failure: torch's own message advises
     weights_only=False (running the file's code), which is never what a user should do with a file that
-    failed here, and its warnings would break the one-line contract."""
+    failed here, and its warnings would break the one-line contract. `allow` maps the fully qualified
+    names of globals the file may hold to the classes that stand in for them (no other global loads)."""
     import pickle
     import warnings
 
     import torch
 
     p = Path(path)
+    allowed: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if allow:
+        try:  # stand-ins under the names they replace: (class, name) pairs, which older torch lacks
+            allowed = torch.serialization.safe_globals([(cls, name) for name, cls in allow.items()])
+        except (AttributeError, TypeError, ValueError):
+            raise GradprobeError(f"cannot read {what} {p}: loading it safely needs a newer torch (safe_globals with "
+                                 f"(class, name) pairs)") from None
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), allowed:
             warnings.simplefilter("ignore")
             try:
                 return torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
@@ -111,8 +120,12 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False) -> object:
                     raise
                 return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        why = ("it holds objects other than tensors and plain containers" if "Unsupported global" in str(exc)
-               else "not a torch.save file (a plain pickle, or another format)")
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if "Unsupported global" in str(exc):
+            why = "it holds objects other than tensors and plain containers" + (
+                f" ({found.group(1)}, not loaded)" if found else "")
+        else:
+            why = "not a torch.save file (a plain pickle, or another format)"
         raise _load_error(p, what, why) from None
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         text = str(exc).strip()

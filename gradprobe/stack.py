@@ -183,6 +183,16 @@ def _add_lora(base, cfg: dict[str, Any]):
         raise GradprobeError(f"LoRA: {str(exc).splitlines()[0]}") from exc
 
 
+def _cast_adapter(model, dtype: str) -> None:
+    """The trainable weights in the dtype the run trains them in (lora.dtype): PEFT keeps them in fp32, TRL's
+    GRPOTrainer casts them to bf16 on a quantised base (all but DoRA's magnitude vectors)."""
+    if dtype == "float32":
+        return
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_magnitude_vector" not in name:
+            p.data = p.data.to(DTYPES[dtype])
+
+
 def _keep_trainable_4bit_layout(model) -> None:
     """On CPU, bitsandbytes repacks 4-bit weights for an inference-only kernel the first time a layer
     runs in eval mode without grad (as during generation); later training forwards then take that
@@ -219,6 +229,7 @@ def load_stack(cfg: dict[str, Any]) -> Stack:
         _enable_checkpointing(base, cfg["checkpointing"])
         torch.manual_seed(cfg["seed"] + 1)
         model = _add_lora(base, cfg)
+        _cast_adapter(model, cfg["lora"]["dtype"])
         model.train()
     autocast = None if cfg["autocast"] == "off" else DTYPES[cfg["autocast"]]
     return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg["checkpointing"])

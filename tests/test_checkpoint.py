@@ -327,3 +327,22 @@ def test_delta_h1_reports_the_settings_of_the_trainers_next_step(run, loaded):
     assert all(step["sources"][k].startswith("read") for k in ("lr", "betas", "eps", "weight_decay", "step"))
     assert 0 < r.parts["clip_factor"] <= 1.0 and r.parts["momentum"]["value"] != 0
     assert math.isfinite(r.deltaH) and math.isfinite(r.se_deltaH) and r.entropy_batch == "same"
+
+
+def test_plain_trainer_training_args_are_read(run, loaded):
+    """The plain Trainer's training_args.bin (TrainingArguments): its max_grad_norm, fp32 and no checkpointing
+    are read; it has no RL loss, so the loss settings stay the config's, marked assumed; the adapter's
+    weights are fp32 LoRA matrices beside bf16 biases (the 4-bit model's), which one lora.dtype cannot say."""
+    cfg, info, _ = loaded
+    assert info.training_args == "TrainingArguments"
+    read = {k: v["value"] for k, v in info.settings.items() if v["source"].startswith("read: training_args.bin")}
+    assert read == {"probe.max_grad_norm": MAX_GRAD_NORM, "autocast": "off", "checkpointing": "off"}
+    assert (cfg["probe"]["max_grad_norm"], cfg["autocast"], cfg["checkpointing"]) == (MAX_GRAD_NORM, "off", "off")
+    assert info.settings["probe.loss_type"]["source"] == "assumed: the config's; not in TrainingArguments"
+    assert info.settings["lora.dtype"] == {"value": "float32", "source": "assumed: the config's; "
+                                           "adapter_model.safetensors holds bfloat16, float32; lora.dtype sets one "
+                                           "for all"}
+    # what the user sets wins, and is marked given
+    cfg2, info2 = load_checkpoint(run["a"], load_config(overrides=[*SMALL, "autocast=bf16"]), given={"autocast"})
+    assert cfg2["autocast"] == "bf16"
+    assert info2.settings["autocast"]["source"] == "given: --set; the run used off"

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import load_config
+from ..config import load_config, parse_override
 from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
 from ..files import check_outputs, write_atomic
 from ..runs import Tracker
@@ -84,13 +84,16 @@ def make_config(config: Path | None, overrides: list[str] | None, seed: int | No
     return load_config(config, sets, seed)
 
 
-def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None):
-    """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None)."""
+def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None,
+                     overrides: list[str] | None = None):
+    """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None). The keys of
+    `overrides` (--set) win over the run's settings the checkpoint records."""
     if checkpoint is None and optimizer_state is None:
         return cfg, None
     from ..trainer_checkpoint import load_checkpoint
 
-    return load_checkpoint(checkpoint, cfg, optimizer_state)
+    given = {parse_override(text)[0] for text in overrides or []}
+    return load_checkpoint(checkpoint, cfg, optimizer_state, given=given)
 
 
 def _clean(value: Any) -> Any:
@@ -191,7 +194,7 @@ class Inputs:
         """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every output path
         checked against the inputs, all before the model loads. `base`: overrides under the user's --set."""
         cfg, ckpt = apply_checkpoint(make_config(self.config, [*base, *(self.set_ or [])], self.seed, self.rollouts),
-                                     self.checkpoint, self.optimizer_state)
+                                     self.checkpoint, self.optimizer_state, self.set_)
         check_paths({"--json": self.json_, **(outputs or {})}, cfg, (self.config, self.checkpoint,
                                                                    self.optimizer_state))
         return cfg, ckpt

@@ -79,6 +79,9 @@ def command(
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
         with progress_bar(err, not inputs.quiet, "probing units") as bar:
             result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar)
+        clip_source = ckpt.source("probe.max_grad_norm") if ckpt is not None else None
+        if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it
+            result.step["sources"]["max_grad_norm"] = clip_source
         run.stage = "report"
         emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), inputs.json_)
         return 0

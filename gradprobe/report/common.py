@@ -29,8 +29,24 @@ def render_checkpoint(out: Console, info: Any) -> None:
     where = info.path or info.optimizer_state
     out.print(f"checkpoint {where}: {step}; next learning rate {fmt(info.learning_rate)} from "
               f"{info.learning_rate_source}; base {info.base_model} (from {info.base_model_source})", soft_wrap=True)
+    for line in settings_lines(getattr(info, "settings", {})):
+        out.print(line, soft_wrap=True, markup=False)
     for note in info.notes:
         out.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+
+
+def settings_lines(settings: dict[str, dict[str, Any]]) -> list[str]:
+    """The run's settings by where they came from: 'read from training_args.bin: probe.loss_type dapo, ...',
+    then one line for each setting given (--set) or assumed, with why."""
+    read: dict[str, list[str]] = {}
+    other: list[str] = []
+    for key, entry in settings.items():
+        kind, _, why = entry["source"].partition(": ")
+        if kind == "read":
+            read.setdefault(why.split(" (")[0], []).append(f"{key} {entry['value']}")
+        else:
+            other.append(f"  {kind}: {key} {entry['value']} ({why})")
+    return [f"  read from {where}: {', '.join(items)}" for where, items in read.items()] + other
 
 
 def step_words(step: dict[str, Any]) -> str:
