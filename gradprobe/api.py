@@ -7,6 +7,8 @@
     result = delta_h1(stack, batch, cfg)      # optimizer=... : a live optimizer, the real step's source
     print(result.deltaH, result.se_deltaH)    # the real next step (docs/real_step.md)
     print(result.deltaH1, result.se_unbiased) # the plain step lr P grad LY; NaN SE under schedule=literal
+    for unit in result.units:                 # each prompt's share of deltaH and deltaH1 (they sum to them)
+        print(unit["text"], unit["deltaH"])
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .optim.state import live_state_dict, no_decay_names
 from .optim.update import StepSettings, decompose, mapped_state, step_settings
 from .probe import ProbeResult, run_probe, unit_gradients
 from .probe import real_step as real_step_math
+from .probe.attribution import unit_rows
+from .probe.engine import units_of
 from .rewards import load_reward
 from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
 
@@ -188,6 +192,9 @@ def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts
                          "se_deltaH_batches": result.se_deltaH_batches, "parts": result.parts}
     result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
     result.parts, result.entropy_batch = est.parts(), "independent"
+    result.units = [{**row, "deltaH": math.nan} for row in result.units]  # deltaH is the entropy batch's now
+    units = units_of(entropy_batch, cfg["probe"]["mode"], cfg["probe"]["block_size"])
+    result.entropy_units = unit_rows(entropy_batch, units, stack.tokenizer, None, est.unit_terms)
 
 
 def independent_step(stack, entropy_batch: Batch, probe_cfg: dict[str, Any], parts,

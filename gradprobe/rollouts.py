@@ -194,6 +194,20 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+PROMPT_TEXT_CHARS = 200
+
+
+def prompt_text(tokenizer, ids: list[int], limit: int = PROMPT_TEXT_CHARS) -> str:
+    """A prompt as one line of at most about `limit` characters for reports: decoded without special tokens,
+    whitespace collapsed; a longer one keeps its start and its end (a chat template puts the system prompt
+    first and the question last)."""
+    text = " ".join(_decode(tokenizer, ids).split())
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    return f"{text[:head]} … {text[-(limit - head - 3):]}"
+
+
 def _decode(tokenizer, ids: list[int], keep_special: bool = False) -> str:
     if hasattr(tokenizer, "index"):
         return tokenizer.decode([i for i in ids if i < len(tokenizer)], skip_special=not keep_special)

@@ -12,12 +12,15 @@ import torch
 from typer.testing import CliRunner
 
 import gradprobe as gp
+from gradprobe import schemas
 from gradprobe.cli import app
 from gradprobe.report.common import fmt
+from tests.support.schema import validate
 
 from .conftest import make_cfg
 
 runner = CliRunner()
+SCHEMA = schemas.load("delta-h1")
 
 
 @pytest.mark.slow
@@ -40,6 +43,14 @@ def test_default_delta_h1_runs_and_reports_finite_numbers(tmp_path):
     assert math.isfinite(r["y_sum_norm"]) and r["y_sum_norm"] > 0
     assert r["x_nonnull"] == r["y_nonnull"] == r["n_tensors"]
     assert len(r["row_means"]) == r["B"] == 8
+    assert validate(payload, SCHEMA, SCHEMA) == []
+    units = payload["units"]  # per-prompt attribution: the shares sum to the estimates
+    assert sum(u["deltaH"] for u in units) == pytest.approx(r["deltaH"], rel=1e-9)
+    assert sum(u["deltaH1"] for u in units) == pytest.approx(r["deltaH1"], rel=1e-5)
+    top = max(units, key=lambda u: abs(u["deltaH"]))
+    assert "largest per-prompt contributions to deltaH (of 8 units)" in proc.stdout
+    assert any([c.strip() for c in line.split("│")[1:3]] == [str(top["unit"]), fmt(top["deltaH"], 3)]
+               and top["text"] in line for line in proc.stdout.splitlines())
 
 
 def test_json_to_stdout_is_pure_json(rollouts_file):
@@ -55,6 +66,15 @@ def test_literal_schedule_has_no_pairwise_se(rollouts_file, tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())["result"]
     assert r["se_unbiased"] is None and r["U_cross_var_unbiased"] is None and r["se"] > 0
+    payload = json.loads(out.read_text())
+    assert validate(payload, SCHEMA, SCHEMA) == []
+    assert r["deltaH"] is None and all(u["deltaH"] is None for u in payload["units"])
+    # literal's row means come from its diagonal loop's own forwards, U_cross from the X and Y passes: under bf16
+    # they round apart (fp32: 1e-6, tests/test_attribution.py); the shares are the row means'
+    shares = sum(u["deltaH1"] for u in payload["units"])
+    assert shares == pytest.approx(-r["learning_rate"] * sum(r["row_means"]) / r["B"], rel=1e-9)
+    assert shares == pytest.approx(r["deltaH1"], rel=0.05)
+    assert "largest per-prompt contributions to deltaH1 (of 6 units)" in res.stdout
     assert f"± {fmt(r['se'], 2)} (row-mean" in res.stdout and "no pairwise SE" in res.stdout
 
 

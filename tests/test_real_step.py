@@ -178,6 +178,11 @@ def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stac
         assert r.entropy_batch == "independent"
         assert r.deltaH == pytest.approx(-float(terms.mean()), rel=1e-4)
         assert r.se_deltaH == pytest.approx(float(terms.std()) / math.sqrt(terms.numel()), rel=1e-4)
+        # attribution: each entropy unit's share -X_E[u] . Delta theta / B_E; the update batch's deltaH shares NaN
+        assert [u["deltaH"] for u in r.entropy_units] == pytest.approx((-terms / terms.numel()).tolist(), rel=1e-4)
+        assert sum(u["deltaH"] for u in r.entropy_units) == pytest.approx(r.deltaH, rel=1e-9)
+        assert all(math.isnan(u["deltaH1"]) for u in r.entropy_units)
+        assert all(math.isnan(u["deltaH"]) for u in r.units) and len(r.units) == batch.B
         settings, mapped = api.step_source(stack, cfg, precond, opt)
         parts = decompose(settings, mapped, stack.names, stack.params, grads)
         flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (parts.fresh, parts.momentum, parts.decay)]
@@ -236,7 +241,11 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
 
     from typer.testing import CliRunner
 
+    from gradprobe import schemas
     from gradprobe.cli import app
+    from tests.support.schema import validate
+
+    schema = schemas.load("delta-h1")
 
     runner = CliRunner()
     out = tmp_path / "r.json"
@@ -254,8 +263,12 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
     res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--entropy-rollouts", rollouts_file,
                               "--json", "-", "--quiet"])
     assert res.exit_code == 0, res.output
-    r2 = json.loads(res.stdout)["result"]
+    payload = json.loads(res.stdout)
+    r2 = payload["result"]
     assert r2["entropy_batch"] == "independent" and r2["same_batch"]["deltaH"] == pytest.approx(r["deltaH"])
+    assert validate(payload, schema, schema) == []
+    assert sum(u["deltaH"] for u in payload["entropy_units"]) == pytest.approx(r2["deltaH"], rel=1e-9)
+    assert all(u["deltaH"] is None and u["deltaH1"] is not None for u in payload["units"])
     bad = runner.invoke(app, ["delta-h1", "--set", f"batch.entropy_rollouts={rollouts_file}"])
     assert bad.exit_code == 2 and "probe.entropy_batch=independent" in bad.stderr
     bad = runner.invoke(app, ["delta-h1", "--set", "probe.warmup_steps=-1"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import delta_h1, diagnose, env, validate
+from . import delta_h1, diagnose, env, plot, validate
 
 app = typer.Typer(name="gradprobe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Gradient-flow diagnosis and entropy-change probes for QLoRA RL fine-tuning.")
@@ -28,6 +28,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 app.command("delta-h1", epilog=delta_h1.EPILOG)(delta_h1.command)
 app.command("diagnose", epilog=diagnose.EPILOG)(diagnose.command)
 app.command("env", epilog=env.EPILOG)(env.command)
+app.command("plot", epilog=plot.EPILOG)(plot.command)
 app.command("validate", epilog=validate.EPILOG)(validate.command)
 
 

@@ -55,11 +55,9 @@ def command(
         check_config(cfg)
         run.cfg = cfg
         if plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                from ..errors import GradprobeError
-                raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from None
+            from ..report.common import pyplot
+
+            pyplot("--plot")  # missing matplotlib is exit 2 before any work
         with progress_bar(err, not inputs.quiet, "sweeping eta") as bar:
             result = run_validate(cfg, tracker=run, progress=bar)
         run.stage = "report"

@@ -25,6 +25,7 @@ from ..optim.precondition import Preconditioner
 from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
 from . import schedules, ustat
+from .attribution import unit_rows
 from .schedules.base import Context
 
 Chunk = list[tuple[int, int, int]]  # (prompt, first response, end response)
@@ -84,6 +85,9 @@ class ProbeResult:
     same_batch: dict[str, Any] = field(default_factory=dict)  # the same-batch estimate when deltaH is independent
     real_step_note: str = ""  # why deltaH is NaN, or what it assumed
     warmup_steps: int = 0  # AdamW steps taken on the model before probing (probe.warmup_steps)
+    # each unit's share of deltaH and deltaH1, summing to them (attribution.py); the entropy batch's units
+    units: list[dict[str, Any]] = field(default_factory=list)
+    entropy_units: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,6 +267,8 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     y_norms = layout.dots(sy, sy)
     peak, peak_kind = _peak_memory(stack.device)
     extra = _real_step_fields(out.real, sy, learning_rate, m, step_parts is not None)
+    units = unit_rows(batch, ctx.units, stack.tokenizer, [-learning_rate * r / m for r in st.row_means],
+                      out.real[0].unit_terms if out.real is not None else None)
     return ProbeResult(
         deltaH1=-learning_rate * st.u_cross, U_cross=st.u_cross,
         se=learning_rate * st.se, se_jackknife=learning_rate * st.se_jackknife,
@@ -280,7 +286,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         mode=probe_cfg["mode"], schedule=out.schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
         forwards=eng.forwards, backwards=eng.backwards, tokens=eng.tokens,
-        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes, **extra,
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes, units=units, **extra,
     )
 
 

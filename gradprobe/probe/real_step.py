@@ -25,6 +25,10 @@ batch-to-batch SD of the estimator, also reported) counts.
 
 Independent entropy batch E (X_E from other samples than the step's): deltaH = -mean_u X_E[u] . Delta theta
 is unbiased with no U-statistic, and its SE is the plain one of a mean of i.i.d. scalars.
+
+Per-unit attribution (unit_terms, summing to deltaH exactly): same batch, -r[u]/B with r[u] the Hoeffding
+row mean of K, (sum_{v != u} K[u, v] + K[v, u]) / (2 (B-1)), whose mean is U(K); independent batch,
+-X_E[u] . Delta theta / B.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class RealStepEstimate:
     clip_factor: float
     entropy_batch: str  # "same" or "independent"
     units: int
+    unit_terms: list[float]  # each unit's share of deltaH; they sum to deltaH (unit_contributions)
 
     def parts(self) -> dict[str, Any]:
         return {"fresh": asdict(self.fresh), "momentum": asdict(self.momentum),
@@ -66,6 +71,13 @@ def mean_part(terms: torch.Tensor) -> Part:
     t = terms.double()
     se = float(t.std(unbiased=True)) / math.sqrt(t.numel()) if t.numel() > 1 else math.nan
     return Part(-float(t.mean()), se)
+
+
+def unit_contributions(cross: torch.Tensor) -> torch.Tensor:
+    """-r[u]/B for a cross matrix K: unit u's share of -U(K), with r[u] the Hoeffding row mean (ustat.row_means),
+    which splits every pair (u, v) half to u and half to v. sum_u -r[u]/B = -mean r = -U(K)."""
+    k = cross.double()
+    return -ustat.row_means(k.sum(1), k.sum(0), k.diagonal()) / k.shape[0]
 
 
 def same_batch(fresh_cross: torch.Tensor, x_momentum: torch.Tensor, x_decay: torch.Tensor,
@@ -81,14 +93,16 @@ def same_batch(fresh_cross: torch.Tensor, x_momentum: torch.Tensor, x_decay: tor
         deltaH=-u, se_deltaH=ustat.conditional_se(k), se_deltaH_batches=ustat.unbiased_se(k),
         fresh=Part(-u_fresh, ustat.conditional_se(fresh_cross)),
         momentum=mean_part(x_momentum), weight_decay=mean_part(x_decay),
-        clip_factor=clip_factor, entropy_batch="same", units=b)
+        clip_factor=clip_factor, entropy_batch="same", units=b, unit_terms=unit_contributions(k).tolist())
 
 
 def independent(x_fresh: torch.Tensor, x_momentum: torch.Tensor, x_decay: torch.Tensor,
                 clip_factor: float) -> RealStepEstimate:
     """x_fresh[u] = X_E[u] . (clip a (.) g) etc., X_E from an entropy batch independent of the step's."""
-    whole = mean_part(x_fresh.double() + x_momentum.double() + x_decay.double())
+    terms = x_fresh.double() + x_momentum.double() + x_decay.double()
+    whole = mean_part(terms)
     return RealStepEstimate(
         deltaH=whole.value, se_deltaH=whole.se, se_deltaH_batches=math.nan,
         fresh=mean_part(x_fresh), momentum=mean_part(x_momentum), weight_decay=mean_part(x_decay),
-        clip_factor=clip_factor, entropy_batch="independent", units=x_fresh.numel())
+        clip_factor=clip_factor, entropy_batch="independent", units=x_fresh.numel(),
+        unit_terms=(-terms / terms.numel()).tolist())

@@ -6,6 +6,8 @@ from typing import Any
 
 from rich.console import Console
 
+from ..errors import GradprobeError
+
 
 def fmt(x: float | None, digits: int = 4) -> str:
     if x is None or x != x:
@@ -72,3 +74,15 @@ def step_provenance(step: dict[str, Any]) -> list[str]:
         kinds.setdefault(kind, {}).setdefault(why, []).append(key)
     return [f"{kind} {', '.join(keys)}: {why}" for kind in ("read", "given", "assumed")
             for why, keys in kinds.get(kind, {}).items()]
+
+
+def pyplot(option: str):
+    """matplotlib.pyplot with the file-only Agg backend, or the one-line error naming the optional extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise GradprobeError(f"{option} needs matplotlib: pip install 'gradprobe[plot]'") from exc
+    return plt

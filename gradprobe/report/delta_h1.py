@@ -16,7 +16,47 @@ SCHEMA_DELTA_H1 = "gradprobe.delta-h1/1"
 
 
 def delta_h1_payload(result: ProbeResult, cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg, "result": result.to_dict()}
+    """The JSON object (schemas/delta-h1.schema.json): the per-unit attribution sits beside the result."""
+    body = result.to_dict()
+    units, entropy_units = body.pop("units"), body.pop("entropy_units")
+    return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg, "units": units,
+            "entropy_units": entropy_units, "result": body}
+
+
+def top_units(r: ProbeResult, top: int = 5) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(quantity, the units it is shared over, the `top` largest shares by size) for the report: deltaH's shares
+    (over the entropy batch's units when deltaH came from one), else deltaH1's where deltaH has none."""
+    units = r.entropy_units if r.entropy_batch == "independent" and r.entropy_units else r.units
+    key = "deltaH"
+    if not any(math.isfinite(u["deltaH"]) for u in units):
+        key, units = "deltaH1", r.units
+    rows = sorted(units, key=lambda u: -abs(u[key]) if math.isfinite(u[key]) else 0.0)
+    return key, units, rows[:top]
+
+
+def render_units(out: Console, r: ProbeResult, top: int = 5) -> None:
+    """The prompts that move the entropy most: each unit's signed share and its part of all shares' sizes."""
+    if not r.units:
+        return
+    key, units, rows = top_units(r, top)
+    total = sum(abs(u[key]) for u in units if math.isfinite(u[key])) or 1.0
+    where = "; units of the independent entropy batch" if units is r.entropy_units else ""
+    t = Table(title=f"largest per-prompt contributions to {key} (of {len(units)} units{where})",
+              title_justify="left")
+    t.add_column("unit", justify="right")
+    t.add_column(key, justify="right")
+    t.add_column("share", justify="right")
+    t.add_column("effect")
+    t.add_column("prompt" if r.mode == "exact" else "prompts: first prompt", overflow="fold")
+    for u in rows:
+        v = u[key]
+        effect = "raises H" if v > 0 else "lowers H" if v < 0 else ""
+        prompts = "" if r.mode == "exact" else f"{u['prompts'][0]}–{u['prompts'][-1]}: "
+        text = u["text"] if len(u["text"]) <= 60 else u["text"][:59] + "…"
+        t.add_row(str(u["unit"]), fmt(v, 3), f"{100 * abs(v) / total:.1f}%", effect, escape(prompts + text))
+    out.print(t)
+    if key == "deltaH1":
+        out.print("per-prompt shares of deltaH: n/a (this schedule or bank keeps no per-unit step terms)")
 
 
 def headline_se(r: ProbeResult) -> tuple[float, str]:
@@ -110,3 +150,4 @@ def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int 
     out.print(m)
     layers = ", ".join(f"{row['name']} {fmt(row['deltaH1'], 2)}" for row in r.layers[:top])
     out.print(f"by layer: {layers}")
+    render_units(out, r)

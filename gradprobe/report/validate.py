@@ -9,10 +9,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import GradprobeError
 from ..files import write_atomic
 from ..validate import NONLINEAR, ValidateResult
-from .common import fmt, step_words
+from .common import fmt, pyplot, step_words
 
 SCHEMA_VALIDATE = "gradprobe.validate/1"
 
@@ -96,13 +95,7 @@ def render_validate(out: Console, r: ValidateResult) -> None:
 
 def save_plot(r: ValidateResult, path: str | Path) -> None:
     """|Delta H_true| and |prediction| against eta on log axes (matplotlib, the optional extra 'plot')."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise GradprobeError("--plot needs matplotlib (pip install matplotlib, or the extra 'plot')") from exc
+    plt = pyplot("--plot")
     etas = [p.eta for p in r.points]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(etas, [abs(p.delta_true) for p in r.points], yerr=[p.delta_true_se for p in r.points],
