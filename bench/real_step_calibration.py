@@ -28,7 +28,7 @@ from gradprobe.optim.update import decompose, real_update
 from gradprobe.probe import unit_gradients
 from gradprobe.rollouts import MICRO_PROMPTS
 from gradprobe.stack import load_stack
-from gradprobe.validate import GROUND_TRUTH, _Policy, _sampled_batch, exact_entropy_grad
+from gradprobe.validate import GROUND_TRUTH, Policy, exact_entropy_grad, sampled_batch
 
 MAX_LEN = 4
 
@@ -54,16 +54,16 @@ def calibrate(beta1: float = 0.9, lr: float = 1e-4, weight_decay: float = 0.1, w
     opt = torch.optim.AdamW(stack.params, lr=lr, betas=(beta1, 0.999), weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
 
-    def batch_at_theta(policy: _Policy):
+    def batch_at_theta(policy: Policy):
         which = torch.randint(len(pool), (units,), generator=gen).tolist()
-        return _sampled_batch(stack, policy, [pool[k] for k in which], group, gen, 1.0)
+        return sampled_batch(stack, policy, [pool[k] for k in which], group, gen, 1.0)
 
     t0 = time.perf_counter()
     for _ in range(warmup):  # the run so far: real AdamW steps on the run's loss, each from the current policy
-        set_grads(stack.params, loss_grads(stack, batch_at_theta(_Policy(stack, "exact", 1.0, MAX_LEN)), cfg))
+        set_grads(stack.params, loss_grads(stack, batch_at_theta(Policy(stack, "exact", 1.0, MAX_LEN)), cfg))
         opt.step()
         opt.zero_grad(set_to_none=True)
-    policy = _Policy(stack, "exact", 1.0, MAX_LEN)
+    policy = Policy(stack, "exact", 1.0, MAX_LEN)
     h0 = policy.entropy(pool)
     _, grad_h = exact_entropy_grad(stack, pool, 1.0, MAX_LEN)
     grad_h = grad_h.double()

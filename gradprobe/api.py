@@ -191,14 +191,7 @@ def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts
                          result: ProbeResult) -> None:
     """deltaH = -mean_u X_E[u] . Delta theta on the entropy batch; the same-batch estimate moves to
     result.same_batch."""
-    x = unit_gradients(stack, entropy_batch, cfg["probe"], Preconditioner(None), kinds=("x",))["x"].double()
-
-    def flat(ts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1).double().cpu() for t in ts])
-
-    fresh = parts.clip_factor * flat(parts.fresh) * flat(grads)
-    est = real_step_math.independent(x @ fresh, x @ flat(parts.momentum), x @ flat(parts.decay),
-                                     float(parts.clip_factor))
+    est = independent_step(stack, entropy_batch, cfg["probe"], parts, grads)
     result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH,
                          "se_deltaH_batches": result.se_deltaH_batches, "parts": result.parts}
     result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
@@ -206,3 +199,17 @@ def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts
     result.units = [{**row, "deltaH": math.nan} for row in result.units]  # deltaH is the entropy batch's now
     units = units_of(entropy_batch, cfg["probe"]["mode"], cfg["probe"]["block_size"])
     result.entropy_units = unit_rows(entropy_batch, units, stack.tokenizer, None, est.unit_terms)
+
+
+def independent_step(stack, entropy_batch: Batch, probe_cfg: dict[str, Any], parts,
+                     grads: list[torch.Tensor]) -> real_step_math.RealStepEstimate:
+    """deltaH = -mean_u X_E[u] . Delta theta of the step whose parts (optim.update.decompose) and loss
+    gradients are given, X_E[u] from the entropy batch (real_step.independent: plain SE over its units)."""
+    x = unit_gradients(stack, entropy_batch, probe_cfg, Preconditioner(None), kinds=("x",))["x"].double()
+
+    def flat(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1).double().cpu() for t in ts])
+
+    fresh = parts.clip_factor * flat(parts.fresh) * flat(grads)
+    return real_step_math.independent(x @ fresh, x @ flat(parts.momentum), x @ flat(parts.decay),
+                                      float(parts.clip_factor))

@@ -237,8 +237,21 @@ def load_stack(cfg: dict[str, Any]) -> Stack:
         _cast_adapter(model, cfg["lora"]["dtype"])
         model.train()
     autocast = None if cfg["autocast"] == "off" else DTYPES[cfg["autocast"]]
-    stack = Stack(model=model, tokenizer=_tokenizer(cfg), device=device, autocast_dtype=autocast,
-                  checkpointing=cfg["checkpointing"])
+    return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg["checkpointing"])
+
+
+def live_stack(model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None, *,
+               device: torch.device | None = None, checkpointing: str | None = None) -> Stack:
+    """A Stack over a model someone else built and trains (a Trainer's): its device and checkpointing mode
+    read from the model itself when not given, its trainable parameters in named order."""
+    if checkpointing is None:
+        from .diagnose.model_state import checkpointing_state
+
+        checkpointing = checkpointing_state(model)["mode"]
+    if device is None:
+        device = next(model.parameters()).device
+    stack = Stack(model=model, tokenizer=tokenizer, device=device, autocast_dtype=autocast_dtype,
+                  checkpointing=checkpointing)
     stack.refresh_params()
     if not stack.params:
         raise GradprobeError("the model has no trainable parameters (is the adapter loaded as trainable?)")

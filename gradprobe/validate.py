@@ -139,7 +139,7 @@ def distinct(prompts: list[list[int]]) -> list[tuple[list[int], float]]:
     return [(list(k), c / len(prompts)) for k, c in counts.items()]
 
 
-class _Policy:
+class Policy:
     """Samples and entropies of pi_theta for a list of prompts, by enumeration or by sampling."""
 
     def __init__(self, stack, method: str, temperature: float, max_len: int):
@@ -165,7 +165,34 @@ class _Policy:
                        for p, w in distinct(prompts))
 
 
-def _sampled_batch(stack, policy: _Policy, prompts: list[list[int]], group_size: int, gen: torch.Generator,
+class EntropyChange:
+    """H(theta') - H(theta) on fixed prompts, theta the parameters at construction: exact by enumeration, or
+    self-normalised importance sampling with `is_samples` draws per distinct prompt made at theta (common
+    random numbers for every later theta'; entropy.is_delta_entropy)."""
+
+    def __init__(self, stack, policy: Policy, prompts: list[list[int]], is_samples: int, seed: int):
+        self.stack, self.policy, self.prompts = stack, policy, prompts
+        if policy.method == "exact":
+            self.h0 = policy.entropy(prompts)
+            return
+        self.distinct, self.shares = (list(x) for x in zip(*distinct(prompts)))
+        self.draws = sample_responses(stack, self.distinct, is_samples, policy.tau, policy.max_len,
+                                      torch.Generator().manual_seed(seed))
+        self.logq = self._scores()
+        self.h0 = sum(w * float(-q.mean()) for w, q in zip(self.shares, self.logq))
+
+    def _scores(self) -> list[torch.Tensor]:
+        return [score(self.stack, p, r, self.policy.tau) for p, r in zip(self.distinct, self.draws)]
+
+    def measure(self) -> tuple[float, float, float]:
+        """(H(theta_now) - H(theta), its SE (0 when exact), the smallest effective sample size (nan when exact))."""
+        if self.policy.method == "exact":
+            return self.policy.entropy(self.prompts) - self.h0, 0.0, math.nan
+        est = is_delta_entropy(self.logq, self._scores(), self.shares)
+        return est.delta, est.se, est.ess
+
+
+def sampled_batch(stack, policy: Policy, prompts: list[list[int]], group_size: int, gen: torch.Generator,
                    temperature: float) -> Batch:
     texts = [_decode(stack.tokenizer, p) for p in prompts]
     groups = []
@@ -237,7 +264,7 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
     vocab = stack.model.get_input_embeddings().num_embeddings
     method = choose_method(cfg, vocab)
     tau, max_len = bcfg["temperature"], bcfg["max_new_tokens"]
-    policy = _Policy(stack, method, tau, max_len)
+    policy = Policy(stack, method, tau, max_len)
     precond = preconditioner(stack, cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -249,11 +276,11 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         pool = [g.prompt for g in update.groups]
     else:
         pool = [_prompt_ids(stack.tokenizer, t) for t in builtin_prompts(stack.tokenizer)]
-        update = _sampled_batch(stack, policy, [pool[i % len(pool)] for i in range(bcfg["num_prompts"])],
+        update = sampled_batch(stack, policy, [pool[i % len(pool)] for i in range(bcfg["num_prompts"])],
                                 bcfg["group_size"], gen, tau)
     eval_prompts = [pool[i % len(pool)] for i in range(vcfg["eval_num_prompts"])]
     gen_eval = torch.Generator().manual_seed(cfg["seed"] + 7919)
-    evaluation = _sampled_batch(stack, policy, eval_prompts, vcfg["eval_group_size"], gen_eval, tau)
+    evaluation = sampled_batch(stack, policy, eval_prompts, vcfg["eval_group_size"], gen_eval, tau)
     timings["sample"] = time.perf_counter() - t0
 
     # d (the real step, or mean_u P grad LY[u]) and the probe's per-unit X_E[u] . d.
@@ -280,14 +307,8 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         slope_exact = float(grad_h.double() @ d)
         xbar = x_eval.mean(0)
         grad_cosine = float(-xbar @ grad_h.double() / (xbar.norm() * grad_h.double().norm()))
-        h0 = policy.entropy(eval_prompts)  # the same no-grad computation the steps use
-        is_draws = None
-    else:
-        is_prompts, is_shares = zip(*distinct(eval_prompts))
-        is_draws = sample_responses(stack, list(is_prompts), vcfg["is_samples"], tau, max_len,
-                                    torch.Generator().manual_seed(cfg["seed"] + 104729))
-        logq = [score(stack, p, r, tau) for p, r in zip(is_prompts, is_draws)]
-        h0 = sum(w * float(-q.mean()) for w, q in zip(is_shares, logq))
+    truth = EntropyChange(stack, policy, eval_prompts, vcfg["is_samples"], cfg["seed"] + 104729)
+    h0 = truth.h0
     timings["truth at theta"] = time.perf_counter() - t2
 
     theta_norm = float(_flat(stack.params).double().norm())
@@ -304,12 +325,8 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         for k, rho in enumerate(steps):
             eta = rho * scale
             step.apply(eta)
-            if method == "exact":
-                delta, delta_se = policy.entropy(eval_prompts) - h0, 0.0
-            else:
-                est = is_delta_entropy(logq, [score(stack, p, r, tau) for p, r in zip(is_prompts, is_draws)],
-                                       list(is_shares))
-                delta, delta_se, min_ess = est.delta, est.se, min(min_ess, est.ess)
+            delta, delta_se, ess = truth.measure()
+            min_ess = min(min_ess, ess) if method == "importance" else min_ess
             step.restore()
             pred, pred_se = eta * slope_probe, eta * slope_probe_se
             ratio, ratio_se = _ratio(delta, delta_se, pred, pred_se)
