@@ -8,14 +8,31 @@ it, rename it over the target (atomic on POSIX), then fsync the directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import GradprobeError
+
+
+def jsonl_objects(text: str, source: str, hint: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """("FILE:LINE", object) for each non-blank line of a JSONL text; a line that is not a JSON object is a
+    one-line error naming it (`hint` says what the file should have been)."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GradprobeError(f"{where}: not valid JSON ({exc.msg}){hint}") from exc
+        if not isinstance(obj, dict):
+            raise GradprobeError(f"{where}: each line must be a JSON object")
+        yield where, obj
 
 
 def _resolved(path: str | Path) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import GradprobeError
+from .files import jsonl_objects
 
 QUANTITIES = ("auto", "deltaH", "deltaH1")
 STEP_KEYS = ("step", "deltaH", "se_deltaH", "realised", "realised_se")
@@ -130,17 +131,7 @@ def _number_or_null(v: Any, present: bool) -> bool:
 def forecasts(text: str, source: str) -> Forecasts:
     """A JSONL of per-step forecasts; blank lines are skipped."""
     points: list[StepPoint] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GradprobeError(f"{where}: not valid JSON ({exc.msg}); expected a delta-h1 JSON result or a JSONL "
-                                 f"of forecasts") from exc
-        if not isinstance(obj, dict):
-            raise GradprobeError(f"{where}: each line must be a JSON object")
+    for where, obj in jsonl_objects(text, source, "; expected a delta-h1 JSON result or a JSONL of forecasts"):
         missing = [k for k in STEP_KEYS if k not in obj]
         if missing:
             raise GradprobeError(f"{where}: missing key '{missing[0]}' (each line needs "

@@ -22,7 +22,7 @@ import torch
 from . import distributed
 from .attention import without_cudnn_attention
 from .errors import GradprobeError
-from .files import write_atomic
+from .files import jsonl_objects, write_atomic
 
 BUILTIN_PROMPTS = [
     "say hi:", "count to five:", "name a color:", "spell cat:", "add 2+3=", "what is up?",
@@ -115,16 +115,7 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
     if not p.is_file():
         raise GradprobeError(f"rollouts file not found: {p}")
     groups: list[Group] = []
-    for lineno, line in enumerate(p.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GradprobeError(f"{where}: not valid JSON ({exc.msg})") from exc
-        if not isinstance(obj, dict):
-            raise GradprobeError(f"{where}: each line must be a JSON object")
+    for where, obj in jsonl_objects(p.read_text(), str(p)):
         missing = [k for k in ("prompt", "responses", "rewards") if k not in obj]
         if missing:
             raise GradprobeError(f"{where}: missing key '{missing[0]}'")

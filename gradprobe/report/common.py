@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from ..errors import GradprobeError
+from ..files import write_atomic
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -86,3 +88,13 @@ def pyplot(option: str):
     except ImportError as exc:
         raise GradprobeError(f"{option} needs matplotlib: pip install 'gradprobe[plot]'") from exc
     return plt
+
+
+def write_png(fig, path: str | Path) -> None:
+    """A figure to PNG atomically (files.write_atomic), closed whatever happens."""
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), "the plot")
+    finally:
+        plt.close(fig)

@@ -9,9 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from ..files import write_atomic
 from ..plot_data import Contributions, Forecasts
-from .common import fmt, pyplot
+from .common import fmt, pyplot, write_png
 
 BAR = 41  # columns of a bar or an axis
 
@@ -122,7 +121,4 @@ def save_png(data: Contributions | Forecasts, path: str | Path, top: int) -> Non
         ax.set_ylabel("ΔH (nats)")
         ax.legend()
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), "the plot")
-    finally:
-        plt.close(fig)
+    write_png(fig, path)

@@ -9,9 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..files import write_atomic
 from ..validate import NONLINEAR, ValidateResult
-from .common import fmt, pyplot, step_words
+from .common import fmt, pyplot, step_words, write_png
 
 SCHEMA_VALIDATE = "gradprobe.validate/1"
 
@@ -113,7 +112,4 @@ def save_plot(r: ValidateResult, path: str | Path) -> None:
     ax.set_title(f"gradprobe validate ({r.method})")
     ax.legend()
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"), "the plot")
-    finally:
-        plt.close(fig)
+    write_png(fig, path)
