@@ -8,8 +8,7 @@ import torch
 import gradprobe as gp
 from gradprobe.stack import PRESETS
 from gradprobe.tokenizer import CharTokenizer
-
-from .conftest import make_cfg
+from tests.conftest import make_cfg
 
 
 def save_local_model(path) -> None:

@@ -15,7 +15,7 @@ Adam/AdamW (torch and bitsandbytes), t = the next step, bc_i = 1 − β_i^t, s =
 D holds this batch's g², so the parts are exact for the given g, but a depends on g (an estimator linear in
 g treats that to first order). bitsandbytes 8-bit: m₋ and v₋ are the dequantised stored moments, which is
 what its step computes with (it requantises only what it stores afterwards), so the parts still sum to its
-step up to float rounding; tests/test_update.py checks the sum against the real step at the tolerance it
+step up to float rounding; tests/optim/test_update.py checks the sum against the real step at the tolerance it
 states. On a CPU, bitsandbytes runs paged optimizers unpaged (same arithmetic).
 SGD (torch; source None: plain SGD at lr, no momentum, no decay): ĝ = s·clip·g + wd·θ, b = μ·b₋ + (1−d)·ĝ
 (b = ĝ on the first step), Δθ = −lr·(ĝ + μ·b if nesterov else b).

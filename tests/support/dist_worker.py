@@ -1,4 +1,4 @@
-"""One rank of a torch.distributed (gloo) launch on the tiny stack, for tests/test_distributed.py: the same
+"""One rank of a torch.distributed (gloo) launch on the tiny stack, for tests/probe/test_distributed.py: the same
 probe runs as in the test's own process, and rank 0 saves what it got."""
 
 from __future__ import annotations

@@ -13,9 +13,8 @@ import torch
 import gradprobe as gp
 from gradprobe.optim.precondition import Preconditioner
 from gradprobe.probe import real_step
+from tests.conftest import FP32, make_cfg
 from tests.support.persample import sequence_jacobian
-
-from .conftest import FP32, make_cfg
 
 LR = 3e-4
 

@@ -17,8 +17,7 @@ import torch
 import gradprobe as gp
 from gradprobe.objective import pack, sequence_logprobs
 from gradprobe.report.diagnose import payload
-
-from .test_diagnose_cli import SCHEMA, validate
+from tests.cli.test_diagnose_cli import SCHEMA, validate
 
 SMALL = ["batch.num_prompts=4", "batch.group_size=4", "batch.max_new_tokens=8", "probe.microbatch_size=8"]
 GROUPS = (0, 1)

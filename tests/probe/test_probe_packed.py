@@ -11,9 +11,8 @@ import torch
 
 import gradprobe as gp
 from gradprobe.probe import unit_directions, unit_gradients, ustat
-
-from .conftest import FP32, make_cfg
-from .test_probe_exact import LR, adam_state, brute_force
+from tests.conftest import FP32, make_cfg
+from tests.probe.test_probe_exact import LR, adam_state, brute_force
 
 # microbatch in sequences (G = 4, B = 6): k = 1, 2, 3, 4 (4 does not divide 6), and 3 < G (a unit split)
 MICROBATCHES = {4: "k=1", 8: "k=2", 12: "k=3", 16: "k=4", 3: "split"}

@@ -15,9 +15,8 @@ import gradprobe as gp
 from gradprobe import schemas
 from gradprobe.cli import app
 from gradprobe.report.common import fmt
+from tests.conftest import make_cfg
 from tests.support.schema import validate
-
-from .conftest import make_cfg
 
 runner = CliRunner()
 SCHEMA = schemas.load("delta-h1")
@@ -70,7 +69,7 @@ def test_literal_schedule_has_no_pairwise_se(rollouts_file, tmp_path):
     assert validate(payload, SCHEMA, SCHEMA) == []
     assert r["deltaH"] is None and all(u["deltaH"] is None for u in payload["units"])
     # literal's row means come from its diagonal loop's own forwards, U_cross from the X and Y passes: under bf16
-    # they round apart (fp32: 1e-6, tests/test_attribution.py); the shares are the row means'
+    # they round apart (fp32: 1e-6, tests/probe/test_attribution.py); the shares are the row means'
     shares = sum(u["deltaH1"] for u in payload["units"])
     assert shares == pytest.approx(-r["learning_rate"] * sum(r["row_means"]) / r["B"], rel=1e-9)
     assert shares == pytest.approx(r["deltaH1"], rel=0.05)

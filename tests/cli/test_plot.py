@@ -15,8 +15,7 @@ from gradprobe.cli import app
 from gradprobe.cli.common import write_json
 from gradprobe.report.common import fmt
 from gradprobe.report.delta_h1 import delta_h1_payload
-
-from .conftest import FP32, make_cfg
+from tests.conftest import FP32, make_cfg
 
 runner = CliRunner()
 

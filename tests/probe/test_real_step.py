@@ -70,8 +70,7 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
 
     import gradprobe as gp
     from gradprobe.optim.precondition import Preconditioner, from_adam_state
-
-    from .test_probe_exact import LR, adam_state
+    from tests.probe.test_probe_exact import LR, adam_state
 
     stack = fp32_stacks["non_reentrant"]
     cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", "checkpointing=non_reentrant",
@@ -282,8 +281,7 @@ def test_probe_y_is_the_runs_loss_type(fp32_stacks, rollouts_file, loss_type):
     import gradprobe as gp
     from gradprobe.objective import y_weights_for_batch
     from gradprobe.optim.precondition import Preconditioner
-
-    from .test_probe_exact import sequence_grad
+    from tests.probe.test_probe_exact import sequence_grad
 
     stack = fp32_stacks["non_reentrant"]
     cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", "checkpointing=non_reentrant",

@@ -21,9 +21,8 @@ import gradprobe as gp
 from gradprobe import distributed
 from gradprobe.errors import GradprobeError
 from gradprobe.probe.engine import forward_starts, units_of
-
-from .support import dist_worker
-from .test_probe_exact import adam_state
+from tests.probe.test_probe_exact import adam_state
+from tests.support import dist_worker
 
 # measurements, not estimates: they differ between runs of one process too
 NOT_ESTIMATES = {"seconds", "timings", "peak_memory_bytes", "peak_memory_kind", "notes", "world_size",
@@ -154,7 +153,7 @@ def test_a_failing_rank_ends_the_job_naming_it(job, monkeypatch, oom):
 
 def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m gradprobe ARGS` on the CPU (gloo), from this checkout."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "CUDA_VISIBLE_DEVICES": "",
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "CUDA_VISIBLE_DEVICES": "",
            "GRADPROBE_DIST_TIMEOUT": "120", "NO_COLOR": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            "-m", "gradprobe", *args], capture_output=True, text=True, timeout=600, env=env)

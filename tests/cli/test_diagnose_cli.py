@@ -43,7 +43,7 @@ def test_docs_list_every_root_cause_in_rank_order():
     """docs/diagnose.md's table of root causes is the registry's list, in its order."""
     from pathlib import Path
 
-    text = (Path(__file__).parents[1] / "docs" / "diagnose.md").read_text()
+    text = (Path(__file__).parents[2] / "docs" / "diagnose.md").read_text()
     table = text[text.index("## Root causes"):text.index("## Every root cause")]
     assert re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M) == ids()
     repro = text[text.index("## Every root cause"):text.index("## From Python")]

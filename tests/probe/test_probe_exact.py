@@ -15,8 +15,7 @@ import torch
 import gradprobe as gp
 from gradprobe.optim.precondition import from_adam_state
 from gradprobe.probe import ustat
-
-from .conftest import FP32, make_cfg
+from tests.conftest import FP32, make_cfg
 
 LR = 3e-4
 

@@ -19,8 +19,7 @@ from typer.testing import CliRunner
 import gradprobe as gp
 from gradprobe.cli import app
 from gradprobe.diagnose.check import FAIL
-
-from .conftest import make_cfg
+from tests.conftest import make_cfg
 
 runner = CliRunner()
 GOOD = {"prompt": [1, 5], "responses": [[6, 2], [7]], "rewards": [1.0, 0.0]}

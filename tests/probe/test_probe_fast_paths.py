@@ -116,7 +116,7 @@ def test_one_backward_refuses_when_a_tensor_is_not_a_lora_weight(stacks):
 
 
 def test_host_bank_that_cannot_fit_is_refused_before_any_unit(stacks, monkeypatch):
-    """fused keeps its bank on the host (packed's bank choice: tests/test_probe_packed.py)."""
+    """fused keeps its bank on the host (packed's bank choice: tests/probe/test_probe_packed.py)."""
     import gradprobe.probe.sink as probe
 
     stack = stacks["non_reentrant"]
