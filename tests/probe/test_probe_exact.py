@@ -16,6 +16,7 @@ import gradprobe as gp
 from gradprobe.optim.precondition import from_adam_state
 from gradprobe.probe import ustat
 from tests.conftest import FP32, make_cfg
+from tests.support.optimizers import random_steps
 
 LR = 3e-4
 
@@ -23,17 +24,11 @@ LR = 3e-4
 def adam_state(stack, path) -> dict:
     """A real AdamW state after three steps on random gradients, saved as a trainer would."""
     opt = torch.optim.AdamW(stack.params, lr=LR, betas=(0.9, 0.95), eps=1e-6)
-    g = torch.Generator().manual_seed(5)
     saved = [p.detach().clone() for p in stack.params]
-    for _ in range(3):
-        for p in stack.params:
-            p.grad = torch.randn(p.shape, generator=g) * 1e-2
-        opt.step()
+    random_steps(opt, stack.params, steps=3, scale=1e-2, seed=5)
     with torch.no_grad():
         for p, s in zip(stack.params, saved):
             p.copy_(s)
-    for p in stack.params:
-        p.grad = None
     torch.save(opt.state_dict(), path)
     return opt.state_dict()
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gradprobe.probe import real_step
+from tests.support.optimizers import random_steps
 
 
 def _units(g: torch.Generator, b: int, n: int = 6):
@@ -156,12 +157,7 @@ def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stac
     entropy_batch = gp.build_batch(stack, entropy)
     saved = [p.detach().clone() for p in stack.params]
     opt = torch.optim.AdamW(stack.params, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.05)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(2):
-        for p in stack.params:
-            p.grad = 1e-3 * torch.randn(p.shape, generator=g)
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    random_steps(opt, stack.params, steps=2, scale=1e-3, seed=4)
     state_before = {k: v.clone() for k, v in opt.state[stack.params[0]].items()}
     theta = [p.detach().clone() for p in stack.params]
     try:
@@ -212,12 +208,7 @@ def test_validate_steps_along_the_real_update():
     cfg = load_config(overrides=[*GROUND_TRUTH, "validate.eval_num_prompts=12", "validate.points=3"])
     stack = load_stack(cfg)
     opt = torch.optim.AdamW(stack.params, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        for p in stack.params:
-            p.grad = 1e-2 * torch.randn(p.shape, generator=g)
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    random_steps(opt, stack.params, steps=3, scale=1e-2, seed=0)
     theta = [p.detach().clone() for p in stack.params]
     state = {k: v.clone() for k, v in opt.state[stack.params[3]].items()}
     r = sweep(stack, cfg, optimizer=opt)
