@@ -34,7 +34,7 @@ from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
 from .optim.update import decompose, mapped_state, real_update, step_settings
-from .rollouts import _prompt_ids
+from .rollouts import encode_prompt
 from .stack import Stack, live_stack
 from .validate import EntropyChange, Policy, exact_entropy_grad, sampled_batch
 
@@ -111,7 +111,7 @@ class GradprobeCallback(TrainerCallback):
         step_settings(self.optimizer, self.stack.names, self.stack.params)
         self.tau = self.temperature or float(getattr(args, "temperature", None) or 1.0)
         self.max_len = self.max_new_tokens or int(getattr(args, "max_completion_length", None) or 16)
-        self.prompt_ids = [_prompt_ids(tokenizer, p) for p in self.eval_prompts]
+        self.prompt_ids = [encode_prompt(tokenizer, p) for p in self.eval_prompts]
         if any(not ids for ids in self.prompt_ids):
             raise GradprobeError("an evaluation prompt tokenizes to nothing")
         vocab = model.get_input_embeddings().num_embeddings

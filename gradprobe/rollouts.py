@@ -181,7 +181,7 @@ def check_probe_batch(batch: Batch) -> None:
                              f"construction; fix generation (max_new_tokens, EOS handling) or the rollouts file")
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "index"):
         return tokenizer.encode(text, add_bos=True)
     return list(tokenizer(text)["input_ids"])
@@ -232,7 +232,7 @@ def generate_batch(stack, num_prompts: int, group_size: int, temperature: float,
     tok = stack.tokenizer
     prompts = prompts or builtin_prompts(tok)
     texts = [prompts[i % len(prompts)] for i in range(num_prompts)]
-    prompt_ids = [_prompt_ids(tok, t) for t in texts]
+    prompt_ids = [encode_prompt(tok, t) for t in texts]
     width = max(map(len, prompt_ids))
     ctx = context_length(stack.model)
     if ctx is not None and width + max_new_tokens > ctx:

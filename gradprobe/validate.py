@@ -36,7 +36,7 @@ from .optim.state import no_decay_names
 from .optim.update import real_update
 from .params import GradReader
 from .probe import unit_gradients
-from .rollouts import Batch, Group, _decode, _prompt_ids, builtin_prompts, builtin_reward, read_rollouts
+from .rollouts import Batch, Group, _decode, builtin_prompts, builtin_reward, encode_prompt, read_rollouts
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 NONLINEAR = 0.05  # second-order effects "begin" where Delta H leaves the small-step line by this fraction
@@ -275,7 +275,7 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         update = read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=tau)
         pool = [g.prompt for g in update.groups]
     else:
-        pool = [_prompt_ids(stack.tokenizer, t) for t in builtin_prompts(stack.tokenizer)]
+        pool = [encode_prompt(stack.tokenizer, t) for t in builtin_prompts(stack.tokenizer)]
         update = sampled_batch(stack, policy, [pool[i % len(pool)] for i in range(bcfg["num_prompts"])],
                                 bcfg["group_size"], gen, tau)
     eval_prompts = [pool[i % len(pool)] for i in range(vcfg["eval_num_prompts"])]
