@@ -16,6 +16,7 @@ With no process group (no torchrun) nothing here runs and nothing changes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -107,9 +108,16 @@ def init() -> bool:
     return active()
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. A rank that finished first waits for the others at a barrier (bounded by the
+    group's timeout), so that no rank tears its connections down while a peer still uses them: gloo aborts
+    that peer's process otherwise. After a failure there is nobody to wait for."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished and active():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:

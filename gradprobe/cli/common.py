@@ -303,9 +303,11 @@ def _interrupted(exc: Interrupted, err: Console, run: Run | None) -> int:
 def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None = None) -> None:
     """Run a command body; map errors to one line and an exit code (EXIT_CODES). --debug adds the traceback
     on stderr and keeps the code."""
+    finished = False
     try:
         with signals_interrupt():
             code = body()
+        finished = True
     except GradprobeError as exc:
         if debug:
             traceback.print_exc()
@@ -331,5 +333,5 @@ def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None 
         raise typer.Exit(EXIT_INTERNAL) from None
     finally:
         if "gradprobe.distributed" in sys.modules:  # leave a torchrun process group cleanly
-            sys.modules["gradprobe.distributed"].shutdown()
+            sys.modules["gradprobe.distributed"].shutdown(finished)
     raise typer.Exit(code)

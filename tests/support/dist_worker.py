@@ -80,6 +80,6 @@ def worker(rank: int, world: int, port: int, rollouts: str, optimizer_state: str
         if distributed.is_main() or os.environ.get("DIST_WORKER_ALL_ERRORS"):
             (Path(out) / f"world{world}.{rank}.error").write_text(f"{type(exc).__name__}: {exc}\n"
                                                             f"{traceback.format_exc()}")
+        distributed.shutdown(finished=False)
         raise SystemExit(1) from None
-    finally:
-        distributed.shutdown()
+    distributed.shutdown()
