@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradprobe as gp  # noqa: E402
+from gradprobe.config import Config, ProbeSection  # noqa: E402
 from gradprobe.optim.precondition import Preconditioner, from_adam_state  # noqa: E402
 from gradprobe.probe.engine import _Engine, plan_chunks, run_probe, units_of  # noqa: E402
 from gradprobe.rollouts import Batch, Group  # noqa: E402
@@ -89,9 +90,9 @@ def set_precision(stack, precision: str) -> None:
             module.compute_dtype = dtype
 
 
-def training_step(stack, batch: Batch, probe_cfg: dict[str, Any]) -> None:
+def training_step(stack, batch: Batch, probe_cfg: ProbeSection) -> None:
     """What a trainer does before optimizer.step(): backward of the Y loss over the batch into .grad."""
-    units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
+    units = units_of(batch, probe_cfg.mode, probe_cfg.block_size)
     eng = _Engine(stack, batch, probe_cfg, {p: u for u, ps in enumerate(units) for p in ps},
                   [len(ps) for ps in units])
     chunks = plan_chunks(list(range(batch.B)), eng.group_sizes, eng.mb)
@@ -134,10 +135,9 @@ def timed_interleaved(stack, fns: list, warmup: int, repeats: int) -> list[tuple
     return list(zip(times, peaks, outs))
 
 
-def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device", bank: str = "auto") -> dict[str, Any]:
-    cfg = gp.load_config(overrides=[f"probe.schedule={schedule}", f"probe.microbatch_size={microbatch}",
-                                    f"probe.accumulate_on={accumulate_on}", f"probe.bank={bank}"])
-    return cfg["probe"]
+def probe_cfg_for(schedule: str, microbatch: int, accumulate_on: str = "device", bank: str = "auto") -> ProbeSection:
+    return Config().with_values({"probe.schedule": schedule, "probe.microbatch_size": microbatch,
+                                 "probe.accumulate_on": accumulate_on, "probe.bank": bank}).probe
 
 
 def split_row(row: str, default_mb: int) -> tuple[str, int]:

@@ -35,7 +35,7 @@ MAX_LEN = 4
 
 def loss_grads(stack, batch, cfg) -> list[torch.Tensor]:
     """The run's loss gradient -mean_u grad LY[u], per trainable tensor (the probe's own backward reads)."""
-    g = -unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"].mean(0)
+    g = -unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"].mean(0)
     return [t.view_as(p).clone() for t, p in zip(g.split([p.numel() for p in stack.params]), stack.params)]
 
 

@@ -1,7 +1,7 @@
 """gradprobe: gradient-flow diagnosis and first-order entropy-change probes for QLoRA RL fine-tuning."""
 
 from .api import build_batch, delta_h1
-from .config import load_config
+from .config import Config, load_config
 from .diagnose import diagnose
 from .errors import CheckFailed, GradprobeError
 from .probe import ProbeResult
@@ -9,7 +9,7 @@ from .rollouts import Batch, Group, read_rollouts, write_rollouts
 from .runs import run_delta_h1, run_diagnose, run_validate
 from .stack import Stack, load_stack
 
-__all__ = ["Batch", "CheckFailed", "GradprobeCallback", "GradprobeError", "Group", "ProbeResult", "Stack",
+__all__ = ["Batch", "CheckFailed", "Config", "GradprobeCallback", "GradprobeError", "Group", "ProbeResult", "Stack",
            "build_batch", "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts", "run_delta_h1",
            "run_diagnose", "run_validate", "write_rollouts"]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,24 +33,27 @@ from .probe.engine import units_of
 from .rewards import load_reward
 from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
 
+if TYPE_CHECKING:
+    from .config import Config, ProbeSection
 
-def build_batch(stack, cfg: dict[str, Any]) -> Batch:
+
+def build_batch(stack, cfg: Config) -> Batch:
     """Teacher-force a rollouts file when one is given, else sample the built-in prompts."""
-    bcfg = cfg["batch"]
+    bcfg = cfg.batch
     vocab = stack.model.get_input_embeddings().num_embeddings
-    if bcfg["rollouts"]:
-        return read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"],
+    if bcfg.rollouts:
+        return read_rollouts(bcfg.rollouts, stack.tokenizer, vocab, temperature=bcfg.temperature,
                              max_positions=context_length(stack.model))
-    return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
-                          bcfg["max_new_tokens"], seed=cfg["seed"], reward_fn=load_reward(bcfg["reward"]))
+    return generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
+                          bcfg.max_new_tokens, seed=cfg.seed, reward_fn=load_reward(bcfg.reward))
 
 
-def preconditioner(stack, cfg: dict[str, Any]) -> Preconditioner:
+def preconditioner(stack, cfg: Config) -> Preconditioner:
     """P for this stack as the config says (the optimizer state mapped in the order its trainer used)."""
     return build_preconditioner(cfg, stack.names, stack.params, model=stack.model)
 
 
-def learning_rate(cfg: dict[str, Any], precond: Preconditioner) -> float:
+def learning_rate(cfg: Config, precond: Preconditioner) -> float:
     """eta: the next step's rate, resolved with P by one rule (optim/lr.py)."""
     return precond.learning_rate
 
@@ -60,31 +63,31 @@ WARMUP_BETAS = (0.9, 0.999)
 WARMUP_WEIGHT_DECAY = 0.01
 
 
-def warmup_steps(cfg: dict[str, Any]) -> int:
+def warmup_steps(cfg: Config) -> int:
     """probe.warmup_steps, where null means: 2 on a built-in model with random weights and no optimizer
     state (the embedded default, so that its first run has momentum to show: after 2 steps about half of
     Adam's m is the earlier gradients), else 0."""
-    n = cfg["probe"]["warmup_steps"]
+    n = cfg.probe.warmup_steps
     if n is not None:
         return n
-    fresh = not (cfg["model"]["name_or_path"] or cfg["lora"]["adapter_path"] or cfg["probe"]["optimizer_state"])
+    fresh = not (cfg.model.name_or_path or cfg.lora.adapter_path or cfg.probe.optimizer_state)
     return AUTO_WARMUP_STEPS if fresh else 0
 
 
 
-def warm_up(stack, cfg: dict[str, Any], steps: int) -> torch.optim.Optimizer:
+def warm_up(stack, cfg: Config, steps: int) -> torch.optim.Optimizer:
     """`steps` real torch AdamW steps (betas 0.9/0.999, weight decay 0.01, the probe's learning rate) on
     batches sampled from the current policy with other seeds than the probe's, each on the run's loss
     -mean_u LY[u]. Changes the model; returns the optimizer, whose state then drives the real step."""
-    lr = learning_rate(cfg, preconditioner(stack, {**cfg, "probe": {**cfg["probe"], "precondition": "identity",
-                                                                    "optimizer_state": None}}))
+    lr = learning_rate(cfg, preconditioner(stack, cfg.with_values({"probe.precondition": "identity",
+                                                                     "probe.optimizer_state": None})))
     opt = torch.optim.AdamW(stack.params, lr=lr, betas=WARMUP_BETAS, weight_decay=WARMUP_WEIGHT_DECAY)
-    bcfg = cfg["batch"]
+    bcfg = cfg.batch
     for k in range(steps):
-        batch = generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
-                               bcfg["max_new_tokens"], seed=cfg["seed"] + 1000 + k,
-                               reward_fn=load_reward(bcfg["reward"]))
-        rows = unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"]
+        batch = generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
+                               bcfg.max_new_tokens, seed=cfg.seed + 1000 + k,
+                               reward_fn=load_reward(bcfg.reward))
+        rows = unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"]
         g = -rows.mean(0)
         offset = 0
         for p in stack.params:
@@ -98,26 +101,26 @@ def warm_up(stack, cfg: dict[str, Any], steps: int) -> torch.optim.Optimizer:
     return opt
 
 
-def live_preconditioner(stack, optimizer: torch.optim.Optimizer, cfg: dict[str, Any],
+def live_preconditioner(stack, optimizer: torch.optim.Optimizer, cfg: Config,
                         what: str = "the live optimizer") -> Preconditioner:
     """P of a live Adam optimizer (the plain step deltaH1 describes), with the probe's learning rate rule."""
     precond = from_adam_state(live_state_dict(optimizer, stack.params), stack.names, stack.params, source=what,
                               order="index")
-    explicit = cfg["probe"]["learning_rate"]
+    explicit = cfg.probe.learning_rate
     precond.learning_rate = explicit if explicit is not None else float(optimizer.param_groups[0]["lr"])
     precond.learning_rate_source = "probe.learning_rate" if explicit is not None else f"{what} (param_groups lr)"
     return precond
 
 
-def step_source(stack, cfg: dict[str, Any], precond: Preconditioner, optimizer: Any = None):
+def step_source(stack, cfg: Config, precond: Preconditioner, optimizer: Any = None):
     """(StepSettings, mapped state) of the next real step: a live optimizer, else probe.optimizer_state,
     else plain SGD at the probe's learning rate (which StepSettings.sources says)."""
-    pcfg = cfg["probe"]
-    source = optimizer if optimizer is not None else pcfg["optimizer_state"]
-    explicit = pcfg["learning_rate"]
+    pcfg = cfg.probe
+    source = optimizer if optimizer is not None else pcfg.optimizer_state
+    explicit = pcfg.learning_rate
     no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
-    order = pcfg["optimizer_order"]
-    clip = pcfg.get("max_grad_norm")
+    order = pcfg.optimizer_order
+    clip = pcfg.max_grad_norm
     settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
                              precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
     if source is None and explicit is None:
@@ -140,7 +143,7 @@ def step_summary(settings: StepSettings) -> dict[str, Any]:
     return out
 
 
-def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
+def delta_h1(stack, batch: Batch, cfg: Config,
              progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None,
              store: Any = None, optimizer: Any = None, entropy_batch: Batch | None = None) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
@@ -159,12 +162,12 @@ def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
         return kept["parts"]
 
     t0 = time.perf_counter()
-    result = run_probe(stack, batch, cfg["probe"], precond, lr, progress=progress, store=store, step_parts=parts)
+    result = run_probe(stack, batch, cfg.probe, precond, lr, progress=progress, store=store, step_parts=parts)
     result.timings["probe"] = time.perf_counter() - t0
     result.step = step_summary(settings)
     if mapped is None and math.isfinite(result.deltaH):
         result.real_step_note = "no optimizer state: the real step is plain SGD (identity P, no momentum, no decay)"
-    if entropy_batch is None and cfg["probe"]["entropy_batch"] == "independent":
+    if entropy_batch is None and cfg.probe.entropy_batch == "independent":
         entropy_batch = build_entropy_batch(stack, cfg)
     if entropy_batch is not None and "parts" in kept:
         t1 = time.perf_counter()
@@ -173,35 +176,35 @@ def delta_h1(stack, batch: Batch, cfg: dict[str, Any],
     return result
 
 
-def build_entropy_batch(stack, cfg: dict[str, Any]) -> Batch:
+def build_entropy_batch(stack, cfg: Config) -> Batch:
     """The independent entropy batch: batch.entropy_rollouts, else sampled like the update batch with
     another seed (so its samples share nothing with the step's)."""
-    bcfg = cfg["batch"]
-    if bcfg["entropy_rollouts"]:
+    bcfg = cfg.batch
+    if bcfg.entropy_rollouts:
         vocab = stack.model.get_input_embeddings().num_embeddings
-        return read_rollouts(bcfg["entropy_rollouts"], stack.tokenizer, vocab, temperature=bcfg["temperature"])
-    if bcfg["rollouts"]:
+        return read_rollouts(bcfg.entropy_rollouts, stack.tokenizer, vocab, temperature=bcfg.temperature)
+    if bcfg.rollouts:
         raise GradprobeError("probe.entropy_batch=independent with batch.rollouts needs batch.entropy_rollouts "
                              "(responses from the same policy, other samples)")
-    return generate_batch(stack, bcfg["num_prompts"], bcfg["group_size"], bcfg["temperature"], bcfg["top_p"],
-                          bcfg["max_new_tokens"], seed=cfg["seed"] + 7919, reward_fn=load_reward(bcfg["reward"]))
+    return generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
+                          bcfg.max_new_tokens, seed=cfg.seed + 7919, reward_fn=load_reward(bcfg.reward))
 
 
-def independent_estimate(stack, entropy_batch: Batch, cfg: dict[str, Any], parts, grads: list[torch.Tensor],
+def independent_estimate(stack, entropy_batch: Batch, cfg: Config, parts, grads: list[torch.Tensor],
                          result: ProbeResult) -> None:
     """deltaH = -mean_u X_E[u] . Delta theta on the entropy batch; the same-batch estimate moves to
     result.same_batch."""
-    est = independent_step(stack, entropy_batch, cfg["probe"], parts, grads)
+    est = independent_step(stack, entropy_batch, cfg.probe, parts, grads)
     result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH,
                          "se_deltaH_batches": result.se_deltaH_batches, "parts": result.parts}
     result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
     result.parts, result.entropy_batch = est.parts(), "independent"
     result.units = [{**row, "deltaH": math.nan} for row in result.units]  # deltaH is the entropy batch's now
-    units = units_of(entropy_batch, cfg["probe"]["mode"], cfg["probe"]["block_size"])
+    units = units_of(entropy_batch, cfg.probe.mode, cfg.probe.block_size)
     result.entropy_units = unit_rows(entropy_batch, units, stack.tokenizer, None, est.unit_terms)
 
 
-def independent_step(stack, entropy_batch: Batch, probe_cfg: dict[str, Any], parts,
+def independent_step(stack, entropy_batch: Batch, probe_cfg: ProbeSection, parts,
                      grads: list[torch.Tensor]) -> real_step_math.RealStepEstimate:
     """deltaH = -mean_u X_E[u] . Delta theta of the step whose parts (optim.update.decompose) and loss
     gradients are given, X_E[u] from the entropy batch (real_step.independent: plain SE over its units)."""

@@ -29,7 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from .api import independent_step
-from .config import DEFAULTS
+from .config import ProbeSection
 from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
@@ -78,7 +78,7 @@ class GradprobeCallback(TrainerCallback):
         self.is_samples, self.max_enumerate, self.exact_first_order = is_samples, max_enumerate, exact_first_order
         self.seed, self.tokenizer, self.trainer = seed, tokenizer, trainer
         self.jsonl = Path(jsonl) if jsonl is not None else None
-        self.probe_cfg = {**DEFAULTS["probe"], "microbatch_size": microbatch_size}
+        self.probe_cfg = ProbeSection(microbatch_size=microbatch_size)
         self.records: list[dict[str, Any]] = []
         self.stack: Stack | None = None
         self._pending: dict[str, Any] | None = None

@@ -1,13 +1,18 @@
 """One validated configuration: built-in defaults <- YAML file <- `key=value` overrides.
 
-Every key is checked up front so that a typo fails in a second, not after a model load.
+Each section is a frozen dataclass, and each key is declared once, with its type, default and allowed values.
+A Config is checked whole when it is made, so that a typo fails in a second, not after a model load, and a
+changed copy (`Config.with_values`) is checked again.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,138 +22,201 @@ from .errors import GradprobeError
 from .objective import LEGACY_NORMALIZATION, LOSS_TYPES, SCALE_REWARDS
 from .probe.schedules import NAMES as SCHEDULE_NAMES
 
-# The embedded default: the seed's environment on a tiny model (configs/tiny.yaml mirrors it).
-DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "device": "auto",
-    "model": {
-        "name_or_path": None,
-        "preset": "tiny",
-        "trust_remote_code": False,
-    },
-    "quant": {"mode": "nf4", "compute_dtype": "bfloat16"},
-    "lora": {
-        "adapter_path": None,
-        "r": 8,
-        "alpha": 16,
-        "dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "init": "random",
-        "dtype": "float32",
-    },
-    "autocast": "bf16",
-    "checkpointing": "reentrant",
-    "batch": {
-        "rollouts": None,
-        "num_prompts": 8,
-        "group_size": 4,
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "max_new_tokens": 16,
-        "reward": "builtin",
-        "entropy_rollouts": None,
-    },
-    "probe": {
-        "mode": "exact",
-        "schedule": "packed",
-        "microbatch_size": 8,
-        "block_size": 2,
-        "accumulate_on": "device",
-        "bank": "auto",
-        "loss_type": "group_lmax",
-        "normalization": "dr_grpo",  # the older key: kept in step with loss_type where it has a name for it
-        "scale_rewards": "none",
-        "max_completion_length": None,
-        "max_grad_norm": None,
-        "precondition": "identity",
-        "optimizer_state": None,
-        "optimizer_order": "auto",
-        "learning_rate": None,
-        "entropy_batch": "same",
-        "warmup_steps": None,
-    },
-    "validate": {
-        "method": "auto",
-        "points": 7,
-        "step_min": 1.0e-5,
-        "step_max": 1.0e-2,
-        "eval_num_prompts": 32,
-        "eval_group_size": 8,
-        "is_samples": 256,
-        "max_enumerate": 20000,
-        "direction": "real",
-    },
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda"),
-    "model.preset": ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"),
-    "quant.mode": ("none", "nf4", "fp4"),
-    "quant.compute_dtype": ("bfloat16", "float16", "float32"),
-    "lora.init": ("random", "zero_b"),
-    "lora.dtype": ("float32", "bfloat16", "float16"),
-    "autocast": ("bf16", "fp16", "off"),
-    "checkpointing": ("reentrant", "non_reentrant", "off"),
-    "probe.mode": ("exact", "blocks"),
-    "probe.schedule": SCHEDULE_NAMES,
-    "probe.accumulate_on": ("device", "cpu"),
-    "probe.bank": ("auto", "device", "host", "none"),
-    "probe.loss_type": LOSS_TYPES,
-    "probe.normalization": tuple(LEGACY_NORMALIZATION),
-    "probe.scale_rewards": SCALE_REWARDS,
-    "probe.precondition": ("adam", "identity"),
-    "probe.optimizer_order": ("auto", "trainer", "named"),
-    "probe.entropy_batch": ("same", "independent"),
-    "validate.method": ("auto", "exact", "importance"),
-    "validate.direction": ("real", "plain"),
-}
-
-# Keys whose default is None: the type a value must have when one is given.
-OPTIONAL_TYPES: dict[str, type] = {
-    "model.name_or_path": str,
-    "lora.adapter_path": str,
-    "batch.rollouts": str,
-    "probe.optimizer_state": str,
-    "probe.learning_rate": float,
-    "batch.entropy_rollouts": str,
-    "probe.warmup_steps": int,
-    "probe.max_completion_length": int,
-    "probe.max_grad_norm": float,
-}
-
-POSITIVE_INTS = ("lora.r", "batch.num_prompts", "batch.group_size", "batch.max_new_tokens",
-                 "probe.microbatch_size", "probe.block_size")
+PRESETS = ("tiny", "micro", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
+def key(default: Any, choices: tuple[str, ...] = (), positive: bool = False) -> Any:
+    """A config key with its allowed values (or >= 1 for a count)."""
+    return field(default=default, metadata={"choices": choices, "positive": positive})
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name_or_path: str | None = None
+    preset: str = key("tiny", PRESETS)
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    mode: str = key("nf4", ("none", "nf4", "fp4"))
+    compute_dtype: str = key("bfloat16", ("bfloat16", "float16", "float32"))
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    adapter_path: str | None = None
+    r: int = key(8, positive=True)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LORA_TARGETS
+    init: str = key("random", ("random", "zero_b"))
+    dtype: str = key("float32", ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class BatchSection:
+    rollouts: str | None = None
+    num_prompts: int = key(8, positive=True)
+    group_size: int = key(4, positive=True)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = key(16, positive=True)
+    reward: str = "builtin"
+    entropy_rollouts: str | None = None
+
+
+@dataclass(frozen=True)
+class ProbeSection:
+    """What the probe engine and its schedules read."""
+
+    mode: str = key("exact", ("exact", "blocks"))
+    schedule: str = key("packed", SCHEDULE_NAMES)
+    microbatch_size: int = key(8, positive=True)
+    block_size: int = key(2, positive=True)
+    accumulate_on: str = key("device", ("device", "cpu"))
+    bank: str = key("auto", ("auto", "device", "host", "none"))
+    loss_type: str = key("group_lmax", LOSS_TYPES)
+    normalization: str = key("dr_grpo", tuple(LEGACY_NORMALIZATION))  # the older key, kept in step with loss_type
+    scale_rewards: str = key("none", SCALE_REWARDS)
+    max_completion_length: int | None = None
+    max_grad_norm: float | None = None
+    precondition: str = key("identity", ("adam", "identity"))
+    optimizer_state: str | None = None
+    optimizer_order: str = key("auto", ("auto", "trainer", "named"))
+    learning_rate: float | None = None
+    entropy_batch: str = key("same", ("same", "independent"))
+    warmup_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class ValidateSection:
+    method: str = key("auto", ("auto", "exact", "importance"))
+    points: int = 7
+    step_min: float = 1.0e-5
+    step_max: float = 1.0e-2
+    eval_num_prompts: int = 32
+    eval_group_size: int = 8
+    is_samples: int = 256
+    max_enumerate: int = 20000
+    direction: str = key("real", ("real", "plain"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The embedded default is the seed's environment on a tiny model (configs/tiny.yaml mirrors it)."""
+
+    seed: int = 0
+    device: str = key("auto", ("auto", "cpu", "cuda"))
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    autocast: str = key("bf16", ("bf16", "fp16", "off"))
+    checkpointing: str = key("reentrant", ("reentrant", "non_reentrant", "off"))
+    batch: BatchSection = field(default_factory=BatchSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    validate: ValidateSection = field(default_factory=ValidateSection)
+
+    def __post_init__(self) -> None:
+        _check(self.flat())
+
+    def flat(self) -> dict[str, Any]:
+        """{dotted key: value}."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out.update({f"{f.name}.{k.name}": getattr(value, k.name) for k in dataclasses.fields(value)})
+            else:
+                out[f.name] = value
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain data, as a YAML file or a result's "config" holds it."""
+        return _plain(dataclasses.asdict(self))
+
+    def with_values(self, values: Mapping[str, Any]) -> Config:
+        """A copy with dotted keys changed (coerced to each key's type), validated whole. probe.normalization
+        follows a changed probe.loss_type and the other way round, as in a file."""
+        flat = self.flat()
+        for k, value in values.items():
+            flat[k] = coerce(k, value)
+        _resolve_loss_type(flat, set(values))
+        return _build(flat)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> Config:
+        """A whole configuration as a result file stored it (--resume), validated like a YAML file."""
+        return _build({**cls().flat(), **_file_values(data, source)})
+
+
+SECTION_TYPES: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)
+                                  if f.default_factory is not dataclasses.MISSING}
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One key as its dataclass field declares it."""
+
+    default: Any
+    type: type  # str, int, float, bool or tuple (a list of strings)
+    optional: bool  # may be null
+    choices: tuple[str, ...]
+    positive: bool
+
+
+def _specs(cls: type = Config, prefix: str = "") -> dict[str, KeySpec]:
+    """{dotted key: spec} in the order Config.flat() gives."""
+    out: dict[str, KeySpec] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in SECTION_TYPES and cls is Config:
+            out.update(_specs(SECTION_TYPES[f.name], f"{f.name}."))
+            continue
+        args = typing.get_args(hints[f.name])
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hints[f.name]
+        out[prefix + f.name] = KeySpec(f.default, typing.get_origin(base) or base, optional,
+                                       f.metadata.get("choices", ()), f.metadata.get("positive", False))
     return out
 
 
-VALID_KEYS = tuple(flatten(DEFAULTS))
-SECTIONS = tuple(k for k, v in DEFAULTS.items() if isinstance(v, dict))
+SPECS = _specs()
+VALID_KEYS = tuple(SPECS)
+SECTIONS = tuple(SECTION_TYPES)
+CHOICES: dict[str, tuple[str, ...]] = {k: s.choices for k, s in SPECS.items() if s.choices}
 
 
-def _unknown(key: str) -> GradprobeError:
-    near = difflib.get_close_matches(key, VALID_KEYS + SECTIONS, n=1, cutoff=0.5)
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _build(flat: dict[str, Any]) -> Config:
+    """A Config from {dotted key: value} holding every key."""
+    sections = {name: cls(**{k.name: flat[f"{name}.{k.name}"] for k in dataclasses.fields(cls)})
+                for name, cls in SECTION_TYPES.items()}
+    return Config(**{k: v for k, v in flat.items() if "." not in k}, **sections)
+
+
+def _unknown(name: str) -> GradprobeError:
+    near = difflib.get_close_matches(name, VALID_KEYS + SECTIONS, n=1, cutoff=0.5)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
-    return GradprobeError(f"unknown config key '{key}'{hint}")
+    return GradprobeError(f"unknown config key '{name}'{hint}")
 
 
-def _coerce(key: str, value: Any) -> Any:
-    """Bring a YAML or command-line value to the type of the key's default."""
-    default = flatten(DEFAULTS)[key]
-    want = OPTIONAL_TYPES.get(key) or type(default)
+def coerce(name: str, value: Any) -> Any:
+    """Bring a YAML or command-line value to the key's type."""
+    spec = SPECS.get(name)
+    if spec is None:
+        raise _unknown(name)
+    want = spec.type
     if value is None:
-        if key in OPTIONAL_TYPES:
+        if spec.optional:
             return None
-        raise GradprobeError(f"config key '{key}' cannot be null")
+        raise GradprobeError(f"config key '{name}' cannot be null")
     if want is bool:
         if isinstance(value, bool):
             return value
@@ -160,7 +228,7 @@ def _coerce(key: str, value: Any) -> Any:
         try:
             if float(value) == int(float(value)):
                 return int(float(value))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             pass
     elif want is float and not isinstance(value, bool):
         try:
@@ -171,27 +239,45 @@ def _coerce(key: str, value: Any) -> Any:
         return "on" if value else "off"
     elif want is str and isinstance(value, (str, int, float)):
         return str(value)
-    elif want is list:
+    elif want is tuple:
         if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-    raise GradprobeError(f"config key '{key}' wants {want.__name__}, got {value!r}")
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+    raise GradprobeError(f"config key '{name}' wants {'list' if want is tuple else want.__name__}, got {value!r}")
+
+
+def _check_types(flat: dict[str, Any]) -> None:
+    """A Config made in code (not through coerce) holds each key's type too."""
+    for name, value in flat.items():
+        spec = SPECS[name]
+        if value is None and spec.optional:
+            continue
+        ok = isinstance(value, spec.type) and not (spec.type is int and isinstance(value, bool))
+        if spec.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if spec.type is tuple:
+            ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        if not ok:
+            want = "list" if spec.type is tuple else spec.type.__name__
+            raise GradprobeError(f"config key '{name}' wants {want}{' or null' if spec.optional else ''}, "
+                                 f"got {value!r}")
 
 
 def _check(flat: dict[str, Any]) -> None:
-    for key, allowed in CHOICES.items():
-        if flat[key] not in allowed:
-            raise GradprobeError(f"config key '{key}' must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    _check_types(flat)
+    for name, allowed in CHOICES.items():
+        if flat[name] not in allowed:
+            raise GradprobeError(f"config key '{name}' must be one of {', '.join(allowed)}; got {flat[name]!r}")
     if flat["batch.group_size"] < 2:
         raise GradprobeError(f"batch.group_size (G) must be >= 2: the leave-one-out baseline needs two responses; "
                              f"got {flat['batch.group_size']}")
-    for key in POSITIVE_INTS:
-        if flat[key] < 1:
-            raise GradprobeError(f"config key '{key}' must be >= 1; got {flat[key]}")
-    for key, value in flat.items():
+    for name, spec in SPECS.items():
+        if spec.positive and flat[name] < 1:
+            raise GradprobeError(f"config key '{name}' must be >= 1; got {flat[name]}")
+    for name, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
-            raise GradprobeError(f"config key '{key}' must be a finite number; got {value}")
+            raise GradprobeError(f"config key '{name}' must be a finite number; got {value}")
     units = -(-flat["batch.num_prompts"] // (flat["probe.block_size"] if flat["probe.mode"] == "blocks" else 1))
     if not flat["batch.rollouts"] and units < 2:
         raise GradprobeError(f"the U-statistic needs at least 2 units; batch.num_prompts={flat['batch.num_prompts']} "
@@ -228,21 +314,10 @@ def _check(flat: dict[str, Any]) -> None:
                              "probe.max_completion_length to the run's (the group's longest response is group_lmax)")
 
 
-def check_config(tree: dict[str, Any]) -> None:
-    """Validate a whole configuration (one a checkpoint changed, too)."""
-    _check(flatten(tree))
-
-
-def legacy_normalization(loss_type: str, current: str) -> str:
-    """probe.normalization kept in step with probe.loss_type where the older key has a name for it."""
-    return next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss_type), current)
-
-
-def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
+def _resolve_loss_type(flat: dict[str, Any], given: set[str]) -> None:
     """probe.loss_type, or the older probe.normalization it replaces (its dr_grpo is group_lmax): the one
     that was given sets the other; both given must agree."""
-    probe = tree["probe"]
-    norm, loss = probe["normalization"], probe["loss_type"]
+    norm, loss = flat["probe.normalization"], flat["probe.loss_type"]
     if norm not in LEGACY_NORMALIZATION or loss not in LOSS_TYPES:
         return  # _check names the bad value
     legacy = LEGACY_NORMALIZATION[norm]
@@ -250,58 +325,45 @@ def _resolve_loss_type(tree: dict[str, Any], given: set[str]) -> None:
         raise GradprobeError(f"probe.normalization={norm} (the older key; it means loss_type {legacy}) contradicts "
                              f"probe.loss_type={loss}; set only probe.loss_type")
     if "probe.normalization" in given and "probe.loss_type" not in given:
-        probe["loss_type"] = legacy
-    else:
-        probe["normalization"] = legacy_normalization(loss, norm)
+        flat["probe.loss_type"] = legacy
+    else:  # kept in step where the older key has a name for the loss type
+        flat["probe.normalization"] = next((k for k, v in LEGACY_NORMALIZATION.items() if v == loss), norm)
 
 
-def set_key(tree: dict[str, Any], key: str, value: Any) -> None:
-    """tree[a][b] = value for the dotted key a.b."""
-    *head, leaf = key.split(".")
-    for part in head:
-        tree = tree[part]
-    tree[leaf] = value
-
-
-def _merge_file(tree: dict[str, Any], data: Any, source: str) -> set[str]:
-    """Merges the file's keys into the tree; returns the keys it set."""
+def _file_values(data: Any, source: str) -> dict[str, Any]:
+    """A YAML mapping (or a stored config) as {dotted key: coerced value}."""
     if data is None:
-        return set()
+        return {}
     if not isinstance(data, dict):
         raise GradprobeError(f"{source}: the top level must be a mapping of config keys")
-    for key, value in flatten(data).items():
-        if key in SECTIONS:
-            raise GradprobeError(f"{source}: '{key}' is a section; give its keys as a mapping")
-        if key not in VALID_KEYS:
-            raise _unknown(key)
-        set_key(tree, key, _coerce(key, value))
-    return set(flatten(data))
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            if name not in SECTIONS:
+                raise _unknown(name)
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        elif name in SECTIONS:
+            raise GradprobeError(f"{source}: '{name}' is a section; give its keys as a mapping")
+        else:
+            out[name] = value
+    return {name: coerce(name, value) for name, value in out.items()}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise GradprobeError(f"--set wants key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if key not in VALID_KEYS:
-        raise _unknown(key)
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    if name not in VALID_KEYS:
+        raise _unknown(name)
     value = yaml.safe_load(raw) if raw.strip() else None
-    return key, value
-
-
-def config_from_dict(data: dict[str, Any], source: str) -> dict[str, Any]:
-    """A whole configuration as a result file stored it (--resume), validated like a YAML file."""
-    tree = copy.deepcopy(DEFAULTS)
-    _merge_file(tree, data, source)
-    _check(flatten(tree))
-    return tree
+    return name, value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                seed: int | None = None) -> dict[str, Any]:
+                seed: int | None = None) -> Config:
     """Defaults, then the YAML file, then each override; validated as a whole."""
-    tree = copy.deepcopy(DEFAULTS)
-    given: set[str] = set()
+    values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -312,13 +374,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             line = getattr(getattr(exc, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
             raise GradprobeError(f"{p}: not valid YAML{where}") from exc
-        given |= _merge_file(tree, data, str(p))
+        values.update(_file_values(data, str(p)))
     for text in overrides:
-        key, value = parse_override(text)
-        set_key(tree, key, _coerce(key, value))
-        given.add(key)
+        name, value = parse_override(text)
+        values[name] = value
     if seed is not None:
-        tree["seed"] = seed
-    _resolve_loss_type(tree, given)
-    _check(flatten(tree))
-    return tree
+        values["seed"] = seed
+    return Config().with_values(values)

@@ -9,10 +9,14 @@ here, so their losses cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import GradprobeError
+
+if TYPE_CHECKING:
+    from .config import ProbeSection
 
 
 @dataclass
@@ -87,9 +91,8 @@ class LossSpec:
     max_completion_length: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict) -> LossSpec:
-        p = cfg["probe"]
-        return cls(p["loss_type"], p["scale_rewards"], p["max_completion_length"])
+    def from_config(cls, probe: ProbeSection) -> LossSpec:
+        return cls(probe.loss_type, probe.scale_rewards, probe.max_completion_length)
 
 
 def _std(x: torch.Tensor) -> torch.Tensor:

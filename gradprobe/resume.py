@@ -12,20 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import GradprobeError
 from .files import load_torch_file, write_atomic
 
+if TYPE_CHECKING:
+    from .config import Config
+
 META = "meta.json"
 ROLLOUTS = "rollouts.jsonl"
 
 
-def fingerprint(cfg: dict[str, Any], batch, params: list[torch.Tensor], scales: list[torch.Tensor] | None) -> str:
+def fingerprint(cfg: Config, batch, params: list[torch.Tensor], scales: list[torch.Tensor] | None) -> str:
     """sha256 of what the numbers depend on: the configuration, the batch, the trainable values and P."""
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     for g in batch.groups:
         h.update(json.dumps([g.prompt, g.responses, g.rewards, g.advantages, g.lengths]).encode())
     h.update(repr(batch.temperature).encode())
@@ -62,9 +65,9 @@ class UnitStore:
         return sorted(int(p.stem.split("-")[1]) for p in self.dir.glob("unit-*.pt"))
 
 
-def prepare_state_dir(directory: str | Path, cfg: dict[str, Any]) -> Path:
+def prepare_state_dir(directory: str | Path, cfg: Config) -> Path:
     """A new or empty state directory (checked before the model loads); refuses one holding another run."""
-    if cfg["probe"]["schedule"] == "literal":
+    if cfg.probe.schedule == "literal":
         raise GradprobeError("--state needs probe.schedule=packed, fused or one_backward: the literal schedule "
                              "sums every unit before its per-unit loop, so it cannot resume")
     d = Path(directory)
@@ -76,7 +79,7 @@ def prepare_state_dir(directory: str | Path, cfg: dict[str, Any]) -> Path:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GradprobeError(f"cannot create --state directory {d}: {exc.strerror}") from exc
-    write_atomic(d / META, json.dumps({"config": cfg}, indent=2, default=str) + "\n", "the run's state")
+    write_atomic(d / META, json.dumps({"config": cfg.to_dict()}, indent=2, default=str) + "\n", "the run's state")
     return d
 
 

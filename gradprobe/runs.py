@@ -16,9 +16,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import GradprobeError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 @dataclass
@@ -54,7 +57,7 @@ class _Clock:
             self.timings[timing] = time.perf_counter() - t0
 
 
-def _warmed_stack(cfg: dict[str, Any], clock: _Clock, build_precond: bool):
+def _warmed_stack(cfg: Config, clock: _Clock, build_precond: bool):
     """The stack, the preconditioner (built before the warm-up so that a mismatched optimizer state fails
     before any sampling) and, on the embedded default, the AdamW of a few warm-up steps."""
     from .api import live_preconditioner, preconditioner, warm_up, warmup_steps
@@ -72,7 +75,7 @@ def _warmed_stack(cfg: dict[str, Any], clock: _Clock, build_precond: bool):
     return stack, precond, optimizer, warm
 
 
-def run_delta_h1(cfg: dict[str, Any], *, state_dir: str | Path | None = None,
+def run_delta_h1(cfg: Config, *, state_dir: str | Path | None = None,
                  save_rollouts: str | Path | None = None, tracker: Tracker | None = None,
                  progress: Callable[[int, int], None] | None = None):
     """`gradprobe delta-h1`: deltaH of the next real step and deltaH1 of the plain one, with their SEs.
@@ -97,7 +100,7 @@ def run_delta_h1(cfg: dict[str, Any], *, state_dir: str | Path | None = None,
     with clock.stage("batch", "batch"):
         if saved_batch is not None and saved_batch.is_file():  # a resumed run probes the batch it began with
             vocab = stack.model.get_input_embeddings().num_embeddings
-            batch = read_rollouts(saved_batch, stack.tokenizer, vocab, temperature=cfg["batch"]["temperature"])
+            batch = read_rollouts(saved_batch, stack.tokenizer, vocab, temperature=cfg.batch.temperature)
         else:
             batch = build_batch(stack, cfg)
     if save_rollouts is not None:
@@ -109,7 +112,7 @@ def run_delta_h1(cfg: dict[str, Any], *, state_dir: str | Path | None = None,
         store = UnitStore(Path(state_dir), fingerprint(cfg, batch, stack.params, precond.scales))
         clock.tracker.facts.update(fingerprint=store.fingerprint, units_saved=store.done())
     clock.tracker.stage = "probe"
-    clock.tracker.units = len(units_of(batch, cfg["probe"]["mode"], cfg["probe"]["block_size"]))
+    clock.tracker.units = len(units_of(batch, cfg.probe.mode, cfg.probe.block_size))
     result = delta_h1(stack, batch, cfg, progress=clock.tracker.progress(progress), precond=precond, store=store,
                       optimizer=optimizer)
     result.warmup_steps = warm
@@ -117,7 +120,7 @@ def run_delta_h1(cfg: dict[str, Any], *, state_dir: str | Path | None = None,
     return result
 
 
-def run_diagnose(cfg: dict[str, Any], *, tracker: Tracker | None = None,
+def run_diagnose(cfg: Config, *, tracker: Tracker | None = None,
                  announce: Callable[[str], None] | None = None):
     """`gradprobe diagnose`: every gradient-flow check, the differential runs and the verdict.
     announce: told, once the stack and batch are ready, how long they took."""
@@ -141,7 +144,7 @@ def run_diagnose(cfg: dict[str, Any], *, tracker: Tracker | None = None,
     return result
 
 
-def run_validate(cfg: dict[str, Any], *, tracker: Tracker | None = None,
+def run_validate(cfg: Config, *, tracker: Tracker | None = None,
                  progress: Callable[[int, int], None] | None = None):
     """`gradprobe validate`: the true entropy change along the real (or plain) step against the prediction."""
     from .validate import check_config, sweep

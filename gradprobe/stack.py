@@ -9,13 +9,16 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import distributed
 from .errors import GradprobeError
 from .tokenizer import MICRO_ALPHABET, CharTokenizer
+
+if TYPE_CHECKING:
+    from .config import Config
 
 # Architecture presets with random weights: offline runs and benchmarks at real shapes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -103,22 +106,22 @@ def quiet_libraries() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
-def _quant_config(cfg: dict[str, Any]):
+def _quant_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
-    mode = cfg["quant"]["mode"]
+    mode = cfg.quant.mode
     if mode == "none":
         return None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
-                              bnb_4bit_compute_dtype=DTYPES[cfg["quant"]["compute_dtype"]],
+                              bnb_4bit_compute_dtype=DTYPES[cfg.quant.compute_dtype],
                               bnb_4bit_use_double_quant=False)
 
 
-def _load_pretrained(source: str, cfg: dict[str, Any], device: torch.device):
+def _load_pretrained(source: str, cfg: Config, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     quant = _quant_config(cfg)
-    kwargs: dict[str, Any] = dict(trust_remote_code=cfg["model"]["trust_remote_code"])
+    kwargs: dict[str, Any] = dict(trust_remote_code=cfg.model.trust_remote_code)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)}, dtype=torch.float32)
     else:
@@ -131,16 +134,16 @@ def _load_pretrained(source: str, cfg: dict[str, Any], device: torch.device):
     return model if quant is not None else model.to(device)
 
 
-def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
+def _random_model(preset: str, cfg: Config, device: torch.device):
     """A preset architecture with seeded random weights, loaded through the same path as real weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**PRESETS[preset])
-    torch.manual_seed(cfg["seed"])
+    torch.manual_seed(cfg.seed)
     init_device = device if device.type == "cuda" else torch.device("cpu")
     with torch.device(init_device):
         model = Qwen2ForCausalLM(config)
-    if cfg["quant"]["mode"] == "none":
+    if cfg.quant.mode == "none":
         return model.to(device)
     with tempfile.TemporaryDirectory(prefix="gradprobe-") as tmp:
         # this process's own directory: under torchrun transformers writes on rank 0 only unless told
@@ -150,15 +153,15 @@ def _random_model(preset: str, cfg: dict[str, Any], device: torch.device):
         return _load_pretrained(tmp, cfg, device)
 
 
-def _tokenizer(cfg: dict[str, Any]):
-    source = cfg["model"]["name_or_path"]
+def _tokenizer(cfg: Config):
+    source = cfg.model.name_or_path
     if source is None:
-        preset = cfg["model"]["preset"]
+        preset = cfg.model.preset
         return CharTokenizer(PRESET_ALPHABETS[preset]) if preset in PRESET_ALPHABETS else CharTokenizer()
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg["model"]["trust_remote_code"])
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise GradprobeError(f"cannot load the tokenizer of '{source}': {str(exc).splitlines()[0]}") from exc
     tok.padding_side = "left"
@@ -167,21 +170,21 @@ def _tokenizer(cfg: dict[str, Any]):
     return tok
 
 
-def _add_lora(base, cfg: dict[str, Any]):
+def _add_lora(base, cfg: Config):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    lcfg = cfg["lora"]
-    if lcfg["adapter_path"]:
-        path = Path(lcfg["adapter_path"])
+    lcfg = cfg.lora
+    if lcfg.adapter_path:
+        path = Path(lcfg.adapter_path)
         if not (path / "adapter_config.json").is_file():
             raise GradprobeError(f"no adapter_config.json in adapter directory {path}")
         try:
             return PeftModel.from_pretrained(base, str(path), is_trainable=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise GradprobeError(f"cannot load adapter {path}: {str(exc).splitlines()[0]}") from exc
-    lora = LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], lora_dropout=lcfg["dropout"],
-                      target_modules=list(lcfg["target_modules"]), task_type="CAUSAL_LM",
-                      init_lora_weights=lcfg["init"] == "zero_b")
+    lora = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                      target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM",
+                      init_lora_weights=lcfg.init == "zero_b")
     try:
         return get_peft_model(base, lora)
     except ValueError as exc:
@@ -215,29 +218,29 @@ def _enable_checkpointing(model, mode: str) -> None:
     model.enable_input_require_grads()
 
 
-def load_stack(cfg: dict[str, Any]) -> Stack:
+def load_stack(cfg: Config) -> Stack:
     """Build the model under test as the config says; on CPU or CUDA."""
-    device = resolve_device(cfg["device"])
-    source = cfg["model"]["name_or_path"]
+    device = resolve_device(cfg.device)
+    source = cfg.model.name_or_path
     looks_local = source is not None and (source.startswith(("/", ".", "~")) or source.count("/") > 1)
     if looks_local and not Path(source).expanduser().exists():
         raise GradprobeError(f"model path not found: {source}")
     with quiet_libraries():
-        torch.manual_seed(cfg["seed"])
-        base = _load_pretrained(source, cfg, device) if source else _random_model(cfg["model"]["preset"], cfg, device)
+        torch.manual_seed(cfg.seed)
+        base = _load_pretrained(source, cfg, device) if source else _random_model(cfg.model.preset, cfg, device)
         base.config.use_cache = False
-        if cfg["quant"]["mode"] != "none":
+        if cfg.quant.mode != "none":
             for p in base.parameters():  # norms and embeddings in fp32, as QLoRA recipes do
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.float()
         _keep_trainable_4bit_layout(base)
-        _enable_checkpointing(base, cfg["checkpointing"])
-        torch.manual_seed(cfg["seed"] + 1)
+        _enable_checkpointing(base, cfg.checkpointing)
+        torch.manual_seed(cfg.seed + 1)
         model = _add_lora(base, cfg)
-        _cast_adapter(model, cfg["lora"]["dtype"])
+        _cast_adapter(model, cfg.lora.dtype)
         model.train()
-    autocast = None if cfg["autocast"] == "off" else DTYPES[cfg["autocast"]]
-    return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg["checkpointing"])
+    autocast = None if cfg.autocast == "off" else DTYPES[cfg.autocast]
+    return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg.checkpointing)
 
 
 def live_stack(model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None, *,

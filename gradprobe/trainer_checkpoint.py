@@ -22,13 +22,12 @@ file (a note; the settings then stay the config's, marked assumed).
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CHOICES, check_config, flatten, legacy_normalization, set_key
+from .config import CHOICES, Config
 from .errors import GradprobeError
 from .files import load_torch_file
 from .objective import LOSS_TYPES
@@ -251,10 +250,10 @@ def _adapter_dtypes(path: Path) -> list[str]:
     return sorted({names.get(d, str(d)) for d in found})
 
 
-def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None, given: set[str],
-                       notes: list[str]) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """Set RUN_SETTINGS in `out` from the checkpoint's training_args.bin and adapter weights, except the keys
-    the user gave (--set); return the config class read and each key's value and source."""
+def run_settings_of(cfg: Config, d: Path | None, adapter: Path | None, given: set[str], notes: list[str],
+                    changes: dict[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """RUN_SETTINGS from the checkpoint's training_args.bin and adapter weights, put in `changes` except the
+    keys the user gave (--set); returns the config class read and each key's value and source."""
     read: dict[str, tuple[Any, str]] = {}
     cls = None
     if d is not None:
@@ -273,20 +272,18 @@ def apply_run_settings(out: dict[str, Any], d: Path | None, adapter: Path | None
             read["lora.dtype"] = (dtypes[0], f"read: {adapter.name} (the dtype the run kept the adapter in)")
         else:
             why["lora.dtype"] = f"{adapter.name} holds {', '.join(dtypes) or 'no tensors'}; lora.dtype sets one for all"
-    flat = flatten(out)
+    flat = cfg.flat()
     result: dict[str, dict[str, Any]] = {}
     for key in RUN_SETTINGS:
         if key in given:
             was = f"; the run used {read[key][0]}" if key in read and read[key][0] != flat[key] else ""
             result[key] = {"value": flat[key], "source": f"given: --set{was}"}
         elif key in read:
-            set_key(out, key, read[key][0])
+            changes[key] = read[key][0]
             result[key] = {"value": read[key][0], "source": read[key][1]}
         else:
             because = why.get(key, f"{TRAINING_ARGS} unread" if cls is None else f"not in {cls}")
             result[key] = {"value": flat[key], "source": f"assumed: the config's; {because}"}
-    if "probe.loss_type" in read and "probe.loss_type" not in given:
-        out["probe"]["normalization"] = legacy_normalization(out["probe"]["loss_type"], out["probe"]["normalization"])
     return cls, result
 
 
@@ -303,8 +300,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any], optimizer_state: str | Path | None = None,
-                    given: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, Any], CheckpointInfo]:
+def load_checkpoint(directory: str | Path | None, cfg: Config, optimizer_state: str | Path | None = None,
+                    given: set[str] | frozenset[str] = frozenset()) -> tuple[Config, CheckpointInfo]:
     """Config keys for probing the step a run is about to take, and a record of where each came from.
 
     `directory`: a Trainer checkpoint, or a PEFT adapter directory (then `optimizer_state` names the
@@ -313,7 +310,7 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any], optimizer
     probe.learning_rate) win over the checkpoint's and are noted; so do the RUN_SETTINGS keys in `given`
     (the user's --set keys).
     """
-    out = copy.deepcopy(cfg)
+    changes: dict[str, Any] = {}
     notes: list[str] = []
     d = Path(directory).expanduser() if directory is not None else None
     adapter_cfg: dict[str, Any] = {}
@@ -342,7 +339,7 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any], optimizer
         notes.append(f"the optimizer's parameters have different step counts {sorted(steps)}")
 
     # The learning rate of the next step: the scheduler's _last_lr, checked against the optimizer's groups.
-    rate, rate_source, rate_notes = next_learning_rate(cfg["probe"]["learning_rate"], state, opt_path)
+    rate, rate_source, rate_notes = next_learning_rate(cfg.probe.learning_rate, state, opt_path)
     notes.extend(rate_notes)
 
     global_step = None
@@ -354,10 +351,10 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any], optimizer
 
     # Base model: the adapter's record unless the user named one.
     base = adapter_cfg.get("base_model_name_or_path")
-    if out["model"]["name_or_path"] is not None:
+    if cfg.model.name_or_path is not None:
         base_source = "model.name_or_path"
-        if base and base != out["model"]["name_or_path"]:
-            notes.append(f"base model {out['model']['name_or_path']} from the config; the adapter was trained "
+        if base and base != cfg.model.name_or_path:
+            notes.append(f"base model {cfg.model.name_or_path} from the config; the adapter was trained "
                          f"on {base}")
     elif d is not None:
         if not base:
@@ -365,27 +362,25 @@ def load_checkpoint(directory: str | Path | None, cfg: dict[str, Any], optimizer
         if _looks_local(base) and not Path(base).expanduser().exists():
             raise GradprobeError(f"the base model {base} named by {d / 'adapter_config.json'} was not found; "
                                  f"set model.name_or_path to where it is now")
-        out["model"]["name_or_path"] = base
+        changes["model.name_or_path"] = base
         base_source = "adapter_config.json"
     else:
         base_source = "config"
 
     if d is not None:
-        if out["lora"]["adapter_path"] is None:
-            out["lora"]["adapter_path"] = str(d)
-        elif Path(out["lora"]["adapter_path"]).expanduser().resolve() != d.resolve():
-            notes.append(f"adapter from lora.adapter_path {out['lora']['adapter_path']}, optimizer state from {d}")
+        if cfg.lora.adapter_path is None:
+            changes["lora.adapter_path"] = str(d)
+        elif Path(cfg.lora.adapter_path).expanduser().resolve() != d.resolve():
+            notes.append(f"adapter from lora.adapter_path {cfg.lora.adapter_path}, optimizer state from {d}")
     given = set(given) | ({"probe.loss_type"} if "probe.normalization" in given else set())
-    args_class, settings = apply_run_settings(out, d, adapter_weights, given, notes)
-    check_config(out)
-    out["probe"]["precondition"] = "adam"
-    out["probe"]["optimizer_state"] = str(opt_path)
-    out["probe"]["learning_rate"] = rate
+    args_class, settings = run_settings_of(cfg, d, adapter_weights, given, notes, changes)
+    changes.update({"probe.precondition": "adam", "probe.optimizer_state": str(opt_path), "probe.learning_rate": rate})
+    out = cfg.with_values(changes)
     info = CheckpointInfo(
-        path=str(d) if d is not None else None, adapter=out["lora"]["adapter_path"],
-        base_model=out["model"]["name_or_path"], base_model_source=base_source,
+        path=str(d) if d is not None else None, adapter=out.lora.adapter_path,
+        base_model=out.model.name_or_path, base_model_source=base_source,
         lora_r=adapter_cfg.get("r"), lora_target_modules=adapter_cfg.get("target_modules"),
         optimizer_state=str(opt_path), scheduler=rate_source.split(" (")[0] if "scheduler.pt" in rate_source else None,
-        global_step=global_step, adam_step=adam_step, learning_rate=out["probe"]["learning_rate"],
+        global_step=global_step, adam_step=adam_step, learning_rate=out.probe.learning_rate,
         learning_rate_source=rate_source, notes=notes, training_args=args_class, settings=settings)
     return out, info

@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from .optim.update import real_update
 from .params import GradReader
 from .probe import unit_gradients
 from .rollouts import Batch, Group, _decode, builtin_prompts, builtin_reward, encode_prompt, read_rollouts
+
+if TYPE_CHECKING:
+    from .config import Config
 
 Z95 = 1.959964  # two-sided 95% normal quantile
 NONLINEAR = 0.05  # second-order effects "begin" where Delta H leaves the small-step line by this fraction
@@ -99,35 +102,35 @@ class ValidateResult:
         return asdict(self)
 
 
-def choose_method(cfg: dict[str, Any], vocab_size: int) -> str:
-    vcfg = cfg["validate"]
-    n = count_responses(vocab_size, cfg["batch"]["max_new_tokens"])
-    if vcfg["method"] == "exact" and n > vcfg["max_enumerate"]:
+def choose_method(cfg: Config, vocab_size: int) -> str:
+    vcfg = cfg.validate
+    n = count_responses(vocab_size, cfg.batch.max_new_tokens)
+    if vcfg.method == "exact" and n > vcfg.max_enumerate:
         raise GradprobeError(f"validate.method=exact would enumerate {n:,} responses per prompt (vocabulary "
-                             f"{vocab_size}, {cfg['batch']['max_new_tokens']} tokens), above validate.max_enumerate="
-                             f"{vcfg['max_enumerate']:,}; use validate.method=importance")
-    if vcfg["method"] == "auto":
-        return "exact" if n <= vcfg["max_enumerate"] else "importance"
-    return vcfg["method"]
+                             f"{vocab_size}, {cfg.batch.max_new_tokens} tokens), above validate.max_enumerate="
+                             f"{vcfg.max_enumerate:,}; use validate.method=importance")
+    if vcfg.method == "auto":
+        return "exact" if n <= vcfg.max_enumerate else "importance"
+    return vcfg.method
 
 
-def check_config(cfg: dict[str, Any]) -> None:
+def check_config(cfg: Config) -> None:
     """Settings under which the ground truth would not describe the probe's sampling distribution."""
-    v = cfg["validate"]
-    if v["points"] < 2:
-        raise GradprobeError(f"validate.points must be >= 2; got {v['points']}")
-    if not 0 < v["step_min"] < v["step_max"]:
-        raise GradprobeError(f"validate wants 0 < step_min < step_max; got {v['step_min']} and {v['step_max']}")
-    if v["eval_num_prompts"] < 2 or v["eval_group_size"] < 2:
+    v = cfg.validate
+    if v.points < 2:
+        raise GradprobeError(f"validate.points must be >= 2; got {v.points}")
+    if not 0 < v.step_min < v.step_max:
+        raise GradprobeError(f"validate wants 0 < step_min < step_max; got {v.step_min} and {v.step_max}")
+    if v.eval_num_prompts < 2 or v.eval_group_size < 2:
         raise GradprobeError("validate.eval_num_prompts and validate.eval_group_size must be >= 2")
-    if v["is_samples"] < 2 or v["max_enumerate"] < 1:
+    if v.is_samples < 2 or v.max_enumerate < 1:
         raise GradprobeError("validate.is_samples must be >= 2 and validate.max_enumerate >= 1")
-    if cfg["batch"]["top_p"] != 1.0:
+    if cfg.batch.top_p != 1.0:
         raise GradprobeError("validate needs batch.top_p=1: the entropy is that of the full softmax at the "
                              "sampling temperature")
-    if cfg["lora"]["dropout"] > 0:
+    if cfg.lora.dropout > 0:
         raise GradprobeError("validate needs lora.dropout=0: with dropout the forward is random and H is undefined")
-    if cfg["probe"]["mode"] != "exact":
+    if cfg.probe.mode != "exact":
         raise GradprobeError("validate uses probe.mode=exact (one unit per prompt)")
 
 
@@ -256,43 +259,43 @@ def _ratio(num: float, num_se: float, den: float, den_se: float) -> tuple[float,
 
 
 @without_cudnn_attention()
-def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | None = None,
+def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None,
                  optimizer: Any = None) -> ValidateResult:
     """The whole comparison; theta (and `optimizer`, the real step's source when given) is unchanged afterwards."""
     check_config(cfg)
-    vcfg, bcfg = cfg["validate"], cfg["batch"]
+    vcfg, bcfg = cfg.validate, cfg.batch
     vocab = stack.model.get_input_embeddings().num_embeddings
     method = choose_method(cfg, vocab)
-    tau, max_len = bcfg["temperature"], bcfg["max_new_tokens"]
+    tau, max_len = bcfg.temperature, bcfg.max_new_tokens
     policy = Policy(stack, method, tau, max_len)
     precond = preconditioner(stack, cfg)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
     # The update batch (a rollouts file when given) and an independent evaluation batch.
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    if bcfg["rollouts"]:
-        update = read_rollouts(bcfg["rollouts"], stack.tokenizer, vocab, temperature=tau)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if bcfg.rollouts:
+        update = read_rollouts(bcfg.rollouts, stack.tokenizer, vocab, temperature=tau)
         pool = [g.prompt for g in update.groups]
     else:
         pool = [encode_prompt(stack.tokenizer, t) for t in builtin_prompts(stack.tokenizer)]
-        update = sampled_batch(stack, policy, [pool[i % len(pool)] for i in range(bcfg["num_prompts"])],
-                                bcfg["group_size"], gen, tau)
-    eval_prompts = [pool[i % len(pool)] for i in range(vcfg["eval_num_prompts"])]
-    gen_eval = torch.Generator().manual_seed(cfg["seed"] + 7919)
-    evaluation = sampled_batch(stack, policy, eval_prompts, vcfg["eval_group_size"], gen_eval, tau)
+        update = sampled_batch(stack, policy, [pool[i % len(pool)] for i in range(bcfg.num_prompts)],
+                                bcfg.group_size, gen, tau)
+    eval_prompts = [pool[i % len(pool)] for i in range(vcfg.eval_num_prompts)]
+    gen_eval = torch.Generator().manual_seed(cfg.seed + 7919)
+    evaluation = sampled_batch(stack, policy, eval_prompts, vcfg.eval_group_size, gen_eval, tau)
     timings["sample"] = time.perf_counter() - t0
 
     # d (the real step, or mean_u P grad LY[u]) and the probe's per-unit X_E[u] . d.
     t1 = time.perf_counter()
-    real = vcfg["direction"] == "real"
+    real = vcfg.direction == "real"
     settings = None
     if real:
         settings, _ = step_source(stack, cfg, precond, optimizer)
         d = real_direction(stack, update, cfg, settings, optimizer).double()
     else:
-        d = unit_gradients(stack, update, cfg["probe"], precond, kinds=("y",))["y"].mean(0).double()
-    x_eval = unit_gradients(stack, evaluation, cfg["probe"], precond, kinds=("x",))["x"].double()
+        d = unit_gradients(stack, update, cfg.probe, precond, kinds=("y",))["y"].mean(0).double()
+    x_eval = unit_gradients(stack, evaluation, cfg.probe, precond, kinds=("x",))["x"].double()
     xd = x_eval @ d
     slope_probe = -float(xd.mean())
     slope_probe_se = float(xd.std(unbiased=True)) / math.sqrt(xd.numel())
@@ -307,15 +310,15 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         slope_exact = float(grad_h.double() @ d)
         xbar = x_eval.mean(0)
         grad_cosine = float(-xbar @ grad_h.double() / (xbar.norm() * grad_h.double().norm()))
-    truth = EntropyChange(stack, policy, eval_prompts, vcfg["is_samples"], cfg["seed"] + 104729)
+    truth = EntropyChange(stack, policy, eval_prompts, vcfg.is_samples, cfg.seed + 104729)
     h0 = truth.h0
     timings["truth at theta"] = time.perf_counter() - t2
 
     theta_norm = float(_flat(stack.params).double().norm())
     d_norm = float(d.norm())
     eta_run = 1.0 if real else learning_rate(cfg, precond)
-    n = vcfg["points"]
-    steps = [vcfg["step_min"] * (vcfg["step_max"] / vcfg["step_min"]) ** (k / (n - 1)) for k in range(n)]
+    n = vcfg.points
+    steps = [vcfg.step_min * (vcfg.step_max / vcfg.step_min) ** (k / (n - 1)) for k in range(n)]
     scale = (theta_norm if theta_norm > 0 else 1.0) / d_norm
     t3 = time.perf_counter()
     step = _Step(stack.params, d.float())
@@ -354,21 +357,21 @@ def sweep(stack, cfg: dict[str, Any], progress: Callable[[int, int], None] | Non
         update_units=update.B, update_group_size=update.G, eval_units=evaluation.B,
         eval_group_size=evaluation.G,
         responses_per_prompt=count_responses(vocab, max_len) if method == "exact" else None,
-        is_samples=vcfg["is_samples"] if method == "importance" else None,  # per distinct prompt
+        is_samples=vcfg.is_samples if method == "importance" else None,  # per distinct prompt
         is_min_ess=min_ess if method == "importance" else None, max_len=max_len, temperature=tau,
-        precondition=precond.source, autocast=cfg["autocast"], timings=timings,
-        direction=vcfg["direction"], step=step_summary(settings) if settings is not None else {})
+        precondition=precond.source, autocast=cfg.autocast, timings=timings,
+        direction=vcfg.direction, step=step_summary(settings) if settings is not None else {})
 
 
-def real_direction(stack, update: Batch, cfg: dict[str, Any], settings, optimizer: Any = None) -> torch.Tensor:
+def real_direction(stack, update: Batch, cfg: Config, settings, optimizer: Any = None) -> torch.Tensor:
     """The step the optimizer's next step() makes on the update batch's loss -mean_u LY[u], flat fp32: its own
     arithmetic on copies (optim/update.py real_update), the source as step_source resolved it."""
-    g = -unit_gradients(stack, update, cfg["probe"], Preconditioner(None), kinds=("y",))["y"].mean(0)
+    g = -unit_gradients(stack, update, cfg.probe, Preconditioner(None), kinds=("y",))["y"].mean(0)
     grads = [t.view_as(p) for t, p in zip(g.split([p.numel() for p in stack.params]), stack.params)]
-    pcfg = cfg["probe"]
-    source = optimizer if optimizer is not None else pcfg["optimizer_state"]
+    pcfg = cfg.probe
+    source = optimizer if optimizer is not None else pcfg.optimizer_state
     no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
     step = real_update(source, stack.params, grads, max_grad_norm=settings.max_grad_norm,
-                       lr=pcfg["learning_rate"] if source is not None else settings.lr, names=stack.names,
-                       no_decay=no_decay, order=pcfg["optimizer_order"])
+                       lr=pcfg.learning_rate if source is not None else settings.lr, names=stack.names,
+                       no_decay=no_decay, order=pcfg.optimizer_order)
     return torch.cat([t.reshape(-1) for t in step])

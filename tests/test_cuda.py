@@ -35,7 +35,7 @@ def bf16(request):
 
 def test_schedules_agree_on_the_gpu(bf16):
     stack, batch, cfg = bf16
-    mode = cfg["checkpointing"]
+    mode = cfg.checkpointing
     run = {name: gp.delta_h1(stack, batch, _cfg(f"checkpointing={mode}", *sets)) for name, sets in {
         "fused": ["probe.schedule=fused"], "literal": ["probe.schedule=literal"],
         "one_backward": ["probe.schedule=one_backward"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -160,7 +161,7 @@ def test_render_json_and_plot(small_run, tmp_path):
     text = out.export_text()
     assert "exact enumeration" in text and "second-order effects" in text
     assert len([line for line in ratio_plot(r) if "│" in line or "●" in line]) == len(r.points)
-    payload = validate_payload(r, {"seed": 0})
+    payload = validate_payload(r, load_config())
     assert json.loads(json.dumps(payload))["result"]["points"][0]["eta"] == r.points[0].eta
     pytest.importorskip("matplotlib")
     save_plot(r, tmp_path / "sweep.png")
@@ -269,7 +270,7 @@ def test_unbiasedness_and_calibrated_standard_errors(micro, pool, enums):
     grad_h = grad_h.double()
 
     # the tested numbers are the probe's: run_probe on two of the batches gives the same U_cross and SEs
-    probe_cfg = {**cfg["probe"], "microbatch_size": g}
+    probe_cfg = replace(cfg.probe, microbatch_size=g)
     for k in (0, 1):
         batch = Batch(groups[k * b:(k + 1) * b], temperature=1.0)
         res = run_probe(stack, batch, probe_cfg, Preconditioner(None), 1.0)

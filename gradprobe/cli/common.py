@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..config import load_config, parse_override
+from ..config import Config, load_config, parse_override
 from ..errors import CheckFailed, GradprobeError, Interrupted, is_out_of_memory
 from ..files import check_outputs, write_atomic
 from ..runs import Tracker
@@ -88,7 +88,7 @@ def make_config(config: Path | None, overrides: list[str] | None, seed: int | No
     return load_config(config, sets, seed)
 
 
-def apply_checkpoint(cfg: dict[str, Any], checkpoint: Path | None, optimizer_state: Path | None,
+def apply_checkpoint(cfg: Config, checkpoint: Path | None, optimizer_state: Path | None,
                      overrides: list[str] | None = None):
     """--checkpoint / --optimizer-state as config keys; returns (cfg, CheckpointInfo or None). The keys of
     `overrides` (--set) win over the run's settings the checkpoint records."""
@@ -137,14 +137,14 @@ def write_json(payload: dict[str, Any], target: str | None) -> None:
         write_atomic(target, text + "\n", "JSON")
 
 
-def check_paths(outputs: dict[str, str | Path | None], cfg: dict[str, Any] | None = None,
+def check_paths(outputs: dict[str, str | Path | None], cfg: Config | None = None,
                 extra_inputs: tuple[str | Path | None, ...] = ()) -> None:
     """Every output path writable and none of them an input, before the model loads."""
     ins: list[str | Path | None] = list(extra_inputs)
     if cfg is not None:
-        ins += [cfg["batch"]["rollouts"], cfg["probe"]["optimizer_state"], cfg["model"]["name_or_path"],
-                cfg["lora"]["adapter_path"]]
-        reward = cfg["batch"]["reward"]
+        ins += [cfg.batch.rollouts, cfg.probe.optimizer_state, cfg.model.name_or_path,
+                cfg.lora.adapter_path]
+        reward = cfg.batch.reward
         if reward != "builtin" and reward.rsplit(":", 1)[0].endswith(".py"):
             ins.append(reward.rsplit(":", 1)[0])
     check_outputs(outputs, ins)
@@ -156,7 +156,7 @@ class Run(Tracker):
 
     command: str = ""
     json_target: str | None = None
-    cfg: dict[str, Any] | None = None
+    cfg: Config | None = None
     state_dir: str | None = None
     what: str = "units"  # what progress counts (validate: the points of its sweep)
 
@@ -168,8 +168,8 @@ class Run(Tracker):
         if self.state_dir is not None and self.stage == "probe":  # the units a resumed run will not recompute
             self.units_done = len(list(Path(self.state_dir).glob("unit-*.pt")))
         return {"schema": PARTIAL_SCHEMA, "command": self.command, "complete": False, "interrupted_by": signame,
-                "config": self.cfg, "progress": {"stage": self.stage, "units_done": self.units_done,
-                                                 "units": self.units},
+                "config": self.cfg.to_dict() if self.cfg else None,
+                "progress": {"stage": self.stage, "units_done": self.units_done, "units": self.units},
                 "resume": {"state_dir": self.state_dir, **self.facts} if self.state_dir else None}
 
 
@@ -270,7 +270,7 @@ def progress_bar(err: Console, enabled: bool, label: str) -> Iterator[Callable[[
 
 
 def _oom_hint(run: Run | None) -> str:
-    mb = (run.cfg or {}).get("probe", {}).get("microbatch_size") if run is not None else None
+    mb = run.cfg.probe.microbatch_size if run is not None and run.cfg is not None else None
     if isinstance(mb, int) and mb > 1:
         return f"at probe.microbatch_size={mb}; try --set probe.microbatch_size={mb // 2}"
     return ("at probe.microbatch_size=1; try --set probe.accumulate_on=cpu, probe.mode=blocks, shorter responses "

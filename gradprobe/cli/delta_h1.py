@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..config import config_from_dict
+from ..config import Config
 from ..errors import GradprobeError
 from .common import (
     Inputs,
@@ -71,13 +71,14 @@ def command(
             if given:
                 raise GradprobeError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
             state_dir, stored = read_resume(resume)
-            cfg, ckpt = config_from_dict(stored, str(state_dir / "meta.json")), None
+            cfg, ckpt = Config.from_dict(stored, str(state_dir / "meta.json")), None
             # the partial JSON given to --resume may be replaced by the final result
             check_paths({"--json": inputs.json_, **outputs}, cfg, (state_dir / "meta.json",))
         else:
             cfg, ckpt = inputs.load(outputs=outputs)
             if entropy_rollouts is not None:
-                cfg["batch"]["entropy_rollouts"], cfg["probe"]["entropy_batch"] = str(entropy_rollouts), "independent"
+                cfg = cfg.with_values({"batch.entropy_rollouts": str(entropy_rollouts),
+                                       "probe.entropy_batch": "independent"})
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
         with progress_bar(err, not inputs.quiet, "probing units") as bar:
@@ -86,7 +87,7 @@ def command(
         if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it
             result.step["sources"]["max_grad_norm"] = clip_source
         run.stage = "report"
-        emit(out, ckpt, lambda: render_delta_h1(out, result, cfg), delta_h1_payload(result, cfg), inputs.json_)
+        emit(out, ckpt, lambda: render_delta_h1(out, result), delta_h1_payload(result, cfg), inputs.json_)
         return 0
 
     guarded(inputs.debug, err, body, run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,6 +33,9 @@ from .subject import (
     user_autocast_off,
 )
 from .verdict import Verdict, decide
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 SCHEMA = "gradprobe.diagnose/1"
 
@@ -63,21 +66,21 @@ class DiagnoseResult:
                 "measured": self.measured, "timings": self.timings}
 
 
-def _subject_from_stack(stack, batch: Batch, cfg: dict[str, Any] | None, groups: list[int] | None) -> Subject:
-    rows = cfg["probe"]["microbatch_size"] if cfg else 8
-    loss = LossSpec.from_config(cfg) if cfg else LossSpec()
+def _subject_from_stack(stack, batch: Batch, cfg: Config | None, groups: list[int] | None) -> Subject:
+    rows = cfg.probe.microbatch_size if cfg else 8
+    loss = LossSpec.from_config(cfg.probe) if cfg else LossSpec()
     groups = groups if groups is not None else pick_groups(batch, rows)
     return Subject(model=stack.model, params=list(stack.params), names=list(stack.names),
                    loss_fn=batch_loss_fn(stack, batch, groups, loss), batch=batch, measured_groups=groups,
                    autocast_off=stack_autocast_off(stack), params_source="the stack's trainable parameters",
-                   expect_4bit=(cfg["quant"]["mode"] != "none") if cfg else None)
+                   expect_4bit=(cfg.quant.mode != "none") if cfg else None)
 
 
-def load_optimizer_state(cfg: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str]:
+def load_optimizer_state(cfg: Config | None) -> tuple[dict[str, Any] | None, str]:
     """The optimizer state_dict the config names (precondition=adam), with its path; (None, '') otherwise."""
-    if not cfg or cfg["probe"]["precondition"] != "adam":
+    if not cfg or cfg.probe.precondition != "adam":
         return None, ""
-    path = cfg["probe"]["optimizer_state"]
+    path = cfg.probe.optimizer_state
     if not path:
         raise GradprobeError("probe.precondition=adam needs probe.optimizer_state (an optimizer state_dict file)")
     from ..optim.state import load_state_dict
@@ -92,7 +95,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
              batch: Batch | None = None, groups: list[int] | None = None,
              rewards: list[list[float]] | None = None, lengths: list[list[int]] | None = None,
              advantages: list[list[float]] | None = None, old_logprobs: Any = None, stack=None,
-             cfg: dict[str, Any] | None = None, run_differential: bool = True) -> DiagnoseResult:
+             cfg: Config | None = None, run_differential: bool = True) -> DiagnoseResult:
     """Run every gradient-flow check and name the root cause.
 
     Point it at your own code:  diagnose(model, params, loss_fn, optimizer=opt)
@@ -147,7 +150,7 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
     subject = Subject(model=model, params=plist, names=names, adapters=list_adapters(names),
                       old_logprobs=old_logprobs,
                       loss_fn=loss_fn or base.loss_fn, optimizer=optimizer, optimizer_state=state,
-                      optimizer_source=source, optimizer_order=cfg["probe"]["optimizer_order"] if cfg else "auto",
+                      optimizer_source=source, optimizer_order=cfg.probe.optimizer_order if cfg else "auto",
                       batch=batch, measured_groups=groups,
                       autocast_off=(base.autocast_off if base and loss_fn is None else user_autocast_off(plist)),
                       expect_4bit=base.expect_4bit if base else None, params_note=note, params_source=psource)

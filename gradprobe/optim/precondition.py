@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import GradprobeError
 from .lr import next_learning_rate
 from .state import load_state_dict, map_state, no_decay_names, second_moment
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @dataclass
@@ -52,31 +55,31 @@ def from_adam_state(state_dict: dict[str, Any], names: list[str], params: list[t
     return Preconditioner(scales, source=f"{source} ({how})")
 
 
-def build_preconditioner(cfg: dict[str, Any], names: list[str], params: list[torch.nn.Parameter],
+def build_preconditioner(cfg: Config, names: list[str], params: list[torch.nn.Parameter],
                          model: torch.nn.Module | None = None) -> Preconditioner:
     """P from the config; pass the model so that a Trainer-written state maps in the Trainer's order."""
-    pcfg = cfg["probe"]
-    if pcfg["precondition"] == "identity":
-        if pcfg["optimizer_state"]:
+    pcfg = cfg.probe
+    if pcfg.precondition == "identity":
+        if pcfg.optimizer_state:
             raise GradprobeError("probe.optimizer_state is set but probe.precondition is 'identity'; "
                                  "set probe.precondition=adam to use it")
-        rate, rate_source, _ = next_learning_rate(pcfg["learning_rate"])
+        rate, rate_source, _ = next_learning_rate(pcfg.learning_rate)
         return Preconditioner(None, learning_rate=rate, learning_rate_source=rate_source)
-    if not pcfg["optimizer_state"]:
+    if not pcfg.optimizer_state:
         raise GradprobeError("probe.precondition=adam needs probe.optimizer_state (an optimizer state_dict "
                              "file); or set probe.precondition=identity")
-    path = pcfg["optimizer_state"]
+    path = pcfg.optimizer_state
     no_decay = no_decay_names(model) if model is not None else None
     other = _other_adapter(Path(path), model)
     state = load_state_dict(path)
     try:
         precond = from_adam_state(state, names, params, source=str(path), no_decay=no_decay,
-                                  order=pcfg["optimizer_order"])
+                                  order=pcfg.optimizer_order)
     except GradprobeError as exc:
         raise GradprobeError(f"{exc}; {other}" if other else str(exc)) from None
     if other:  # equal shapes can still be another adapter's state (e.g. k_proj's moments on v_proj)
         raise GradprobeError(f"{path} does not belong to the model's adapter: {other}")
-    precond.learning_rate, precond.learning_rate_source, _ = next_learning_rate(pcfg["learning_rate"], state,
+    precond.learning_rate, precond.learning_rate_source, _ = next_learning_rate(pcfg.learning_rate, state,
                                                                                 Path(path))
     return precond
 

@@ -15,20 +15,23 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import distributed
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
-from ..objective import LEGACY_NORMALIZATION, pack, sequence_logprobs, x_weights, y_weights_for_batch
+from ..objective import pack, sequence_logprobs, x_weights, y_weights_for_batch
 from ..optim.precondition import Preconditioner
 from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
 from . import schedules, ustat
 from .attribution import unit_rows
 from .schedules.base import Context
+
+if TYPE_CHECKING:
+    from ..config import Config, ProbeSection
 
 Chunk = list[tuple[int, int, int]]  # (prompt, first response, end response)
 
@@ -111,16 +114,16 @@ def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
     return units
 
 
-def planned_units(cfg: dict[str, Any]) -> int:
+def planned_units(cfg: Config) -> int:
     """The units the config's batch will give, before it is read or sampled (a rollouts file: its lines)."""
-    b, p = cfg["batch"], cfg["probe"]
-    prompts = b["num_prompts"]
-    if b["rollouts"]:
+    b, p = cfg.batch, cfg.probe
+    prompts = b.num_prompts
+    if b.rollouts:
         try:
-            prompts = sum(1 for line in Path(b["rollouts"]).read_text().splitlines() if line.strip())
+            prompts = sum(1 for line in Path(b.rollouts).read_text().splitlines() if line.strip())
         except OSError as exc:
-            raise GradprobeError(f"cannot read the rollouts file {b['rollouts']}: {exc.strerror}") from None
-    return prompts if p["mode"] == "exact" else -(-prompts // p["block_size"])
+            raise GradprobeError(f"cannot read the rollouts file {b.rollouts}: {exc.strerror}") from None
+    return prompts if p.mode == "exact" else -(-prompts // p.block_size)
 
 
 def plan_chunks(prompts: list[int], group_sizes: list[int], microbatch: int) -> list[Chunk]:
@@ -149,12 +152,12 @@ def plan_chunks(prompts: list[int], group_sizes: list[int], microbatch: int) -> 
 class _Engine:
     """Forwards and weighted backwards over chunks of one batch."""
 
-    def __init__(self, stack, batch: Batch, probe_cfg: dict[str, Any], unit_of_prompt: dict[int, int],
+    def __init__(self, stack, batch: Batch, probe_cfg: ProbeSection, unit_of_prompt: dict[int, int],
                  unit_sizes: list[int]):
         self.stack = stack
         self.batch = batch
-        self.mb = probe_cfg["microbatch_size"]
-        self.norm = probe_cfg.get("loss_type") or LEGACY_NORMALIZATION[probe_cfg["normalization"]]
+        self.mb = probe_cfg.microbatch_size
+        self.norm = probe_cfg.loss_type
         self.unit_of_prompt = unit_of_prompt
         self.unit_sizes = unit_sizes
         self.group_sizes = [len(g.responses) for g in batch.groups]
@@ -163,8 +166,8 @@ class _Engine:
         self.backwards = 0
         self.tokens = 0
         # the run's own loss (objective.y_weights_for_batch: the batch loss is the mean over groups), per unit
-        whole = y_weights_for_batch(batch, self.norm, probe_cfg.get("scale_rewards", "none"),
-                                    probe_cfg.get("max_completion_length"))
+        whole = y_weights_for_batch(batch, self.norm, probe_cfg.scale_rewards,
+                                    probe_cfg.max_completion_length)
         self.y_w = {p: w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole) if p in unit_of_prompt}
         self._packed: dict[tuple, tuple[Any, int]] = {}
         self._wy: dict[tuple, torch.Tensor] = {}
@@ -235,21 +238,21 @@ def forward_starts(units: list[list[int]], group_sizes: list[int], microbatch: i
     return [first[c[0][0]] for c in chunks if c[0][1] == 0 and c[0][0] in first]
 
 
-def shard_units(batch: Batch, probe_cfg: dict[str, Any], units: list[list[int]]) -> distributed.Shard:
+def shard_units(batch: Batch, probe_cfg: ProbeSection, units: list[list[int]]) -> distributed.Shard:
     """This rank's contiguous share of the units, cut where the one-process run starts a forward."""
-    if probe_cfg["schedule"] == "literal":
+    if probe_cfg.schedule == "literal":
         raise GradprobeError("the literal schedule is the one-process cross-check: run it without torchrun, or use "
                              "probe.schedule=packed, fused or one_backward")
-    cuts = forward_starts(units, [len(g.responses) for g in batch.groups], probe_cfg["microbatch_size"],
-                          probe_cfg["schedule"])
+    cuts = forward_starts(units, [len(g.responses) for g in batch.groups], probe_cfg.microbatch_size,
+                          probe_cfg.schedule)
     starts, aligned = distributed.split(len(units), distributed.world_size(), cuts)
     return distributed.Shard(distributed.rank(), distributed.world_size(), starts, aligned)
 
 
-def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+def _context(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditioner,
              progress: Callable[[int, int], None] | None = None, store: Any = None,
              step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> Context:
-    units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
+    units = units_of(batch, probe_cfg.mode, probe_cfg.block_size)
     shard = shard_units(batch, probe_cfg, units) if distributed.active() else None
     if shard is not None:
         if store is not None:
@@ -257,8 +260,8 @@ def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditi
         units = units[shard.lo:shard.hi]
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
-    acc = stack.device if probe_cfg["accumulate_on"] == "device" else torch.device("cpu")
-    if store is not None and probe_cfg["schedule"] == "literal":
+    acc = stack.device if probe_cfg.accumulate_on == "device" else torch.device("cpu")
+    if store is not None and probe_cfg.schedule == "literal":
         raise GradprobeError("the literal schedule sums every unit before its per-unit loop, so it cannot resume; "
                              "use probe.schedule=packed (the default) with --state")
     return Context(stack, batch, probe_cfg, precond, units, eng, FlatLayout(stack.params), acc, progress,
@@ -266,7 +269,7 @@ def _context(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditi
 
 
 @without_cudnn_attention()
-def unit_directions(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+def unit_directions(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditioner,
                     v: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-unit directional derivatives {"x": X[u].v, "y": Y[u].v} (fp64 [units], CPU) for one vector v of
     n_params values in the probe's parameter order, from the packed schedule's forwards and one backward
@@ -286,7 +289,7 @@ def unit_directions(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Pre
 
 
 @without_cudnn_attention()
-def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+def run_probe(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditioner,
               learning_rate: float, progress: Callable[[int, int], None] | None = None,
               store: Any = None, step_parts: Callable[[list[torch.Tensor]], Any] | None = None) -> ProbeResult:
     """Compute delta-H1 = -lr * U_cross with its standard errors on one batch. `store` (resume.UnitStore:
@@ -299,7 +302,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         torch.cuda.reset_peak_memory_stats(stack.device)
     t0 = time.perf_counter()
     with distributed.guard("the probe"):  # the schedule's sink.finish() opens the reductions with a sync
-        out = schedules.get(probe_cfg["schedule"])(ctx)
+        out = schedules.get(probe_cfg.schedule)(ctx)
     sx, sy, diag_t, cross = out.sx, out.sy, out.diag_t, out.cross
     x_dot_sy, y_dot_sx = out.x_dot_sy, out.y_dot_sx
     x_present, y_present = min(ctx.x_present), min(ctx.y_present)
@@ -321,7 +324,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
     if ctx.shard is not None:  # the largest rank's
         peak = int(distributed.all_reduce(torch.tensor([peak], dtype=torch.int64), "max"))
     extra = _real_step_fields(out.real, sy, learning_rate, m, step_parts is not None)
-    every_unit = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])  # ctx.units: this rank's share
+    every_unit = units_of(batch, probe_cfg.mode, probe_cfg.block_size)  # ctx.units: this rank's share
     units = unit_rows(batch, every_unit, stack.tokenizer, [-learning_rate * r / m for r in st.row_means],
                       out.real[0].unit_terms if out.real is not None else None)
     return ProbeResult(
@@ -338,7 +341,7 @@ def run_probe(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Precondit
         row_means=st.row_means,
         modules=_group_contributions(stack.names, per_tensor, module_name),
         layers=_group_contributions(stack.names, per_tensor, layer_name),
-        mode=probe_cfg["mode"], schedule=out.schedule, microbatch_size=eng.mb,
+        mode=probe_cfg.mode, schedule=out.schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
         forwards=counts[0], backwards=counts[1], tokens=counts[2],
         seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes + _shard_notes(ctx),
@@ -371,11 +374,11 @@ def _real_step_fields(real: Any, sy: torch.Tensor, learning_rate: float, m: int,
 
 
 @without_cudnn_attention()
-def unit_gradients(stack, batch: Batch, probe_cfg: dict[str, Any], precond: Preconditioner,
+def unit_gradients(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditioner,
                    kinds: tuple[str, ...] = ("x", "y")) -> dict[str, torch.Tensor]:
     """Per-unit X[u] and/or Y[u] = P grad LY[u] as rows of [units, n] fp32 CPU tensors, from the probe's
     own forwards, weights and backward() reads; for callers that need more than U_cross (validate)."""
-    units = units_of(batch, probe_cfg["mode"], probe_cfg["block_size"])
+    units = units_of(batch, probe_cfg.mode, probe_cfg.block_size)
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
     eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
     layout = FlatLayout(stack.params, block=1)  # unpadded: rows are [units, n_params]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,14 +12,17 @@ from rich.table import Table
 from ..probe import ProbeResult
 from .common import _bytes, fmt, step_provenance, step_words
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 SCHEMA_DELTA_H1 = "gradprobe.delta-h1/1"
 
 
-def delta_h1_payload(result: ProbeResult, cfg: dict[str, Any]) -> dict[str, Any]:
+def delta_h1_payload(result: ProbeResult, cfg: Config) -> dict[str, Any]:
     """The JSON object (schemas/delta-h1.schema.json): the per-unit attribution sits beside the result."""
     body = result.to_dict()
     units, entropy_units = body.pop("units"), body.pop("entropy_units")
-    return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg, "units": units,
+    return {"schema": SCHEMA_DELTA_H1, "command": "delta-h1", "config": cfg.to_dict(), "units": units,
             "entropy_units": entropy_units, "result": body}
 
 
@@ -112,7 +115,7 @@ def render_real_step(out: Console, r: ProbeResult) -> None:
     out.print(REAL_STEP_IS_NOT, soft_wrap=True)
 
 
-def render_delta_h1(out: Console, r: ProbeResult, cfg: dict[str, Any], top: int = 8) -> None:
+def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
     render_real_step(out, r)
     t = Table(title="the plain step lr P grad LY (deltaH1, for comparison)", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")

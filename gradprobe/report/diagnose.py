@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -10,6 +10,9 @@ from rich.table import Table
 
 from ..diagnose.check import FAIL, PASS, WARN
 from ..diagnose.core import SCHEMA, DiagnoseResult
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 STYLE = {PASS: "green", WARN: "yellow", FAIL: "bold red"}
 SHOWN = 3  # names shown per list before "(+k more)"
@@ -33,8 +36,9 @@ def _longest_word(texts) -> int:
     return max((len(w) for text in texts for w in text.split()), default=1)
 
 
-def payload(result: DiagnoseResult, cfg: dict[str, Any] | None, exit_code: int) -> dict[str, Any]:
-    return {"schema": SCHEMA, "command": "diagnose", "config": cfg, "exit_code": exit_code, **result.to_dict()}
+def payload(result: DiagnoseResult, cfg: Config | None, exit_code: int) -> dict[str, Any]:
+    return {"schema": SCHEMA, "command": "diagnose", "config": cfg.to_dict() if cfg is not None else None,
+            "exit_code": exit_code, **result.to_dict()}
 
 
 def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -12,11 +12,14 @@ from rich.table import Table
 from ..validate import NONLINEAR, ValidateResult
 from .common import fmt, pyplot, step_words, write_png
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 SCHEMA_VALIDATE = "gradprobe.validate/1"
 
 
-def validate_payload(result: ValidateResult, cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"schema": SCHEMA_VALIDATE, "command": "validate", "config": cfg, "result": result.to_dict()}
+def validate_payload(result: ValidateResult, cfg: Config) -> dict[str, Any]:
+    return {"schema": SCHEMA_VALIDATE, "command": "validate", "config": cfg.to_dict(), "result": result.to_dict()}
 
 
 def _pm(x: float, se: float) -> str:

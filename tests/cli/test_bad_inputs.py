@@ -192,7 +192,7 @@ def world(tmp_path, rollouts_file) -> Path:
     (tmp_path / "cfg.yaml").write_text("batch:\n  num_prompts: 4\n")
     (tmp_path / "link.json").symlink_to(tmp_path / "in.jsonl")
     (tmp_path / "full").mkdir()
-    (tmp_path / "full" / "meta.json").write_text(json.dumps({"config": make_cfg()}))
+    (tmp_path / "full" / "meta.json").write_text(json.dumps({"config": make_cfg().to_dict()}))
     return tmp_path
 
 

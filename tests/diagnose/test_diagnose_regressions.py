@@ -111,7 +111,7 @@ def test_diagnose_y_loss_equals_the_probes_on_a_rollouts_file_with_lengths(nr, t
         s = sequence_logprobs(stack.model, pack(pairs, stack.tokenizer.pad_token_id, stack.device),
                               read.temperature, stack.autocast()).double()
     # the probe's own weights (one unit per group, so no unit scaling)
-    engine = _Engine(stack, read, {"microbatch_size": 8, "normalization": normalization},
+    engine = _Engine(stack, read, gp.load_config(overrides=[f"probe.normalization={normalization}"]).probe,
                      {p: p for p in range(read.B)}, [1] * read.B)
     probe = float((s * torch.cat([engine.y_w[p] for p in groups])).sum())
     # and by hand: A = R - mean R, divided by G and by the loss lengths (the group's longest for dr_grpo)

@@ -359,9 +359,9 @@ def test_gradprobes_own_loss_types_and_the_default():
     # the default config is group_lmax, which the probe's per-group path (probe.normalization) agrees with
     from gradprobe.config import load_config
     cfg = load_config()
-    assert cfg["probe"]["loss_type"] == "group_lmax" and cfg["probe"]["scale_rewards"] == "none"
+    assert cfg.probe.loss_type == "group_lmax" and cfg.probe.scale_rewards == "none"
     for w, grp in zip(y_weights_for_batch(batch), batch.groups):
-        assert torch.equal(w, group_y_weights(grp, cfg["probe"]["normalization"]))
+        assert torch.equal(w, group_y_weights(grp, cfg.probe.normalization))
     with pytest.raises(GradprobeError, match="needs the whole batch"):
         group_y_weights(batch.groups[0], "dapo")
     with pytest.raises(GradprobeError, match="max_completion_length"):

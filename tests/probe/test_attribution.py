@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +77,7 @@ def test_probe_units_equal_brute_force(fp32_stacks, rollouts_file, mode):
     a = [-LR * (0.5 + torch.rand(p.shape, generator=g)) for p in stack.params]
     mom = [1e-4 * torch.randn(p.shape, generator=g) for p in stack.params]
     dec = [-1e-5 * p.detach().clone() for p in stack.params]
-    r = gp.probe.run_probe(stack, batch, cfg["probe"], Preconditioner(None), LR, step_parts=lambda grads:
+    r = gp.probe.run_probe(stack, batch, cfg.probe, Preconditioner(None), LR, step_parts=lambda grads:
                            SimpleNamespace(fresh=a, momentum=mom, decay=dec, clip_factor=0.6))
     units = [[p] for p in range(batch.B)] if mode == "exact" else [[0, 1], [2, 3], [4, 5]]
     x, ly = per_unit_brute_force(stack, batch, units)
@@ -100,8 +101,8 @@ def test_literal_has_deltaH1_shares_and_no_deltaH_shares(fp32_stacks, rollouts_f
     stack = fp32_stacks["reentrant"]
     cfg = make_cfg(*FP32, f"batch.rollouts={rollouts_file}")
     batch = gp.build_batch(stack, cfg)
-    packed = gp.probe.run_probe(stack, batch, cfg["probe"], Preconditioner(None), LR)
-    literal = gp.probe.run_probe(stack, batch, {**cfg["probe"], "schedule": "literal"}, Preconditioner(None), LR)
+    packed = gp.probe.run_probe(stack, batch, cfg.probe, Preconditioner(None), LR)
+    literal = gp.probe.run_probe(stack, batch, replace(cfg.probe, schedule="literal"), Preconditioner(None), LR)
     assert all(math.isnan(u["deltaH"]) for u in literal.units)
     assert [u["deltaH1"] for u in literal.units] == pytest.approx([u["deltaH1"] for u in packed.units], rel=1e-4)
     assert sum(u["deltaH1"] for u in literal.units) == pytest.approx(literal.deltaH1, rel=1e-5)

@@ -95,7 +95,7 @@ def test_literal_and_fused_equal_brute_force(fp32_stacks, rollouts_file, setup, 
     ref = ustat.summarize_cross(xs @ ys.T)  # every SE from the brute-force per-unit gradients
     assert math.isfinite(ref.se_unbiased) == (mode == "exact")  # 6 units, or 3 blocks (< 4: no estimate)
     for schedule in ("literal", "fused"):
-        cfg["probe"]["schedule"] = schedule
+        cfg = cfg.with_values({"probe.schedule": schedule})
         res = gp.delta_h1(stack, batch, cfg)
         assert res.learning_rate == LR  # taken from the optimizer state
         assert res.U_cross == pytest.approx(ref_u, rel=1e-4), schedule
@@ -123,7 +123,7 @@ def test_fused_costs_one_forward_and_two_backwards_per_unit(fp32_stacks, rollout
     batch = gp.build_batch(stack, cfg)
     fused = gp.delta_h1(stack, batch, cfg)
     assert (fused.forwards, fused.backwards) == (batch.B, 2 * batch.B)
-    cfg["probe"]["schedule"] = "literal"
+    cfg = cfg.with_values({"probe.schedule": "literal"})
     literal = gp.delta_h1(stack, batch, cfg)
     packed = math.ceil(batch.B * batch.G / 8)  # the X-pass and Y-pass pack two groups per forward
     assert literal.forwards == literal.backwards == 2 * packed + 2 * batch.B

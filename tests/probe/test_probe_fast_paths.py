@@ -76,7 +76,7 @@ def test_one_backward_equals_literal(stacks, mode):
     batch = gp.build_batch(stack, cfg)  # microbatch 2 < G 3: groups split across forwards
     out = {}
     for schedule in ("literal", "one_backward", "fused"):
-        cfg["probe"]["schedule"] = schedule
+        cfg = cfg.with_values({"probe.schedule": schedule})
         out[schedule] = gp.delta_h1(stack, batch, cfg)
     lit, one = out["literal"], out["one_backward"]
     assert math.isnan(lit.se_unbiased) and one.se_unbiased > 0  # the bank gives K; literal has none
@@ -104,10 +104,10 @@ def test_one_backward_refuses_when_a_tensor_is_not_a_lora_weight(stacks):
     norm.requires_grad_(True)
     stack.refresh_params()
     try:
-        cfg["probe"]["schedule"] = "one_backward"
+        cfg = cfg.with_values({"probe.schedule": "one_backward"})
         with pytest.raises(gp.GradprobeError, match=rf"'{norm_name}' is not the weight of one.*schedule=fused"):
             gp.delta_h1(stack, batch, cfg)
-        cfg["probe"]["schedule"] = "fused"
+        cfg = cfg.with_values({"probe.schedule": "fused"})
         assert gp.delta_h1(stack, batch, cfg).x_nonnull == len(stack.params)  # the norm weight is counted
     finally:
         norm.requires_grad_(False)

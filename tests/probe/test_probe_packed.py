@@ -53,11 +53,11 @@ def test_packed_equals_brute_force_and_literal(fp32_stacks, reference, ckpt, mod
     stack = fp32_stacks[ckpt]
     cfg, batch, (ref_u, xs, ys) = reference(ckpt, mode)
     ref = ustat.summarize_cross(xs @ ys.T)
-    cfg["probe"]["schedule"] = "literal"
+    cfg = cfg.with_values({"probe.schedule": "literal"})
     literal = gp.delta_h1(stack, batch, cfg)
-    cfg["probe"]["schedule"] = "packed"
+    cfg = cfg.with_values({"probe.schedule": "packed"})
     for mb, label in MICROBATCHES.items():
-        cfg["probe"]["microbatch_size"] = mb
+        cfg = cfg.with_values({"probe.microbatch_size": mb})
         res = gp.delta_h1(stack, batch, cfg)
         assert res.schedule == "packed", label
         # one backward per forward; a split unit adds no-grad forwards for its whole-group baseline
@@ -87,7 +87,7 @@ def test_packing_counts_and_the_bank_on_either_side(fp32_stacks, rollouts_file):
     batch = gp.build_batch(stack, cfg)
     out = {}
     for bank in ("device", "host"):
-        cfg["probe"]["bank"] = bank
+        cfg = cfg.with_values({"probe.bank": bank})
         out[bank] = gp.delta_h1(stack, batch, cfg)
     dev, host = out["device"], out["host"]
     assert dev.forwards == dev.backwards == math.ceil(batch.B / 3)
@@ -116,11 +116,11 @@ def test_without_room_for_a_bank_sums_stream_and_a_named_bank_is_refused(fp32_st
     assert streamed.row_means == pytest.approx(banked.row_means, rel=1e-5, abs=1e-9 * max(map(abs, banked.row_means)))
     assert streamed.se == pytest.approx(banked.se, rel=1e-5)
     assert math.isnan(streamed.se_unbiased) and not math.isnan(banked.se_unbiased)
-    cfg["probe"]["bank"] = "host"
+    cfg = cfg.with_values({"probe.bank": "host"})
     with pytest.raises(gp.GradprobeError, match=r"needs .* for 6 units .*probe\.block_size=2 \(3 units fit\)"
                                                 r".*probe\.bank=none"):
         gp.delta_h1(stack, batch, cfg)
-    cfg["probe"]["mode"], cfg["probe"]["block_size"] = "blocks", 2
+    cfg = cfg.with_values({"probe.mode": "blocks", "probe.block_size": 2})
     assert gp.delta_h1(stack, batch, cfg).B == 3  # the suggested setting runs with a bank
 
 
@@ -134,7 +134,7 @@ def test_packed_says_when_a_tensor_is_not_a_lora_weight_and_takes_two_backwards(
     stack.refresh_params()
     try:
         res = gp.delta_h1(stack, batch, cfg)
-        cfg["probe"]["schedule"] = "literal"
+        cfg = cfg.with_values({"probe.schedule": "literal"})
         literal = gp.delta_h1(stack, batch, cfg)
     finally:
         norm.requires_grad_(False)
@@ -156,10 +156,10 @@ def test_directional_derivatives_match_per_unit_gradients(fp32_stacks, rollouts_
     batch = gp.build_batch(stack, cfg)
     precond = gp.api.preconditioner(stack, cfg)
     v = torch.randn(stack.n_params, generator=torch.Generator().manual_seed(3))
-    got = unit_directions(stack, batch, cfg["probe"], precond, v)
-    want = unit_gradients(stack, batch, cfg["probe"], precond)
+    got = unit_directions(stack, batch, cfg.probe, precond, v)
+    want = unit_gradients(stack, batch, cfg.probe, precond)
     for k in ("x", "y"):
         ref = want[k].double() @ v.double()
         assert torch.allclose(got[k], ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())), k
     with pytest.raises(gp.GradprobeError, match="one per trainable parameter"):
-        unit_directions(stack, batch, cfg["probe"], precond, v[:-1])
+        unit_directions(stack, batch, cfg.probe, precond, v[:-1])

@@ -89,8 +89,8 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
         seen.append(torch.cat([t.reshape(-1) for t in grads]))
         return SimpleNamespace(fresh=a, momentum=mom, decay=dec, clip_factor=0.6)
 
-    r = gp.probe.run_probe(stack, batch, cfg["probe"], precond, LR, step_parts=parts)
-    raw = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("x", "y"))
+    r = gp.probe.run_probe(stack, batch, cfg.probe, precond, LR, step_parts=parts)
+    raw = gp.probe.unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("x", "y"))
     x, gy = raw["x"].double(), -raw["y"].double()  # G[v]: gradient of the loss -LY[v]
     flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (a, mom, dec)]
     assert torch.allclose(seen[0].double(), gy.mean(0), rtol=1e-4, atol=1e-9)
@@ -103,7 +103,7 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
     assert r.parts["weight_decay"]["value"] == pytest.approx(-float(x.mean(0) @ flat[2]), rel=1e-4)
     assert r.update_norm == pytest.approx(float(d.mean(0).norm()), rel=1e-4)
     assert math.isfinite(r.se_deltaH) and r.se_deltaH > 0 and r.parts["clip_factor"] == 0.6
-    sgd = gp.probe.run_probe(stack, batch, cfg["probe"], Preconditioner(None), LR,
+    sgd = gp.probe.run_probe(stack, batch, cfg.probe, Preconditioner(None), LR,
                              step_parts=lambda grads: SimpleNamespace(
                                  fresh=[torch.full(p.shape, -LR) for p in stack.params],
                                  momentum=[torch.zeros(p.shape) for p in stack.params],
@@ -163,12 +163,12 @@ def test_api_with_a_live_adamw_equals_brute_force_same_and_independent(fp32_stac
     try:
         precond = api.live_preconditioner(stack, opt, cfg)
         r = gp.delta_h1(stack, batch, cfg, precond=precond, optimizer=opt, entropy_batch=entropy_batch)
-        raw = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("x", "y"))
+        raw = gp.probe.unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("x", "y"))
         x, gy = raw["x"].double(), -raw["y"].double()
         grads = [t.view_as(p).float() for t, p in zip(gy.mean(0).split([p.numel() for p in stack.params]),
                                                       stack.params)]
         step = torch.cat([d.reshape(-1) for d in real_update(opt, stack.params, grads)]).double()
-        x_e = gp.probe.unit_gradients(stack, entropy_batch, cfg["probe"], Preconditioner(None), kinds=("x",))["x"]
+        x_e = gp.probe.unit_gradients(stack, entropy_batch, cfg.probe, Preconditioner(None), kinds=("x",))["x"]
         terms = x_e.double() @ step
         assert r.entropy_batch == "independent"
         assert r.deltaH == pytest.approx(-float(terms.mean()), rel=1e-4)
@@ -279,7 +279,7 @@ def test_probe_y_is_the_runs_loss_type(fp32_stacks, rollouts_file, loss_type):
                                     f"batch.rollouts={rollouts_file}", f"probe.loss_type={loss_type}",
                                     "probe.scale_rewards=group"])
     batch = gp.build_batch(stack, cfg)
-    y = gp.probe.unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"].double()
+    y = gp.probe.unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"].double()
     weights = y_weights_for_batch(batch, loss_type, "group")
     for u in (0, 3):
         grp = batch.groups[u]

@@ -45,7 +45,7 @@ def cases(stack, rollouts: str, optimizer_state: str) -> dict:
         cfg = config(rollouts, optimizer_state, schedule)
         out[schedule] = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg).to_dict()
     cfg = config(rollouts, optimizer_state, "packed")
-    cfg["probe"]["bank"] = "none"  # no bank: partial sums and a second pass of directional derivatives
+    cfg = cfg.with_values({"probe.bank": "none"})  # no bank: partial sums and a second pass of directional derivatives
     out["packed, no bank"] = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg).to_dict()
     return out
 

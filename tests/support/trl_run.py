@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gradprobe.config import DEFAULTS
+from gradprobe.config import LoraSection
 from gradprobe.rollouts import BUILTIN_PROMPTS
 from gradprobe.stack import quiet_libraries
 from tests.support.export import save_preset
@@ -47,9 +47,9 @@ def lora_config(**overrides: Any):
     """gradprobe's default adapter (r, alpha, dropout, all seven projections), as a PEFT LoraConfig."""
     from peft import LoraConfig
 
-    lora = DEFAULTS["lora"]
-    kwargs = dict(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                  target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+    lora = LoraSection()
+    kwargs = dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     return LoraConfig(**{**kwargs, **overrides})
 
 

@@ -112,7 +112,7 @@ def loaded(run):
 
 def test_checkpoint_preconditioner_and_lr_match_the_trainer(run, loaded):
     cfg, info, stack = loaded
-    assert cfg["model"]["name_or_path"] == str(run["base"])  # from adapter_config.json
+    assert cfg.model.name_or_path == str(run["base"])  # from adapter_config.json
     assert info.global_step == SAVE_AT and info.adam_step == SAVE_AT
     # the lr the trainer used for the step after the checkpoint (linear decay: half the peak here)
     assert len(set(run["next_lr"])) == 1
@@ -162,7 +162,7 @@ def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):
     with pytest.raises(GradprobeError, match="no optimizer.pt in .* pass --optimizer-state FILE"):
         load_checkpoint(plain, load_config())
     cfg, info = load_checkpoint(plain, load_config(overrides=SMALL), optimizer_state=run["a"] / "optimizer.pt")
-    assert cfg["lora"]["adapter_path"] == str(plain) and cfg["model"]["name_or_path"] == str(run["base"])
+    assert cfg.lora.adapter_path == str(plain) and cfg.model.name_or_path == str(run["base"])
     assert info.learning_rate == pytest.approx(run["next_lr"][0], rel=1e-12)  # scheduler.pt beside optimizer.pt
     stack = load_stack(cfg)
     assert stack.names == loaded[2].names
@@ -318,7 +318,7 @@ def test_delta_h1_reports_the_settings_of_the_trainers_next_step(run, loaded):
     and deltaH comes with its parts."""
     cfg, _, stack = loaded
     batch = build_batch(stack, cfg)
-    r = delta_h1(stack, batch, {**cfg, "probe": {**cfg["probe"], "max_grad_norm": MAX_GRAD_NORM}})
+    r = delta_h1(stack, batch, cfg.with_values({"probe.max_grad_norm": MAX_GRAD_NORM}))
     step = r.step
     assert (step["optimizer"], step["step"], tuple(step["betas"]), step["eps"]) == ("AdamW", SAVE_AT + 1, (0.9, 0.999),
                                                                                    1e-8)
@@ -337,12 +337,12 @@ def test_plain_trainer_training_args_are_read(run, loaded):
     assert info.training_args == "TrainingArguments"
     read = {k: v["value"] for k, v in info.settings.items() if v["source"].startswith("read: training_args.bin")}
     assert read == {"probe.max_grad_norm": MAX_GRAD_NORM, "autocast": "off", "checkpointing": "off"}
-    assert (cfg["probe"]["max_grad_norm"], cfg["autocast"], cfg["checkpointing"]) == (MAX_GRAD_NORM, "off", "off")
+    assert (cfg.probe.max_grad_norm, cfg.autocast, cfg.checkpointing) == (MAX_GRAD_NORM, "off", "off")
     assert info.settings["probe.loss_type"]["source"] == "assumed: the config's; not in TrainingArguments"
     assert info.settings["lora.dtype"] == {"value": "float32", "source": "assumed: the config's; "
                                            "adapter_model.safetensors holds bfloat16, float32; lora.dtype sets one "
                                            "for all"}
     # what the user sets wins, and is marked given
     cfg2, info2 = load_checkpoint(run["a"], load_config(overrides=[*SMALL, "autocast=bf16"]), given={"autocast"})
-    assert cfg2["autocast"] == "bf16"
+    assert cfg2.autocast == "bf16"
     assert info2.settings["autocast"]["source"] == "given: --set; the run used off"

@@ -113,7 +113,7 @@ def _probe_gradient(checkpoint, rollouts, *sets: str):
                                 given={s.split("=")[0] for s in overrides})
     stack = load_stack(cfg)
     batch = build_batch(stack, cfg)
-    rows = unit_gradients(stack, batch, cfg["probe"], Preconditioner(None), kinds=("y",))["y"]
+    rows = unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"]
     return cfg, info, stack, batch, rows.double().mean(0)
 
 
@@ -149,14 +149,13 @@ def test_trl_defaults_are_read_and_the_gradient_reproduced(runs):
     for key, value in want.items():
         assert info.settings[key]["value"] == value, key
         assert info.settings[key]["source"].startswith("read: "), info.settings[key]
-        section, _, leaf = key.rpartition(".")
-        assert (cfg[section][leaf] if section else cfg[key]) == value
+        assert cfg.flat()[key] == value
     assert info.settings["quant.mode"] == {"value": "nf4", "source": "assumed: the config's; a checkpoint does not "
                                                                      "record whether the base was quantised"}
     assert info.training_args == "GRPOConfig" and stack.checkpointing == "non_reentrant"
     assert {p.dtype for p in stack.params} == {torch.bfloat16}
     # the advantages gradprobe forms from the rewards are the ones the trainer used (group-std scaling)
-    ours = torch.cat(batch_advantages(batch, cfg["probe"]["scale_rewards"]))
+    ours = torch.cat(batch_advantages(batch, cfg.probe.scale_rewards))
     torch.testing.assert_close(ours, rec["batch"]["advantages"].double(), rtol=1e-5, atol=1e-6)
     trainer = torch.cat([rec["grads"][n].reshape(-1) for n in stack.names])
     assert 0 < trainer.norm() < 1.0  # below max_grad_norm: the gradient the callback saw was not clipped
@@ -177,7 +176,7 @@ def test_fp32_runs_reproduce_the_trainers_gradient(runs, name):
     assert info.settings["autocast"]["value"] == "off" and stack.autocast_dtype is None
     assert len({n for lengths in batch.lengths() for n in lengths}) > 1  # so that dapo and grpo differ
     if name == "grpo":
-        assert (cfg["probe"]["loss_type"], cfg["probe"]["scale_rewards"], cfg["checkpointing"]) == \
+        assert (cfg.probe.loss_type, cfg.probe.scale_rewards, cfg.checkpointing) == \
             ("grpo", "batch", "off")
     err = _relative_error(rec, stack, g)
     assert err < 1e-4, err  # measured: 4e-7
@@ -338,7 +337,7 @@ def test_unknown_or_malicious_training_args_are_not_executed(runs, tmp_path, cap
     assert info.training_args is None
     assert any("training_args.bin" in n and "open, not loaded" in n for n in info.notes), info.notes
     assert info.settings["probe.loss_type"]["source"].startswith("assumed: ")
-    assert cfg["probe"]["loss_type"] == load_config()["probe"]["loss_type"]
+    assert cfg.probe.loss_type == load_config().probe.loss_type
     # a plain pickle (not torch.save's archive) is refused too, as is an allowed class's unknown neighbour
     (bad / "training_args.bin").write_bytes(pickle.dumps(_Payload()))
     _, info = load_checkpoint(bad, load_config())

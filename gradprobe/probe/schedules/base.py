@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...optim.precondition import Preconditioner
 from ...params import FlatLayout
 from ...rollouts import Batch
+
+if TYPE_CHECKING:
+    from ...config import ProbeSection
 
 
 @dataclass
@@ -20,7 +23,7 @@ class Context:
 
     stack: Any
     batch: Batch
-    cfg: dict[str, Any]  # the probe section of the config
+    cfg: ProbeSection
     precond: Preconditioner
     units: list[list[int]]  # prompts of each unit
     eng: Any  # engine._Engine

@@ -12,7 +12,7 @@ from .base import Context, Outcome
 
 
 def new_sink(ctx: Context) -> UnitSink:
-    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.cfg["accumulate_on"] == "device",
+    return UnitSink(ctx.layout, ctx.m, ctx.stack.device, ctx.cfg.accumulate_on == "device",
                     ctx.pvec(torch.device("cpu")), shard=ctx.shard)
 
 

@@ -38,13 +38,13 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     unit_of = eng.unit_of_prompt
     chunk_units = [sorted({unit_of[p] for p, _, _ in c}) for c in chunks]
     last = {u: i for i, us in enumerate(chunk_units) for u in us}  # the forward that completes each unit
-    where, why = choose_bank(ctx.cfg.get("bank", "auto"), ctx.m, layout.n, stack.device, ctx.batch.B)
+    where, why = choose_bank(ctx.cfg.bank, ctx.m, layout.n, stack.device, ctx.batch.B)
     if ctx.shard is not None:  # one place for every rank's bank (the ring needs a bank on all or none)
         worst = max(distributed.exchange("choosing the bank", where), key=BANKS.index)
         if worst != where:
             where, why = choose_bank(worst, ctx.m, layout.n, stack.device, ctx.batch.B)
     pvec = ctx.pvec(torch.device("cpu"))
-    sink = UnitSink(layout, ctx.m, stack.device, ctx.cfg["accumulate_on"] == "device", pvec, bank=where,
+    sink = UnitSink(layout, ctx.m, stack.device, ctx.cfg.accumulate_on == "device", pvec, bank=where,
                     slots=max(len(us) for us in chunk_units), shard=ctx.shard)
     eng.prepare(chunks)
     saved = {u: ctx.store.load(u) for u in range(ctx.m)} if ctx.store is not None else {}
