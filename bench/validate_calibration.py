@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-from gradprobe.config import load_config
-from gradprobe.entropy import enumerate_prompt, sample_enumerated
-from gradprobe.objective import advantages, x_weights, y_weights
-from gradprobe.probe import ustat
-from gradprobe.rollouts import MICRO_PROMPTS, builtin_reward
-from gradprobe.stack import load_stack
-from gradprobe.validate import GROUND_TRUTH, exact_entropy_grad
-from tests.support.persample import sequence_jacobian
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, when run as a script
+
+from gradprobe.config import load_config  # noqa: E402
+from gradprobe.entropy import enumerate_prompt, sample_enumerated  # noqa: E402
+from gradprobe.objective import advantages, x_weights, y_weights  # noqa: E402
+from gradprobe.probe import ustat  # noqa: E402
+from gradprobe.rollouts import MICRO_PROMPTS, builtin_reward  # noqa: E402
+from gradprobe.stack import load_stack  # noqa: E402
+from gradprobe.validate import GROUND_TRUTH, exact_entropy_grad  # noqa: E402
+from tests.support.persample import sequence_jacobian  # noqa: E402
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import gradprobe as gp
 from gradprobe.cli import app
+from tests.optim.test_update import _make, loss_grads, real_step, trained  # at the top: a CPU run collects it
 
 pytestmark = pytest.mark.skipif(os.environ.get("GRADPROBE_TEST_CUDA") != "1" or not torch.cuda.is_available(),
                                 reason="GPU tests: set GRADPROBE_TEST_CUDA=1 on a machine with a GPU")
@@ -112,7 +113,6 @@ def test_real_update_on_the_gpu(kind):
     """The next step reconstructed with the CUDA kernels: bitsandbytes' 8-bit blockwise and paged optimizers
     run for real here (on a CPU paged ones run unpaged), and the parts still add up to the step."""
     from gradprobe.optim.update import decompose, mapped_state, real_update, step_settings
-    from tests.test_update import _make, loss_grads, real_step, trained
 
     stack = gp.load_stack(_cfg(*FP32))
     opt = trained(stack, _make(kind))
