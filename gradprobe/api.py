@@ -44,8 +44,14 @@ def build_batch(stack, cfg: Config) -> Batch:
     if bcfg.rollouts:
         return read_rollouts(bcfg.rollouts, stack.tokenizer, vocab, temperature=bcfg.temperature,
                              max_positions=context_length(stack.model))
-    return generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
-                          bcfg.max_new_tokens, seed=cfg.seed, reward_fn=load_reward(bcfg.reward))
+    return _sampled(stack, cfg, cfg.seed)
+
+
+def _sampled(stack, cfg: Config, seed: int) -> Batch:
+    """A batch sampled from the current policy as batch.* says, with this seed."""
+    b = cfg.batch
+    return generate_batch(stack, b.num_prompts, b.group_size, b.temperature, b.top_p, b.max_new_tokens, seed=seed,
+                          reward_fn=load_reward(b.reward))
 
 
 def preconditioner(stack, cfg: Config) -> Preconditioner:
@@ -82,11 +88,8 @@ def warm_up(stack, cfg: Config, steps: int) -> torch.optim.Optimizer:
     lr = learning_rate(cfg, preconditioner(stack, cfg.with_values({"probe.precondition": "identity",
                                                                      "probe.optimizer_state": None})))
     opt = torch.optim.AdamW(stack.params, lr=lr, betas=WARMUP_BETAS, weight_decay=WARMUP_WEIGHT_DECAY)
-    bcfg = cfg.batch
     for k in range(steps):
-        batch = generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
-                               bcfg.max_new_tokens, seed=cfg.seed + 1000 + k,
-                               reward_fn=load_reward(bcfg.reward))
+        batch = _sampled(stack, cfg, cfg.seed + 1000 + k)
         rows = unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"]
         g = -rows.mean(0)
         offset = 0
@@ -186,8 +189,7 @@ def build_entropy_batch(stack, cfg: Config) -> Batch:
     if bcfg.rollouts:
         raise GradprobeError("probe.entropy_batch=independent with batch.rollouts needs batch.entropy_rollouts "
                              "(responses from the same policy, other samples)")
-    return generate_batch(stack, bcfg.num_prompts, bcfg.group_size, bcfg.temperature, bcfg.top_p,
-                          bcfg.max_new_tokens, seed=cfg.seed + 7919, reward_fn=load_reward(bcfg.reward))
+    return _sampled(stack, cfg, cfg.seed + 7919)
 
 
 def independent_estimate(stack, entropy_batch: Batch, cfg: Config, parts, grads: list[torch.Tensor],

@@ -295,8 +295,8 @@ def _check(flat: dict[str, Any]) -> None:
     if warm is not None and warm < 0:
         raise GradprobeError(f"probe.warmup_steps must be >= 0 (or null: automatic); got {warm}")
     if warm and flat["probe.optimizer_state"]:
-        raise GradprobeError("probe.warmup_steps trains a fresh AdamW, but probe.optimizer_state gives the run's own: "
-                             "set one of them")
+        raise GradprobeError("probe.warmup_steps trains a fresh AdamW, but probe.optimizer_state (or --checkpoint) "
+                             "gives the run's own: set one of them")
     if flat["batch.entropy_rollouts"] and flat["probe.entropy_batch"] != "independent":
         raise GradprobeError("batch.entropy_rollouts is the independent entropy batch: set "
                              "probe.entropy_batch=independent with it")

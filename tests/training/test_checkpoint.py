@@ -161,6 +161,8 @@ def test_plain_adapter_with_a_separate_optimizer_state(run, loaded, tmp_path):
         shutil.copy(run["a"] / name, plain / name)
     with pytest.raises(GradprobeError, match="no optimizer.pt in .* pass --optimizer-state FILE"):
         load_checkpoint(plain, load_config())
+    with pytest.raises(GradprobeError, match=r"warmup_steps trains a fresh AdamW.*--checkpoint"):  # not on top
+        load_checkpoint(run["a"], load_config(overrides=[*SMALL, "probe.warmup_steps=2"]))
     cfg, info = load_checkpoint(plain, load_config(overrides=SMALL), optimizer_state=run["a"] / "optimizer.pt")
     assert cfg.lora.adapter_path == str(plain) and cfg.model.name_or_path == str(run["base"])
     assert info.learning_rate == pytest.approx(run["next_lr"][0], rel=1e-12)  # scheduler.pt beside optimizer.pt
