@@ -114,7 +114,7 @@ def _quant_config(cfg: Config):
         return None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
                               bnb_4bit_compute_dtype=DTYPES[cfg.quant.compute_dtype],
-                              bnb_4bit_use_double_quant=False)
+                              bnb_4bit_use_double_quant=cfg.quant.double_quant)
 
 
 def _load_pretrained(source: str, cfg: Config, device: torch.device):

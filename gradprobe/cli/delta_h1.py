@@ -87,7 +87,9 @@ def command(
         if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it
             result.step["sources"]["max_grad_norm"] = clip_source
         run.stage = "report"
-        emit(out, ckpt, lambda: render_delta_h1(out, result), delta_h1_payload(result, cfg), inputs.json_)
+        assumed = ckpt.assumed_stack() if ckpt is not None else None
+        emit(out, ckpt, lambda: render_delta_h1(out, result, assumed=assumed), delta_h1_payload(result, cfg),
+             inputs.json_)
         return 0
 
     guarded(inputs.debug, err, body, run)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..probe import ProbeResult
-from .common import _bytes, fmt, step_provenance, step_words
+from .common import _bytes, assumed_stack_words, fmt, step_provenance, step_words
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -85,11 +85,15 @@ REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one s
                     "or weight decay.")
 
 
-def render_real_step(out: Console, r: ProbeResult) -> None:
-    """The headline: deltaH of the real step, its parts, and in words what was read and assumed."""
+def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | None = None) -> None:
+    """The headline: deltaH of the real step, its parts, and in words what was read and assumed (`assumed`:
+    the stack settings a checkpoint did not record, CheckpointInfo.assumed_stack)."""
     t = Table(title="the next optimizer step", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
+    stack_words = assumed_stack_words(assumed)
+    if stack_words:
+        t.add_row("[yellow]stack probed[/]", f"[yellow]{escape(stack_words)}[/]")
     if math.isfinite(r.deltaH):
         over = f"; over batches ± {fmt(r.se_deltaH_batches, 2)}" if math.isfinite(r.se_deltaH_batches) else ""
         how = "same batch, U-statistic" if r.entropy_batch == "same" else "independent entropy batch"
@@ -115,8 +119,8 @@ def render_real_step(out: Console, r: ProbeResult) -> None:
     out.print(REAL_STEP_IS_NOT, soft_wrap=True)
 
 
-def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
-    render_real_step(out, r)
+def render_delta_h1(out: Console, r: ProbeResult, top: int = 8, assumed: dict[str, Any] | None = None) -> None:
+    render_real_step(out, r, assumed)
     t = Table(title="the plain step lr P grad LY (deltaH1, for comparison)", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
