@@ -59,7 +59,8 @@ def train_grpo(output_dir: str | Path, callbacks: Sequence[Any] = (), *, base_di
     """Train with trl.GRPOTrainer and return the trainer after train(). `config` overrides GRPOConfig fields
     (SMALL_RUN's and TRL's defaults); `by_path`: TRL loads the base from its directory with the quantisation
     in GRPOConfig.model_init_kwargs (recorded in training_args.bin); `base_dir` shares one saved base model
-    between runs (default: a `base` directory inside output_dir); `trainer_class` a GRPOTrainer subclass (e.g. one that records)."""
+    between runs (default: a `base` directory inside output_dir); `trainer_class` a GRPOTrainer subclass (e.g.
+    one that records)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig, GRPOTrainer
