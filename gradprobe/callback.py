@@ -33,7 +33,7 @@ from .config import ProbeSection
 from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
-from .optim.update import decompose, mapped_state, real_update, step_settings
+from .optim.update import decompose, mapped_state, real_update, rounds, step_settings, with_rounding
 from .rollouts import encode_prompt
 from .run_model import write_record
 from .stack import Stack, live_stack
@@ -148,14 +148,16 @@ class GradprobeCallback(TrainerCallback):
             lr = float(self.optimizer.param_groups[0]["lr"])
             update = real_update(self.optimizer, stack.params, grads, names=stack.names)
             settings = step_settings(self.optimizer, stack.names, stack.params)
-            parts = decompose(settings, mapped_state(self.optimizer, stack.names, stack.params), stack.names,
-                              stack.params, grads)
+            mapped = mapped_state(self.optimizer, stack.names, stack.params)
+            parts = decompose(settings, mapped, stack.names, stack.params, grads)
             for j in (j for j, s in enumerate(skipped) if s):
                 update[j] = torch.zeros_like(update[j])
                 for ts in (parts.fresh, parts.momentum, parts.decay):
                     ts[j] = torch.zeros_like(ts[j])
             flat_update = torch.cat([d.reshape(-1).double() for d in update])
-            flat_parts = torch.cat([t.reshape(-1).double() for t in parts.total(grads)])
+            flat_parts = torch.cat([t.reshape(-1).double() for t in parts.unrounded(grads)])
+            if rounds(stack.params, mapped):  # the forecast is of the step as the weights' dtype rounds it
+                parts = with_rounding(parts, update, grads)
             grad_norm = float(torch.cat([g.reshape(-1).double().cpu() for g in grads]).norm())
             clock.lap("step")
             stack.model.eval()
@@ -177,6 +179,7 @@ class GradprobeCallback(TrainerCallback):
             realised=None, realised_se=None, entropy=truth.h0, method=self.method, lr=lr,
             update_norm=float(flat_update.norm()), update_rel=float(flat_update.norm()) / (theta_norm or 1.0),
             parts_residual=float((flat_parts - flat_update).norm() / (flat_update.norm() or 1.0)),
+            rounded_away=parts.rounded_away,
             grad_norm=grad_norm, max_grad_norm=self.max_grad_norm,
             clipped=self.max_grad_norm is not None and grad_norm >= self.max_grad_norm * (1 - 1e-4),
             params_without_grad=sum(skipped), eval_prompts=len(self.prompt_ids), group_size=self.group_size,

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..probe import ProbeResult
+from ..probe.real_step import FIRST_ORDER_LIMIT
 from .common import _bytes, assumed_stack_words, fmt, step_provenance, step_words
 
 if TYPE_CHECKING:
@@ -85,6 +86,10 @@ REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one s
                     "or weight decay.")
 
 
+PART_LABELS = {"fresh": "fresh gradient", "momentum": "momentum", "weight_decay": "weight decay",
+               "rounding": "rounding (the run's dtype)"}
+
+
 def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | None = None) -> None:
     """The headline: deltaH of the real step, its parts, and in words what was read and assumed (`assumed`:
     the stack settings a checkpoint did not record, CheckpointInfo.assumed_stack)."""
@@ -98,14 +103,23 @@ def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | Non
         over = f"; over batches ± {fmt(r.se_deltaH_batches, 2)}" if math.isfinite(r.se_deltaH_batches) else ""
         how = "same batch, U-statistic" if r.entropy_batch == "same" else "independent entropy batch"
         t.add_row("deltaH (real step)", f"{fmt(r.deltaH)} ± {fmt(r.se_deltaH, 2)} ({how}{over})")
-        total = sum(abs(r.parts[k]["value"]) for k in ("fresh", "momentum", "weight_decay")) or 1.0
-        for key, label in (("fresh", "fresh gradient"), ("momentum", "momentum"), ("weight_decay", "weight decay")):
+        keys = [k for k in PART_LABELS if k in r.parts]
+        total = sum(abs(r.parts[k]["value"]) for k in keys) or 1.0
+        for key in keys:
             part = r.parts[key]
-            t.add_row(f"  {label}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
-                                    f"({100 * abs(part['value']) / total:.0f}% of |parts|)")
+            t.add_row(f"  {PART_LABELS[key]}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
+                                               f"({100 * abs(part['value']) / total:.0f}% of |parts|)")
         t.add_row("  clip factor", fmt(r.parts["clip_factor"]))
         t.add_row("‖step‖; plain step", f"{fmt(r.update_norm)}; {fmt(r.plain_update_norm)} "
                                        f"(cosine {r.plain_update_cosine:.2f})")
+        if "rounding" in r.parts:
+            t.add_row("unrounded step", f"deltaH {fmt(r.deltaH_unrounded)}, ‖step‖ {fmt(r.update_norm_unrounded)}; "
+                                        f"{100 * r.rounded_away:.1f}% of the moving coordinates round to no change")
+        size = f"{fmt(r.update_rel, 3)} (first order up to {FIRST_ORDER_LIMIT:g})"
+        if r.beyond_first_order:
+            size = (f"[yellow]{size}: a step this large is beyond first order and deltaH may be far off; "
+                    f"measure it with gradprobe validate on the same setting[/]")
+        t.add_row("‖step‖ / ‖θ‖", size)
     else:
         t.add_row("deltaH (real step)", f"n/a: {r.real_step_note}")
     t.add_row("optimizer step", step_words(r.step))
