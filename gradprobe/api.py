@@ -197,6 +197,7 @@ def delta_h1(stack, batch: Batch, cfg: Config,
         t1 = time.perf_counter()
         independent_estimate(stack, entropy_batch, cfg, kept["parts"], kept["grads"], result)
         result.timings["entropy batch"] = time.perf_counter() - t1
+    result.resolve()
     return result
 
 

@@ -100,10 +100,24 @@ class ProbeResult:
     entropy_units: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1  # processes of a torchrun launch (distributed.py); 1 without it
     units_per_rank: list[int] = field(default_factory=list)  # how many units each rank processed
+    # per estimate (deltaH, deltaH1, each part): can it be told from zero, and at about how many units
+    # (real_step.resolution); filled by resolve() once deltaH is final
+    resolution: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the headline's step per trainable tensor (probe order names), kept only when asked (api.delta_h1
     # keep_update); never in the JSON
     update: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the run's loss gradient it used
+
+    def resolve(self) -> None:
+        """Fill `resolution` from the final estimates (an independent entropy batch replaces deltaH's)."""
+        units = len(self.entropy_units) if self.entropy_batch == "independent" and self.entropy_units else self.B
+        out = {"deltaH": real_step.resolution(self.deltaH, self.se_deltaH, units),
+               "deltaH1": real_step.resolution(self.deltaH1, (self.se_unbiased if math.isfinite(self.se_unbiased)
+                                                              else self.se) if self.B >= 4 else math.nan, self.B)}
+        for key, part in self.parts.items():
+            if isinstance(part, dict):
+                out[key] = real_step.resolution(part["value"], part["se"], units)
+        self.resolution = out
 
     def to_dict(self) -> dict[str, Any]:
         kept = self.update, self.gradient

@@ -121,3 +121,16 @@ def independent(x_fresh: torch.Tensor, x_momentum: torch.Tensor, x_decay: torch.
         clip_factor=clip_factor, entropy_batch="independent", units=x_fresh.numel(),
         unit_terms=(-terms / terms.numel()).tolist(),
         rounding=mean_part(x_rounding) if x_rounding is not None else None)
+
+
+def resolution(value: float, se: float, units: int) -> dict[str, Any]:
+    """Whether an estimate can be told from zero (|value| >= 2 SE) and, when not, about how many units would
+    make it so: SE shrinks as 1/sqrt(B), so 2 SE = |value| at B (2 SE / |value|)^2. None where undefined (no
+    SE, or a value of exactly 0)."""
+    if not (math.isfinite(value) and math.isfinite(se)) or se <= 0:
+        return {"resolved": None, "units_needed": None}
+    if abs(value) >= 2 * se:
+        return {"resolved": True, "units_needed": None}
+    need = math.ceil(units * (2 * se / abs(value)) ** 2) if value != 0 else None
+    return {"resolved": False, "units_needed": need}
+

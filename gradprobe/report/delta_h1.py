@@ -86,6 +86,19 @@ REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one s
                     "or weight decay.")
 
 
+def unresolved_words(r: ProbeResult, key: str) -> str | None:
+    """'cannot be told from zero at B = 8 prompts (|deltaH| < 2 SE); about 1,400 prompts would resolve it'."""
+    res = r.resolution.get(key, {})
+    if res.get("resolved") is not False:
+        return None
+    independent = key == "deltaH" and r.entropy_batch == "independent" and r.entropy_units
+    units = len(r.entropy_units) if independent else r.B
+    per_unit = 1 if independent or r.mode == "exact" else max(r.n_prompts // max(r.B, 1), 1)
+    need = res.get("units_needed")
+    more = f"; about {float(f'{need * per_unit:.2g}'):,.0f} prompts would resolve it (SE ∝ 1/√B)" if need else ""
+    return f"cannot be told from zero at {units * per_unit} prompts (|{key}| < 2 SE){more}"
+
+
 PART_LABELS = {"fresh": "fresh gradient", "momentum": "momentum", "weight_decay": "weight decay",
                "rounding": "rounding (the run's dtype)"}
 
@@ -103,12 +116,16 @@ def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | Non
         over = f"; over batches ± {fmt(r.se_deltaH_batches, 2)}" if math.isfinite(r.se_deltaH_batches) else ""
         how = "same batch, U-statistic" if r.entropy_batch == "same" else "independent entropy batch"
         t.add_row("deltaH (real step)", f"{fmt(r.deltaH)} ± {fmt(r.se_deltaH, 2)} ({how}{over})")
+        words = unresolved_words(r, "deltaH")
+        if words:
+            t.add_row("", f"[yellow]{words}[/]")
         keys = [k for k in PART_LABELS if k in r.parts]
         total = sum(abs(r.parts[k]["value"]) for k in keys) or 1.0
         for key in keys:
             part = r.parts[key]
+            zero = "; within 2 SE of 0" if r.resolution.get(key, {}).get("resolved") is False else ""
             t.add_row(f"  {PART_LABELS[key]}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
-                                               f"({100 * abs(part['value']) / total:.0f}% of |parts|)")
+                                               f"({100 * abs(part['value']) / total:.0f}% of |parts|{zero})")
         t.add_row("  clip factor", fmt(r.parts["clip_factor"]))
         t.add_row("‖step‖; plain step", f"{fmt(r.update_norm)}; {fmt(r.plain_update_norm)} "
                                        f"(cosine {r.plain_update_cosine:.2f})")
@@ -141,6 +158,9 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8, assumed: dict[st
     se, which = headline_se(r)
     shown = f"{fmt(r.deltaH1)} ± {fmt(se, 2)}" if math.isfinite(se) else fmt(r.deltaH1)
     t.add_row("deltaH1 (plain step)", f"{shown} ({which})")
+    words = unresolved_words(r, "deltaH1")
+    if words:
+        t.add_row("", f"[yellow]{words}[/]")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
     t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}" if math.isfinite(se) else fmt(r.U_cross))
     t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")

@@ -262,6 +262,13 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
     assert math.isfinite(r["deltaH"]) and r["se_deltaH"] > 0 and r["parts"]["momentum"]["value"] != 0
     assert r["deltaH"] == pytest.approx(sum(r["parts"][k]["value"] for k in ("fresh", "momentum", "weight_decay")))
     assert math.isfinite(r["deltaH1"]) and r["se_unbiased"] > 0
+    # every estimate says whether it can be told from zero, in the JSON and, when it cannot, in words
+    assert set(r["resolution"]) == {"deltaH", "deltaH1", "fresh", "momentum", "weight_decay"}
+    for key, value, se in (("deltaH", r["deltaH"], r["se_deltaH"]), ("deltaH1", r["deltaH1"], r["se_unbiased"])):
+        assert r["resolution"][key]["resolved"] == (abs(value) >= 2 * se), key
+        if abs(value) < 2 * se:
+            assert f"cannot be told from zero at 6 prompts (|{key}| < 2 SE)" in text
+    assert validate(json.loads(out.read_text()), schema, schema) == []
     res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--entropy-rollouts", rollouts_file,
                               "--json", "-", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -339,3 +346,15 @@ def test_bf16_weights_the_headline_is_the_step_the_optimizer_really_takes(rollou
     assert r.update_norm == pytest.approx(float(real.norm()), rel=5e-3)
     assert abs(r.update_norm_unrounded - float(real.norm())) > 0.1 * float(real.norm())
     assert r.deltaH_unrounded == pytest.approx(r.deltaH - r.parts["rounding"]["value"], rel=1e-9)
+
+
+def test_resolution_says_when_an_estimate_cannot_be_told_from_zero():
+    """|value| < 2 SE is unresolved, with the units at which SE ∝ 1/sqrt(B) would make 2 SE = |value|; checked
+    against the definition by shrinking the SE as the formula assumes."""
+    assert real_step.resolution(0.3, 0.1, 8) == {"resolved": True, "units_needed": None}
+    out = real_step.resolution(-0.01, 0.02, 8)
+    assert out["resolved"] is False
+    need = out["units_needed"]
+    assert 2 * 0.02 * math.sqrt(8 / need) <= 0.01 < 2 * 0.02 * math.sqrt(8 / (need - 1))
+    assert real_step.resolution(0.0, 0.1, 8) == {"resolved": False, "units_needed": None}
+    assert real_step.resolution(0.1, math.nan, 8) == {"resolved": None, "units_needed": None}
