@@ -68,8 +68,8 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
     -U(X[u] . D[v]) formed from the per-unit gradients of unit_gradients; with the SGD decomposition
     (a = -lr, nothing else) it is deltaH1 itself. With P the bank holds P grad LY and the hook divides it out."""
     import gradprobe as gp
-    from gradprobe.optim.update import UpdateParts
     from gradprobe.optim.precondition import Preconditioner, from_adam_state
+    from gradprobe.optim.update import UpdateParts
     from tests.probe.test_probe_exact import LR, adam_state
 
     stack = fp32_stacks["non_reentrant"]
