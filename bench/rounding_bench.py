@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gradprobe as gp  # noqa: E402
-from bench.probe_bench import synthetic_batch, sync, training_step  # noqa: E402
+from bench.probe_bench import sync, synthetic_batch, training_step  # noqa: E402
 from gradprobe import api  # noqa: E402
 
 
