@@ -41,6 +41,45 @@ def timed(fn, device, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def measure(dtype: str, a: argparse.Namespace) -> dict:
+    """One LoRA dtype: its stack, batch and AdamW, the training step and delta_h1 timed."""
+    cfg = gp.load_config(overrides=[
+        f"model.preset={a.preset}", f"lora.r={a.rank}", f"lora.alpha={2 * a.rank}", f"lora.dtype={dtype}",
+        f"device={a.device}", "checkpointing=reentrant", f"probe.microbatch_size={a.microbatch}",
+        "probe.warmup_steps=0", "probe.learning_rate=1e-5"])
+    stack = gp.load_stack(cfg)
+    vocab = stack.model.get_input_embeddings().num_embeddings
+    batch = synthetic_batch(vocab, a.prompts, a.group, a.prompt_len, a.response_len)
+    opt = torch.optim.AdamW(stack.params, lr=1e-5, weight_decay=0.01)
+    training_step(stack, batch, cfg.probe)
+    opt.step()  # one step of history: momentum and v to show
+    opt.zero_grad(set_to_none=True)
+    precond = api.live_preconditioner(stack, opt, cfg)
+    theta = [p.detach().clone() for p in stack.params]
+    state = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}
+
+    def step() -> None:
+        training_step(stack, batch, cfg.probe)
+        opt.step()
+        with torch.no_grad():  # the same starting point every time, the optimizer state too
+            for p, t in zip(stack.params, theta):
+                p.copy_(t)
+            for k, s in state.items():
+                for n, v in s.items():
+                    opt.state[k][n].copy_(v)
+        opt.zero_grad(set_to_none=True)
+
+    t_step, _ = timed(step, stack.device, a.repeats)
+    t_probe, r = timed(lambda: gp.delta_h1(stack, batch, cfg, precond=precond, optimizer=opt), stack.device,
+                       a.repeats)
+    return dict(lora_dtype=dtype, preset=a.preset, B=a.prompts, G=a.group, tokens=a.prompt_len + a.response_len,
+                microbatch=a.microbatch, trainable=stack.n_params, step_s=t_step, delta_h1_s=t_probe,
+                ratio=t_probe / t_step, deltaH=r.deltaH, se_deltaH=r.se_deltaH,
+                rounding=r.parts.get("rounding", {}).get("value"), rounded_away=r.rounded_away,
+                update_rel=r.update_rel, probe_s=r.timings.get("probe"),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if stack.device.type == "cuda" else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen2.5-1.5b")
@@ -56,47 +95,9 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     for dtype in ("float32", "bfloat16"):
-        cfg = gp.load_config(overrides=[
-            f"model.preset={a.preset}", f"lora.r={a.rank}", f"lora.alpha={2 * a.rank}", f"lora.dtype={dtype}",
-            f"device={a.device}", "checkpointing=reentrant", f"probe.microbatch_size={a.microbatch}",
-            "probe.warmup_steps=0", "probe.learning_rate=1e-5"])
-        stack = gp.load_stack(cfg)
-        vocab = stack.model.get_input_embeddings().num_embeddings
-        batch = synthetic_batch(vocab, a.prompts, a.group, a.prompt_len, a.response_len)
-        opt = torch.optim.AdamW(stack.params, lr=1e-5, weight_decay=0.01)
-        training_step(stack, batch, cfg.probe)
-        opt.step()  # one step of history: momentum and v to show
-        opt.zero_grad(set_to_none=True)
-        precond = api.live_preconditioner(stack, opt, cfg)
-        theta = [p.detach().clone() for p in stack.params]
-
-        def step():
-            training_step(stack, batch, cfg.probe)
-            opt.step()
-            with torch.no_grad():  # the same starting point every time, the optimizer state too
-                for p, t in zip(stack.params, theta):
-                    p.copy_(t)
-            opt.zero_grad(set_to_none=True)
-
-        state = {k: {n: v.clone() for n, v in s.items()} for k, s in opt.state.items()}
-
-        def restore_state():
-            for k, s in state.items():
-                for n, v in s.items():
-                    opt.state[k][n].copy_(v)
-
-        t_step, _ = timed(lambda: (step(), restore_state()), stack.device, a.repeats)
-        t_probe, r = timed(lambda: gp.delta_h1(stack, batch, cfg, precond=precond, optimizer=opt), stack.device,
-                           a.repeats)
-        row = dict(lora_dtype=dtype, preset=a.preset, B=a.prompts, G=a.group, tokens=a.prompt_len + a.response_len,
-                   microbatch=a.microbatch, trainable=stack.n_params, step_s=t_step, delta_h1_s=t_probe,
-                   ratio=t_probe / t_step, deltaH=r.deltaH, se_deltaH=r.se_deltaH,
-                   rounding=r.parts.get("rounding", {}).get("value"), rounded_away=r.rounded_away,
-                   update_rel=r.update_rel, probe_s=r.timings.get("probe"),
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if stack.device.type == "cuda" else None)
+        row = measure(dtype, a)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del stack, opt, precond, r
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
