@@ -20,7 +20,7 @@ from ..params import param_names
 from ..rollouts import Batch
 from . import battery, differential
 from .check import FAIL, SEVERITY, WARN, Check
-from .facts import gather
+from .facts import gather, wants_gradient
 from .measure import measure
 from .subject import (
     Subject,
@@ -157,7 +157,8 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
 
     saved_grads = [(p, p.grad) for p in {id(p): p for p in [*model.parameters(), *plist]}.values()]
     try:
-        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None)
+        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None,
+                    keep=True if wants_gradient(subject) else None)
         t1 = time.perf_counter()
         facts = gather(subject, m, caller_grad, caller_inf)
         facts.differential = differential.run(facts) if run_differential else []

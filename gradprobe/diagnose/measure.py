@@ -34,6 +34,12 @@ class ForwardTrace:
     logits_require_grad: bool | None = None  # the output layer's output
     layers: dict[str, LayerSeen] = field(default_factory=dict)  # every adapter layer, by module name
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # first forward's ids, mask, logits (if asked)
+    logits_finite: bool = True  # every logit of every forward was finite
+    labels_given: bool = False  # the model's forward got labels= (it computes the loss itself)
+    label_tokens: int = 0  # labels that are not the ignore index (-100), over every forward that got labels
+    label_positions: int = 0
+    logit_grads: list[tuple[int, int, int]] = field(default_factory=list)  # per backward through logits that
+    # record a graph: (positions, positions with a non-zero gradient, positions with a NaN/Inf gradient)
 
 
 @dataclass
@@ -108,6 +114,20 @@ class TensorInfo:
 
 
 @dataclass
+class TermInfo:
+    """One named term of the loss: its value and whether (and how much) it reaches the parameters."""
+
+    value: float | None
+    requires_grad: bool
+    grad_fn: str | None
+    grad_nonzero: int = 0  # tensors of the list its own gradient reaches (non-zero)
+    grad_norm: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class GradStats:
     """Per-API gradient coverage over the probe's parameter list."""
 
@@ -133,6 +153,8 @@ class Measurement:
     strict_error: str | None = None
     loss_error: str | None = None
     raised: Raised | None = None  # the loss function's exception, or the primary loss's backward's
+    terms: dict[str, TermInfo] = field(default_factory=dict)  # the loss's named terms, when it returned them
+    logit_grad: tuple[int, int, int] | None = None  # the primary backward at the logits (see ForwardTrace)
 
     def get(self, loss: str, api: str) -> GradStats | None:
         return self.stats.get(f"{loss}/{api}")
@@ -207,6 +229,18 @@ def _layer_hook(seen: LayerSeen, wanted: set[str]):
     return hook
 
 
+IGNORE_INDEX = -100  # transformers' and torch's cross-entropy ignore index
+
+
+def _logit_grad_hook(trace: ForwardTrace):
+    """Which logit positions the loss's gradient reaches: a loss whose token mask is empty reaches none (or,
+    with a token mean of 0/0, reaches every one with NaN)."""
+    def hook(grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1])
+        trace.logit_grads.append((g.shape[0], int(g.ne(0).any(-1).sum()), int((~torch.isfinite(g)).any(-1).sum())))
+    return hook
+
+
 def _recording_now() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
@@ -224,6 +258,11 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
     inp, outp = _io_modules(model)
 
     def on_model(module, args, kwargs):
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor):  # transformers shifts them and ignores -100 in its token mean
+            trace.labels_given = True
+            trace.label_tokens += int((labels[..., 1:] != IGNORE_INDEX).sum())
+            trace.label_positions += int(labels[..., 1:].numel())
         mask = kwargs.get("attention_mask")
         if capture and "attention_mask" not in trace.captured and isinstance(mask, torch.Tensor):
             trace.captured["attention_mask"] = mask.detach()
@@ -244,6 +283,10 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
 
     def on_output(module, args, out):
         t = _first_tensor(out)
+        if t is not None and t.is_floating_point():
+            trace.logits_finite &= bool(torch.isfinite(t.detach()).all())
+            if t.requires_grad and t.dim() >= 2:
+                t.register_hook(_logit_grad_hook(trace))
         if trace.logits_require_grad is None:
             trace.logits_require_grad = bool(t is not None and t.requires_grad)
             if capture and t is not None:
@@ -262,9 +305,15 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
 
 
 def normalize(out: Any) -> dict[str, Any]:
-    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY'."""
+    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY' (and 'terms':
+    the named terms the loss sums, each checked to reach the gradient)."""
     if isinstance(out, Mapping):
         picked = {k: out[k] for k in LOSS_KEYS if k in out}
+        terms = out.get("terms")
+        if terms is not None:
+            if not isinstance(terms, Mapping) or not terms:
+                raise GradprobeError("loss_fn's 'terms' must be a non-empty mapping of term name to tensor")
+            picked["terms"] = dict(terms)
         if "loss" in out and "LY" not in picked:
             picked["LY"] = out["loss"]
         if not picked:
@@ -376,6 +425,18 @@ def via_backward(loss: Any, params: list[torch.Tensor], model: torch.nn.Module, 
     return st
 
 
+def _term(value: Any, params: list[torch.Tensor], model: torch.nn.Module) -> TermInfo:
+    if not isinstance(value, torch.Tensor):
+        return TermInfo(float(value) if isinstance(value, (int, float)) else None, False, None)
+    v = value.detach()
+    out = TermInfo(float(v.sum()) if v.numel() else None, bool(value.requires_grad),
+                   type(value.grad_fn).__name__ if value.grad_fn is not None else None)
+    if value.requires_grad:
+        st = via_autograd(value.sum() if value.dim() else value, params, model)
+        out.grad_nonzero, out.grad_norm = st.nonzero, st.norm
+    return out
+
+
 def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -> str | None:
     """autograd.grad with allow_unused off: None when it succeeds, else torch's exact message."""
     if not isinstance(loss, torch.Tensor):
@@ -413,6 +474,8 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
                                loss_error=raised.text(), raised=raised)
     tensors = {k: info(out.get(k)) for k in LOSS_KEYS}
     m = Measurement(trace, tensors, primary_key(out))
+    if strict and "terms" in out:
+        m.terms = {str(k): _term(v, params, model) for k, v in out["terms"].items()}
     if capture and isinstance(out.get("S"), torch.Tensor):
         trace.captured["S"] = out["S"].detach().float()
     if strict:
@@ -427,8 +490,11 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
             m.stats[f"{key}/autograd.grad"] = via_autograd(loss, params, model)
         in_eval = trace.training is False or any(s.calls and s.training is False for s in trace.layers.values())
         keep_it = key == m.primary and (keep if keep is not None else in_eval)
+        trace.logit_grads.clear()
         m.stats[f"{key}/backward"] = st = via_backward(loss, params, model, keep=keep_it)
-        if key == m.primary and st.raised is not None:
+        if key == m.primary:
             m.raised = st.raised
+            if trace.logit_grads:
+                m.logit_grad = tuple(sum(x) for x in zip(*trace.logit_grads))
     del out
     return m

@@ -234,3 +234,16 @@ def lora_b_zero(model: torch.nn.Module) -> set[str]:
             if partner in params:
                 out.add(partner)
     return out
+
+
+def lora_dead(model: torch.nn.Module) -> set[str]:
+    """Names of lora_A and lora_B weights whose pair is all zero: dL/dA goes through B and dL/dB through A x,
+    so both gradients are exactly zero on every step and the adapter never moves (a dead adapter)."""
+    params = dict(adapter_params(model))
+    out = set()
+    for name, p in params.items():
+        if ".lora_B." in name and not bool(p.detach().any()):
+            partner = name.replace(".lora_B.", ".lora_A.")
+            if partner in params and not bool(params[partner].detach().any()):
+                out.update((name, partner))
+    return out
