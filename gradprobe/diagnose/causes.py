@@ -50,6 +50,19 @@ CAUSES: list[RootCause] = [
     RootCause("loss_exception", "the loss function or its backward raised (another exception)",
               "Fix the exception the verdict quotes; diagnose measured what it could without the gradients.",
               rules._raised("loss_exception"), True, True),
+    RootCause("ddp_reentrant_checkpointing", "DistributedDataParallel with find_unused_parameters=True over reentrant "
+              "checkpointing: the recomputation's nested backward marks parameters ready a second time",
+              "Enable checkpointing with use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False}), "
+              "or keep it reentrant with DDP(find_unused_parameters=False) or static_graph=True (Trainer: "
+              "ddp_find_unused_parameters=False).",
+              rules._ddp_reentrant, False, True, implies=("reentrant_checkpointing_hides_params",)),
+    RootCause("ddp_unused_parameters", "DistributedDataParallel with find_unused_parameters=False and trainable "
+              "parameters the loss never uses: the reducer waits for their gradients forever",
+              "Make the loss use every trainable parameter, or freeze the ones it does not (LoRA target_modules, "
+              "requires_grad_(False)) before wrapping in DDP; or DDP(find_unused_parameters=True) (Trainer: "
+              "ddp_find_unused_parameters=True).",
+              rules._ddp_unused, False, True,
+              implies=("unexplained_missing_gradients", "adapter_bypassed")),
     RootCause("graph_detached", "S is cut from the graph between the model's logits and the loss",
               "Compute S from the logits with torch operations end to end; use .detach()/.item() only for logging.",
               rules._graph_detached, True, True),

@@ -18,6 +18,7 @@ from .model_state import (
     adapter_params,
     adapter_state,
     checkpointing_state,
+    ddp_state,
     lora_b_zero,
     lora_dead,
     quantized_layers,
@@ -89,6 +90,7 @@ class Facts:
     dropout: list[str] = field(default_factory=list)  # modules (and config fields) with dropout p > 0
     logprobs: LogprobGap | None = None  # old log-probs against the recomputed S (when given)
     differential: list[Any] = field(default_factory=list)
+    ddp: dict[str, Any] | None = None  # the DistributedDataParallel wrapper's settings (None: not wrapped)
     dead: set[int] = field(default_factory=set)  # indices of lora_A/lora_B whose pair is all zero
     precision: dict[str, Any] | None = None  # half-precision trainable tensors against the optimizer's next step
 
@@ -300,4 +302,5 @@ def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool
                  expected_zero=expected, nonfinite_params=nonfinite,
                  caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference,
                  layer_idx=_layer_idx(s, m), dropout=_dropout(s.model), logprobs=_logprobs(s, m),
-                 dead={i for i, n in enumerate(names) if n in dead_names}, precision=_precision(s, m, names))
+                 dead={i for i, n in enumerate(names) if n in dead_names}, ddp=ddp_state(s.model),
+                 precision=_precision(s, m, names))

@@ -68,22 +68,30 @@ class Raised:
     type: str
     message: str
     kind: str  # one of ERROR_KINDS
+    indices: list[int] = field(default_factory=list)  # DDP: the parameter indices its message names
 
     def text(self) -> str:
         return f"{self.type}: {self.message}"
 
 
 # exception class -> root-cause id (diagnose/causes.py); the first match wins
-ERROR_KINDS = ("inference_tensors", "checkpoint_recompute_mismatch", "device_mismatch", "dtype_mismatch",
-               "loss_exception")
+ERROR_KINDS = ("inference_tensors", "checkpoint_recompute_mismatch", "ddp_reentrant_checkpointing",
+               "ddp_unused_parameters", "device_mismatch", "dtype_mismatch", "loss_exception")
+DDP_UNUSED = re.compile(r"did not receive grad for rank \d+:\s*([\d ]+)")
 
 
 def classify(exc: BaseException, phase: str) -> Raised:
     """Sort an exception into the classes the verdict knows, from its type and torch's message."""
     msg = str(exc).strip()
     low = msg.lower()
+    indices: list[int] = []
     if "inference tensor" in low or "inference_mode" in low:
         kind = "inference_tensors"
+    elif "mark a variable ready only once" in low or "marked as ready twice" in low:
+        kind = "ddp_reentrant_checkpointing"  # DDP's reducer saw a parameter's gradient twice in one backward
+    elif "finished reduction in the prior iteration" in low:
+        kind = "ddp_unused_parameters"  # DDP's reducer still waits for gradients the last backward never made
+        indices = [int(x) for m in DDP_UNUSED.finditer(msg) for x in m.group(1).split()]
     elif isinstance(exc, torch.utils.checkpoint.CheckpointError) or "torch.utils.checkpoint" in low \
             or "recomputed values" in low or "recomputation" in low:
         kind = "checkpoint_recompute_mismatch"
@@ -95,7 +103,7 @@ def classify(exc: BaseException, phase: str) -> Raised:
     else:
         kind = "loss_exception"
     first = msg.splitlines()[0] if msg else ""
-    return Raised(phase, type(exc).__name__, first[:400], kind)
+    return Raised(phase, type(exc).__name__, first[:400], kind, indices)
 
 
 @dataclass

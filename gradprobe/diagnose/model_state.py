@@ -18,7 +18,7 @@ _MISSING = object()
 
 def short_name(name: str) -> str:
     """'base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight' -> 'layers.0.mlp.up_proj.lora_A'."""
-    for prefix in ("base_model.model.", "model."):
+    for prefix in ("module.", "base_model.model.", "model."):  # module.: a DistributedDataParallel wrapper
         name = name.removeprefix(prefix)
     return name.replace(".default.weight", "").replace(".default", "")
 
@@ -148,6 +148,19 @@ def input_grads_enabled(model: torch.nn.Module) -> Iterator[bool]:
 
 
 # ---------------------------------------------------------------- adapters
+
+def ddp_state(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The DistributedDataParallel wrapper's settings, and the names of the parameters its reducer indexes
+    (the module's trainable parameters, in order); None when the model is not wrapped in DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    return {"find_unused_parameters": bool(model.find_unused_parameters),
+            "static_graph": bool(getattr(model, "static_graph", False)),
+            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "reducer_names": [f"module.{n}" for n, p in model.module.named_parameters() if p.requires_grad]}
+
 
 def tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every PEFT adapter layer (LoRA and friends); none without PEFT."""

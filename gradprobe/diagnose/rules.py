@@ -486,6 +486,59 @@ def _raised(kind: str):
     return rule
 
 
+def _by_layer(names: list[str]) -> list[str]:
+    """Parameter names grouped by the module that holds them: 'layers.1.self_attn.q_proj (lora_A, lora_B)'."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        short = short_name(n)
+        layer, _, leaf = short.partition(".lora_")
+        groups.setdefault(layer, []).append(f"lora_{leaf.split('.')[0]}" if leaf else short)
+    return [f"{k} ({', '.join(v)})" for k, v in groups.items()]
+
+
+def _ddp_reentrant(f: Facts) -> Cause | None:
+    r, d, c = f.m.raised, f.ddp, f.ckpt
+    if r is None or r.kind != "ddp_reentrant_checkpointing":
+        return None
+    layers = sorted({short_name(n).split(".self_attn")[0].split(".mlp")[0] for n in f.m.trace.layers
+                     if ".layers." in n})
+    return Cause("ddp_reentrant_checkpointing",
+                 f"backward() raised {r.type}: {r.message[:160]} — DistributedDataParallel "
+                 f"(find_unused_parameters={d['find_unused_parameters'] if d else 'n/a'}, static_graph="
+                 f"{d['static_graph'] if d else 'n/a'}) marks each parameter ready when its gradient arrives, and "
+                 f"reentrant checkpointing ({c['layers_checkpointed']} of {c['layers']} blocks) produces the "
+                 f"gradients of every checkpointed block's LoRA weights in a nested backward during recomputation, "
+                 f"after the reducer has already searched the graph for unused parameters: {', '.join(layers[:4])}.",
+                 {"ddp": d is not None, "find_unused_parameters": d["find_unused_parameters"] if d else None,
+                  "static_graph": d["static_graph"] if d else None, "checkpointing": c["mode"],
+                  "checkpointed_blocks": layers, "exception": r.type, "message": r.message, "phase": r.phase})
+
+
+def _ddp_unused(f: Facts) -> Cause | None:
+    """Trainable parameters without gradient under DDP(find_unused_parameters=False), by layer: from the reducer's
+    own message (a later forward raises), or from the backward that leaves them without gradient."""
+    d, r = f.ddp, f.m.raised
+    if d is None or d["find_unused_parameters"]:
+        return None
+    if r is not None and r.kind == "ddp_unused_parameters":
+        names = [d["reducer_names"][i] for i in r.indices if i < len(d["reducer_names"])]
+        source = f"the next forward raised {r.type}: {r.message[:120]}"
+    else:
+        bw = f.m.get(f.m.primary, "backward")
+        if bw is None or r is not None or not bw.missing or f.m.loss_error:
+            return None
+        names = [f.names[i] for i in bw.missing]
+        source = ("backward() leaves them without gradient, so DDP's reducer never finishes this step's reduction "
+                  "and the next forward raises 'Expected to have finished reduction in the prior iteration'")
+    layers = _by_layer(names)
+    return Cause("ddp_unused_parameters",
+                 f"DistributedDataParallel (find_unused_parameters=False, world size {d['world_size']}) holds "
+                 f"{len(names)} trainable tensors the loss never uses: {source}. Unused, by layer: "
+                 f"{'; '.join(layers[:6]) or 'not named (set TORCH_DISTRIBUTED_DEBUG=INFO)'}.",
+                 {"find_unused_parameters": False, "unused_tensors": len(names), "unused_by_layer": layers,
+                  "world_size": d["world_size"], **({"exception": r.type, "message": r.message} if r else {})})
+
+
 LOGPROB_TEXT = {
     "temperature": "they were taken at another temperature than the loss uses (the old ones fit temperature "
                    "{old_fits_temperature}, the loss's S fits {loss_fits_temperature}, both from the captured logits)",
