@@ -107,9 +107,13 @@ def _kept_mass(z: torch.Tensor, tau: float, vocab_limit: int = 256) -> tuple[tor
         idx = torch.searchsorted(cum, torch.full((cum.shape[0], 1), p, dtype=cum.dtype)).clamp(max=cum.shape[1] - 1)
         cols.append(cum.gather(-1, idx).squeeze(-1))
         labels.append(("top_p", p))
-    for k in range(1, min(cum.shape[1], vocab_limit)):
-        cols.append(cum[:, k - 1])
-        labels.append(("top_k", float(k)))
+    ks = min(cum.shape[1], vocab_limit) - 1
+    # top-k keeps every token as likely as the k-th (ties included, as a `logits < kth` filter does)
+    desc = -probs
+    kept = torch.searchsorted(desc.contiguous(), desc[:, :ks].contiguous(), right=True)
+    mass_k = cum.gather(-1, kept - 1)
+    cols.extend(mass_k.unbind(-1))
+    labels.extend(("top_k", float(k)) for k in range(1, ks + 1))
     return torch.stack(cols, dim=1), labels
 
 

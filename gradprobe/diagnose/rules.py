@@ -267,6 +267,9 @@ def _empty_loss_mask(f: Facts) -> Cause | None:
                f"completion template was not found, or truncation cut the response")
     else:
         how = "the loss's token mask selects no position (truncation inside the loss, or a mask for another range)"
+        b = f.subject.batch
+        if zero and (b is None or b.meta.get("rewards_unknown")):
+            how += ", or every token's weight is zero (all advantages 0: pass rewards= to tell the two apart)"
     value = "NaN (a token mean of 0/0)" if nan_mean else "exactly zero"
     if tokens:
         given = f"; the batch holds {tokens} response tokens (lengths=)"

@@ -321,6 +321,22 @@ def test_top_p_renormalised_sampler_logprobs(off):
     assert healthy.verdict.root_cause == "healthy", healthy.verdict.summary
     assert healthy.check("old_logprobs").evidence["result"] == "match"
 
+    # top-k: the smallest k that keeps every sampled token, renormalised by transformers' TopKLogitsWarper
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    rank = (z > z.gather(-1, targets[..., None])).sum(-1)[mask]
+    k = int(rank.max()) + 1
+    assert k < z.shape[-1]
+    kept = TopKLogitsWarper(k)(None, z.reshape(-1, z.shape[-1]).clone()).reshape(z.shape)
+    top_k = torch.log_softmax(kept, -1).gather(-1, targets[..., None])[..., 0]
+    assert float((top_k - full)[mask].min()) >= 0 and float((top_k - full)[mask].mean()) > 0  # plain torch
+    result = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb),
+                         old_logprobs=[top_k[i][mask[i]].tolist() for i in range(mask.shape[0])],
+                         lengths=lengths(batch), rewards=rewards(batch))
+    ev = result.verdict.causes[0].evidence
+    assert ids(result) == ["logprob_mismatch"] and ev["kind"] == "top_k", ev
+    assert ev["old_fits_top_k"] == [k, k]
+
 
 def test_sampler_logprobs_of_a_response_range_shifted_by_one(off):
     """ms-swift PR #8427: the old log-probs start one token early (the last prompt token's) and lose the last."""
