@@ -82,7 +82,7 @@ CAUSES: list[RootCause] = [
               "a LoRA scaling of 0",
               "Run the loss through the model whose parameters you train (not a copy or the unwrapped base), leave its "
               "LoRA modules in place, activate the adapter you train (model.set_adapter) and keep its scaling.",
-              rules._adapter_bypassed, False, True),
+              rules._adapter_bypassed, False, True, implies=("checkpoint_recompute_mismatch",)),
     RootCause("adapter_not_trainable", "the adapter weights do not require grad (loaded without is_trainable=True)",
               "Load the adapter with PeftModel.from_pretrained(base, path, is_trainable=True) (or call "
               "requires_grad_(True) on its weights) before building the optimizer and the list.",
@@ -103,7 +103,7 @@ CAUSES: list[RootCause] = [
     RootCause("empty_generation", "every response is empty, so S has no generated token to differentiate",
               "Fix generation or the rollouts file: max_new_tokens, EOS handling, prompt truncation and the mask "
               "marking the generated region.",
-              rules._empty_generation, False, True),
+              rules._empty_generation, False, True, implies=("nonfinite_gradients",)),
     RootCause("empty_loss_mask", "the loss's token mask is empty: every label is masked (-100) or truncation "
               "removed every response token, so no logit takes part in the loss (exactly zero, or NaN from a 0/0 mean)",
               "Make the loss see the response tokens: the completion template must be found in the tokenized text "

@@ -312,20 +312,48 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
             h.remove()
 
 
+def _scalar(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and v.is_floating_point()
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _terms_of(out: Mapping, picked: dict[str, Any]) -> dict[str, Any] | None:
+    """The loss's named terms: out['terms']; or, when the mapping has no loss, its scalar entries (the loss is
+    their sum); or its other scalar entries when they add up to the loss (so logged metrics are left alone)."""
+    terms = out.get("terms")
+    if terms is not None:
+        if not isinstance(terms, Mapping) or not terms:
+            raise GradprobeError("loss_fn's 'terms' must be a non-empty mapping of term name to tensor")
+        return dict(terms)
+    extras = {k: v for k, v in out.items() if k not in (*LOSS_KEYS, "loss") and _scalar(v)}
+    if not extras:
+        return None
+    total = picked.get("LY")
+    if total is None and not picked:
+        return extras
+    if total is not None and _scalar(total):
+        value, parts = float(total), sum(float(v) for v in extras.values())
+        if len(extras) > 1 and abs(parts - value) <= 1e-5 * max(1.0, abs(value)):
+            return extras
+    return None
+
+
 def normalize(out: Any) -> dict[str, Any]:
-    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY' (and 'terms':
-    the named terms the loss sums, each checked to reach the gradient)."""
+    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY' (or 'loss'), and
+    its named terms ('terms': {name: tensor}, or scalar entries that add up to the loss, or only terms: the loss is
+    their sum), each checked to reach the gradient."""
     if isinstance(out, Mapping):
         picked = {k: out[k] for k in LOSS_KEYS if k in out}
-        terms = out.get("terms")
-        if terms is not None:
-            if not isinstance(terms, Mapping) or not terms:
-                raise GradprobeError("loss_fn's 'terms' must be a non-empty mapping of term name to tensor")
-            picked["terms"] = dict(terms)
         if "loss" in out and "LY" not in picked:
             picked["LY"] = out["loss"]
+        terms = _terms_of(out, picked)
+        if terms is not None and not picked:
+            picked["LY"] = sum(terms.values())
         if not picked:
             raise GradprobeError(f"loss_fn returned a mapping without 'S', 'LX' or 'LY' (keys: {sorted(out)})")
+        if terms is not None:
+            picked["terms"] = terms
         return picked
     if isinstance(out, torch.Tensor):
         return {"S": out} if out.dim() == 1 else {"LY": out}

@@ -258,7 +258,7 @@ def _empty_loss_mask(f: Facts) -> Cause | None:
     s_alive = s_bw is not None and s_bw.nonzero > 0  # the weights of S are zero (advantages), not its tokens
     scaled_back = any(r.factor.startswith("loss_scale=") and "backward_zero" in r.resolved for r in f.differential)
     zero = reached == 0 and bw.nonzero == 0 and not s_alive and not scaled_back
-    nan_mean = positions > 0 and nonfinite == positions and t.logits_finite
+    nan_mean = reached > 0 and nonfinite == reached and t.logits_finite  # NaN wherever it reaches: 0/0
     if not (zero or nan_mean) or (g.given and g.rows and g.empty_rows == g.rows) or (zero and g.measured_flat):
         return None
     tokens = int(round(g.mean_length * g.rows)) if g.given and g.lengths_known else None
@@ -276,7 +276,7 @@ def _empty_loss_mask(f: Facts) -> Cause | None:
     else:
         given = "" if g.given else "; pass lengths= to compare with the response tokens the batch holds"
     return Cause("empty_loss_mask",
-                 f"The loss's gradient reaches {reached - nonfinite if nan_mean else reached} of the {positions} logit "
+                 f"The loss's gradient reaches {0 if nan_mean else reached} of the {positions} logit "
                  f"positions the model produced and its gradient is {value}: {how}{given}. backward() returns "
                  f"{'NaN' if nan_mean else 'zero'} for every tensor ({bw.nonzero - bw.nonfinite}/{f.n} finite and "
                  f"non-zero).",

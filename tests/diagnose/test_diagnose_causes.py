@@ -133,6 +133,25 @@ def test_every_label_masked_is_named_not_the_nan_it_causes(off):
     assert healthy.verdict.root_cause == "healthy", healthy.verdict.summary
 
 
+def test_own_token_mean_over_an_empty_mask_is_nan(off):
+    """The 0/0 of a hand-written token mean (TRL #1920's symptom without transformers' loss): NaN, not zero."""
+    stack, batch = off
+    tb = tokens(stack, batch)
+    mask = torch.zeros_like(tb.gen_mask[:, 1:])  # the fault: the response mask marks nothing
+
+    def loss_fn():
+        lp = token_logprobs(stack, tb)
+        return -(lp * mask).sum() / mask.sum()
+
+    got = grads_of(stack, loss_fn())
+    assert torch.isnan(loss_fn()) and all(torch.isnan(g).all() for g in got)  # plain torch: NaN everywhere
+    result = gp.diagnose(stack.model, stack.params, loss_fn, lengths=lengths(batch), rewards=rewards(batch))
+    assert ids(result) == ["empty_loss_mask", "nonfinite_gradients"]
+    ev = result.verdict.causes[0].evidence
+    assert ev["nan_positions"] > 0 and ev["positions_in_loss"] == 0 and ev["loss_finite"] is False
+    assert result.verdict.causes[1].after == "empty_loss_mask"
+
+
 # ---------------------------------------------------------------- a dead adapter
 
 @contextlib.contextmanager
@@ -212,6 +231,22 @@ def test_entropy_bonus_computed_under_no_grad(off):
     assert healthy.check("loss_terms").status == "pass" and "cut" not in healthy.check("loss_terms").evidence
     untold = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb), run_differential=False)
     assert "not given" in untold.check("loss_terms").evidence["terms"]  # says what it could not check
+
+    def flat(grad: bool):  # a dict of terms alone (the loss is their sum), as a trainer's loss parts come
+        def loss_fn():
+            s = s_of(stack, tb)
+            return {"policy": -(s * adv).sum(), "entropy": -0.5 * _entropy(stack, tb, grad)}
+        return loss_fn
+
+    assert ids(gp.diagnose(stack.model, stack.params, flat(False))) == ["loss_term_detached"]
+    assert gp.diagnose(stack.model, stack.params, flat(True)).verdict.root_cause == "healthy"
+
+    def logged():  # the look-alike: a no-grad metric logged next to the loss is not a term of it
+        s = s_of(stack, tb)
+        return {"loss": -(s * adv).sum(), "entropy_metric": _entropy(stack, tb, False)}
+
+    quiet = gp.diagnose(stack.model, stack.params, logged)
+    assert quiet.verdict.root_cause == "healthy" and "not given" in quiet.check("loss_terms").evidence["terms"]
 
 
 # ---------------------------------------------------------------- updates lost to precision
