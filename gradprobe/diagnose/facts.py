@@ -294,8 +294,8 @@ def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool
     nonfinite = [i for i, p in enumerate(s.params)
                  if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
     zero_a = lora_b_zero(s.model)
-    expected = {i for i, n in enumerate(names) if n in zero_a}
     dead_names = lora_dead(s.model)
+    expected = {i for i, n in enumerate(names) if n in zero_a and n not in dead_names}  # a dead A is no fresh one
     return Facts(subject=s, m=m, names=names, short=[short_name(n) for n in names],
                  ckpt=checkpointing_state(s.model), adapters=adapter_state(s.model), quant=quantized_layers(s.model),
                  identity=_identity(s), optimizer=_optimizer(s, names), generation=_generation(s),

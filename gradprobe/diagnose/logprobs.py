@@ -227,6 +227,7 @@ def compare(old: Any, captured: dict[str, torch.Tensor], lengths: list[int] | No
                     out.kind = kind
                 elif kind.startswith("shifted"):
                     out.evidence["old_fits_shift"] = int(good[kind][0])
+                    out.evidence["shift_direction"] = "earlier" if good[kind][0] < 0 else "later"
                     out.kind = "shifted"
                 else:
                     out.kind = "temperature"

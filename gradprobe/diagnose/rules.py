@@ -554,8 +554,8 @@ LOGPROB_TEXT = {
              "{old_fits_top_p}: old = recomputed - log(kept mass) per token), the loss over the whole vocabulary",
     "top_k": "the sampler renormalised its log-probs over the mass a top-k filter keeps (they fit top_k "
              "{old_fits_top_k}: old = recomputed - log(kept mass) per token), the loss over the whole vocabulary",
-    "shifted": "the old log-probs cover the same number of tokens but a response range moved by {old_fits_shift} "
-               "token(s) (they match the loss's logits there): an off-by-one in the response start",
+    "shifted": "the old log-probs cover the same number of tokens but a response range one token {shift_direction} "
+               "(they match the loss's logits there, shift {old_fits_shift}): an off-by-one in the response start",
     "unclassified": "the gap fits none of temperature, top-p/top-k renormalisation, padding, truncation or a shifted "
                     "range",
 }

@@ -186,7 +186,7 @@ def test_dead_adapter_both_lora_matrices_zero(off):
     assert ids(result) == ["dead_adapter"]
     ev = result.verdict.causes[0].evidence
     assert ev["zero_tensors"] == len(stack.params) and ev["dead_layers"] == len(layer_names(stack))
-    assert result.check("adapters").status == "fail"
+    assert result.check("adapters").status == "fail" and not result.verdict.expected_zeros  # dead, not fresh
     with cleared(stack, (".lora_B.",)):  # the look-alike: a fresh adapter, lora_B zero and lora_A random
         fresh = gp.diagnose(stack.model, stack.params, lambda: s_of(stack, tb))
     assert fresh.verdict.root_cause == "healthy" and fresh.verdict.expected_zeros, fresh.verdict.summary
