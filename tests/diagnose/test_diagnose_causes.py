@@ -8,17 +8,10 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
 import torch
 
 import gradprobe as gp
-from tests.diagnose.test_diagnose_inside import build, grads_of, ids, layer_names, lengths, rewards, s_of, tokens
-
-
-@pytest.fixture(scope="module")
-def off():
-    """The QLoRA stack without activation checkpointing (the faults here need none)."""
-    return build("checkpointing=off")
+from tests.diagnose.test_diagnose_inside import grads_of, ids, layer_names, lengths, rewards, s_of, tokens
 
 
 @contextlib.contextmanager

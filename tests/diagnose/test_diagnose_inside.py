@@ -35,12 +35,6 @@ def nr():
     return build("checkpointing=non_reentrant")
 
 
-@pytest.fixture(scope="module")
-def off():
-    """The same stack without activation checkpointing."""
-    return build("checkpointing=off")
-
-
 def tokens(stack, batch, groups=GROUPS):
     pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
     return pack(pairs, stack.tokenizer.pad_token_id, stack.device)
