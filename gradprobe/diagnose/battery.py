@@ -433,7 +433,7 @@ def loss_terms(f: Facts) -> Check:
                                "function to check that each term reaches the gradient)"})
     ev: dict = {k: (f"{t.value:.4g}" if t.value is not None else "n/a") + (
         f", reaches {t.grad_nonzero}/{f.n} tensors" if t.requires_grad else ", no graph") for k, t in terms.items()}
-    cut = [k for k, t in terms.items() if not t.requires_grad or t.grad_nonzero == 0]
+    cut = [k for k, t in terms.items() if not t.requires_grad]
     if cut:
         ev["cut"] = cut
         return Check("loss_terms", "loss terms reach the gradient", FAIL, ev, BY_ID["loss_term_detached"].fix)

@@ -269,6 +269,9 @@ def _precision(s: Subject, m: Measurement, names: list[str]) -> dict[str, Any] |
     bw = m.get(m.primary, "backward")
     if not wants_gradient(s) or bw is None or bw.vector is None:
         return None
+    if not any(float(g.get("lr", 0.0)) > 0 for g in s.optimizer.param_groups):
+        return {"optimizer": type(s.optimizer).__name__, "lr": 0.0, "lost": [],
+                "error": "the learning rate is 0: no step moves any weight, whatever the precision"}
     grads = [g.view_as(p) for g, p in zip(bw.vector.split([p.numel() for p in s.params]), s.params)]
     try:
         delta = real_update(s.optimizer, list(s.params), grads, names=names)

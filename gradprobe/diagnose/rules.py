@@ -287,20 +287,20 @@ def _empty_loss_mask(f: Facts) -> Cause | None:
 
 
 def _loss_term_detached(f: Facts) -> Cause | None:
-    """A term the loss says it sums that carries no graph, or whose own gradient reaches no parameter."""
+    """A term the loss says it sums that carries no graph. (A term with a graph whose gradient is zero here, e.g. a
+    KL at the reference point, is not cut: the next step's gradient is not.)"""
     if not f.m.terms or f.m.raised is not None or not f.m.tensors[f.m.primary].requires_grad:
         return None
-    cut = {k: t for k, t in f.m.terms.items() if not t.requires_grad or t.grad_nonzero == 0}
+    cut = {k: t for k, t in f.m.terms.items() if not t.requires_grad}
     if not cut:
         return None
     alive = [k for k in f.m.terms if k not in cut]
-    desc = "; ".join(f"{k} = {t.value:.4g} " + ("has no graph (requires_grad=False)" if not t.requires_grad else
-                                                "reaches no parameter") if t.value is not None else k
-                     for k, t in cut.items())
+    desc = "; ".join(k if t.value is None else f"{k} = {t.value:.4g}" for k, t in cut.items())
     return Cause("loss_term_detached",
-                 f"{len(cut)} of {len(f.m.terms)} named loss terms are cut from the graph: {desc}. They move the loss "
-                 f"value (and its logged number) but add nothing to the gradient, which comes from "
-                 f"{', '.join(alive) or 'no term'} alone: computed under torch.no_grad(), .detach()ed or .item()ed.",
+                 f"{len(cut)} of {len(f.m.terms)} named loss terms are cut from the graph (requires_grad=False): "
+                 f"{desc}. They move the loss value (and its logged number) but add nothing to the gradient, which "
+                 f"comes from {', '.join(alive) or 'no term'} alone: computed under torch.no_grad(), .detach()ed or "
+                 f".item()ed.",
                  {"cut_terms": sorted(cut), "terms_in_gradient": alive,
                   "term_values": [f"{k}={t.value:.6g}" for k, t in f.m.terms.items() if t.value is not None]})
 

@@ -238,6 +238,13 @@ def test_entropy_bonus_computed_under_no_grad(off):
         s = s_of(stack, tb)
         return {"loss": -(s * adv).sum(), "entropy_metric": _entropy(stack, tb, False)}
 
+    def at_reference():  # the look-alike: a KL term with a graph whose gradient is zero at the reference point
+        s = s_of(stack, tb)
+        kl = (s - s.detach()).pow(2).sum()
+        return {"loss": -(s * adv).sum() + kl, "terms": {"policy": -(s * adv).sum(), "kl": kl}}
+
+    ref = gp.diagnose(stack.model, stack.params, at_reference)
+    assert ref.verdict.root_cause == "healthy" and "no graph" not in str(ref.check("loss_terms").evidence)
     quiet = gp.diagnose(stack.model, stack.params, logged)
     assert quiet.verdict.root_cause == "healthy" and "not given" in quiet.check("loss_terms").evidence["terms"]
 
