@@ -294,7 +294,8 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
     def on_output(module, args, out):
         t = _first_tensor(out)
         if t is not None and t.is_floating_point():
-            trace.logits_finite &= bool(torch.isfinite(t.detach()).all())
+            d = t.detach()
+            trace.logits_finite &= bool(torch.isfinite(d.amax()) and torch.isfinite(d.amin()))
             if t.requires_grad and t.dim() >= 2:
                 t.register_hook(_logit_grad_hook(trace))
         if trace.logits_require_grad is None:
