@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ... import distributed
+from ...errors import GradprobeError
 from ...params import FlatLayout
 from .. import lora_grads
 from ..engine import Chunk, plan_chunks
@@ -31,8 +32,19 @@ def forwards(ctx: Context, one_unit_each: bool) -> list[Chunk]:
     return plan_chunks([p for ps in ctx.units for p in ps], eng.group_sizes, eng.mb)
 
 
+TOKEN_WEIGHTS = ("TRL's per-token surrogate (the ratio to old_logprobs, the KL term) weights each token of LY, "
+                 "which a layer's per-sequence weighting inside one backward of sum S cannot give")
+
+
+def refuse_token_weights(ctx: Context, name: str) -> None:
+    if ctx.eng.token_y:
+        raise GradprobeError(f"probe.schedule={name}: {TOKEN_WEIGHTS}; use probe.schedule=packed (it then runs "
+                             f"fused) or fused")
+
+
 def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    refuse_token_weights(ctx, name)
     lora_grads.require_linear(stack.model, stack.params, stack.names, name)
     chunks = forwards(ctx, one_unit_each)
     unit_of = eng.unit_of_prompt
@@ -112,6 +124,7 @@ def directions(ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _directions(ctx: Context, vx: torch.Tensor, vy: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """X[u].vx and grad LY[u].vy (fp64 [m], CPU) for flat vectors at the layout's offsets."""
     eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    refuse_token_weights(ctx, "packed (directional derivatives)")
     chunks = forwards(ctx, one_unit_each=False)
     unit_of = eng.unit_of_prompt
     out_x = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
@@ -135,6 +148,11 @@ def _directions(ctx: Context, vx: torch.Tensor, vy: torch.Tensor, name: str) -> 
 
 def run(ctx: Context) -> Outcome:
     stack = ctx.stack
+    if ctx.eng.token_y:
+        out = fused.run(ctx)
+        out.notes.append(f"{TOKEN_WEIGHTS}: ran fused, a backward of its own for LY in every unit (about 1.3-2x "
+                         f"packed's time; docs/objective.md)")
+        return out
     others = lora_grads.not_linear(stack.model, stack.params, stack.names)
     if others:
         out = fused.run(ctx)
