@@ -399,6 +399,10 @@ def load_checkpoint(directory: str | Path | None, cfg: Config, optimizer_state: 
             notes.append(f"adapter from lora.adapter_path {cfg.lora.adapter_path}, optimizer state from {d}")
     given = set(given) | ({"probe.loss_type"} if "probe.normalization" in given else set())
     args_class, settings = run_settings_of(cfg, d, adapter_weights, given, notes, changes)
+    fresh = not any(isinstance(st, dict) and st for st in state["state"].values())
+    if fresh:  # a run saved before its first step (capture.save_initial): no moments yet, P has nothing to read
+        notes.append("the optimizer has taken no step yet: the real step is its first (from zero moments); "
+                     "deltaH1's plain step uses the identity preconditioner")
     changes.update({"probe.precondition": "adam", "probe.optimizer_state": str(opt_path), "probe.learning_rate": rate})
     out = cfg.with_values(changes)
     info = CheckpointInfo(
