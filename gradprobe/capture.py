@@ -133,19 +133,20 @@ def to_batch(gen: dict[str, torch.Tensor], rows: torch.Tensor, group_size: int) 
         if len(members) < 2:
             raise GradprobeError(f"the step holds {len(members)} completion(s) of prompt group {g}; G >= 2 is needed")
         pmask = gen["prompt_mask"][members[0]].bool()
-        cmasks = [gen["completion_mask"][i].bool() for i in members]
-
-        def tokens(key: str) -> list[list[float]] | None:
-            if key not in gen:
-                return None
-            return [gen[key][i][m].double().tolist() for i, m in zip(members, cmasks)]
-
-        groups.append(Group(gen["prompt_ids"][members[0]][pmask].tolist(),
-                            [gen["completion_ids"][i][m].tolist() for i, m in zip(members, cmasks)],
+        groups.append(Group(gen["prompt_ids"][members[0]][pmask].tolist(), _completions(gen, "completion_ids", members),
                             [float(gen["rewards"][i]) for i in members],
                             [float(gen["advantages"][i]) for i in members],
-                            old_logprobs=tokens("old_per_token_logps"), ref_logprobs=tokens("ref_per_token_logps")))
+                            old_logprobs=_completions(gen, "old_per_token_logps", members),
+                            ref_logprobs=_completions(gen, "ref_per_token_logps", members)))
     return Batch(groups)
+
+
+def _completions(gen: dict[str, torch.Tensor], key: str, members: list[int]) -> list[list[Any]] | None:
+    """Rows `members` of a [N, T] completion tensor, each cut to its completion_mask (TRL's padding removed)."""
+    if key not in gen:
+        return None
+    rows = [gen[key][i][gen["completion_mask"][i].bool()] for i in members]
+    return [r.tolist() if key == "completion_ids" else r.double().tolist() for r in rows]
 
 
 def save_initial(trainer: Any, directory: Path, optimizer: Any, lr_scheduler: Any) -> None:
