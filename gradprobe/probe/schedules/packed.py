@@ -150,8 +150,8 @@ def run(ctx: Context) -> Outcome:
     stack = ctx.stack
     if ctx.eng.token_y:
         out = fused.run(ctx)
-        out.notes.append(f"{TOKEN_WEIGHTS}: ran fused, a backward of its own for LY in every unit (about 1.3-2x "
-                         f"packed's time; docs/objective.md)")
+        out.notes.append(f"{TOKEN_WEIGHTS}: ran fused, a backward of its own for LY in every unit (fused's cost, "
+                         f"about 2x packed's; docs/objective.md)")
         return out
     others = lora_grads.not_linear(stack.model, stack.params, stack.names)
     if others:
