@@ -9,9 +9,9 @@ from .rollouts import Batch, Group, read_rollouts, write_rollouts
 from .runs import run_delta_h1, run_diagnose, run_validate
 from .stack import Stack, load_stack
 
-__all__ = ["Batch", "BatchCapture", "CheckFailed", "Config", "GradprobeCallback", "GradprobeError", "Group", "ProbeResult", "Stack",
-           "build_batch", "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts", "run_delta_h1",
-           "run_diagnose", "run_validate", "write_rollouts"]
+__all__ = ["Batch", "BatchCapture", "CheckFailed", "Config", "GradprobeCallback", "GradprobeError", "Group",
+           "ProbeResult", "Stack", "build_batch", "delta_h1", "diagnose", "load_config", "load_stack", "read_rollouts",
+           "run_delta_h1", "run_diagnose", "run_validate", "write_rollouts"]
 __version__ = "0.1.0"
 
 
