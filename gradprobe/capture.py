@@ -13,7 +13,7 @@ prompt, its G completions in generation order: prompt and completion token ids (
 with TRL's completion_mask, EOS kept where it was generated), the rewards (the reward functions' weighted
 sum), TRL's advantages (already scaled), and the per-token log-probs TRL's loss uses: `old_logprobs` (its
 old_per_token_logps, the sampler's, when TRL computed them: num_iterations > 1 or an unaligned accumulation)
-and `ref_logprobs` (its ref_per_token_logps, when beta != 0).
+and `ref_logprobs` (its ref_per_token_logps, when beta != 0); `step` and `pass` on every line.
 
 How: TRL writes no batch of its own, so attach() wraps three of the trainer's methods on the instance:
 _calculate_rewards (reads the rewards), _generate_and_score_completions (keeps the generation batch on the
@@ -121,7 +121,9 @@ class BatchCapture(TrainerCallback):
         if len(passes) != 1:
             raise GradprobeError(f"optimizer step {state.global_step} mixed passes {passes} of its batches")
         path = self.directory / batch_name(state.global_step, passes[0])
-        write_rollouts(to_batch(self._generation, rows, self.trainer.num_generations), path)
+        batch = to_batch(self._generation, rows, self.trainer.num_generations)
+        batch.meta.update(step=state.global_step, **{"pass": passes[0]})
+        write_rollouts(batch, path)
         self.written.append(path)
 
 

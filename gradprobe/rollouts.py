@@ -6,7 +6,8 @@ optional: "advantages": [float, ...] (used instead of group-centred rewards) and
 (the per-response lengths the trainer normalised its loss by, instead of the responses' token counts);
 "old_logprobs" and "ref_logprobs": [[float, ...], ...], one list per response of the per-token log-probs of
 its generated tokens under the sampling policy (TRL's old_per_token_logps) and the reference model (TRL's
-ref_per_token_logps): TRL's pass > 1 and its KL term need them (objective.PassSpec).
+ref_per_token_logps): TRL's pass > 1 and its KL term need them (objective.PassSpec); "step" and "pass":
+the optimizer step and TRL's pass over its samples that the batch is (gradprobe.capture writes them).
 Token-id responses are the generated tokens only (EOS included when it was generated). Text is
 tokenised with the model's tokenizer without adding special tokens: write them as text ("<|im_end|>").
 """
@@ -112,6 +113,7 @@ def _floats(value: Any, n: int, what: str, where: str) -> list[float]:
 
 
 TOKEN_LOGPROBS = ("old_logprobs", "ref_logprobs")
+PASS_TAGS = ("step", "pass")  # the optimizer step and TRL's pass a captured batch is (capture.py), on every line
 LOGPROB_SLACK = 1e-3  # a log-softmax rounds to slightly above 0 on a near-certain token
 
 
@@ -145,7 +147,13 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
     if not p.is_file():
         raise GradprobeError(f"rollouts file not found: {p}")
     groups: list[Group] = []
+    tags: dict[str, set] = {k: set() for k in PASS_TAGS}
     for where, obj in jsonl_objects(p.read_text(), str(p)):
+        for k in PASS_TAGS:
+            v = obj.get(k)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise GradprobeError(f"{where}: '{k}' must be a positive integer (the trainer's {k} number)")
+            tags[k].add(v)
         missing = [k for k in ("prompt", "responses", "rewards") if k not in obj]
         if missing:
             raise GradprobeError(f"{where}: missing key '{missing[0]}'")
@@ -177,7 +185,14 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
         groups.append(Group(prompt, responses, rewards, adv, lengths, **token))
     if not groups:
         raise GradprobeError(f"{p}: no rollouts in the file")
-    return Batch(groups, temperature=temperature, meta={"source": str(p)})
+    meta: dict[str, Any] = {"source": str(p)}
+    for k, values in tags.items():
+        if len(values) > 1:
+            raise GradprobeError(f"{p}: the lines name different {k} numbers {sorted(values, key=str)}: one file is "
+                                 f"one optimizer step's batch")
+        if values != {None}:
+            meta[k] = values.pop()
+    return Batch(groups, temperature=temperature, meta=meta)
 
 
 def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
@@ -197,6 +212,7 @@ def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
         for key in TOKEN_LOGPROBS:
             if getattr(g, key) is not None:
                 obj[key] = getattr(g, key)
+        obj.update({k: batch.meta[k] for k in PASS_TAGS if batch.meta.get(k) is not None})
         lines.append(json.dumps(obj))
     write_atomic(path, "\n".join(lines) + "\n", "the rollouts")
 

@@ -188,6 +188,12 @@ def test_token_logprobs_round_trip_and_their_errors_name_the_line(tmp_path):
         path.write_text(json.dumps(line) + "\n" + json.dumps({**line, **bad}) + "\n")
         with pytest.raises(GradprobeError, match=r"r.jsonl:2: .*" + match):
             read_rollouts(path, tok)
+    # the step and pass a captured file is: on every line, one value
+    write_rollouts(Batch([group, group], meta={"step": 7, "pass": 2}), path)
+    assert {k: read_rollouts(path, tok).meta[k] for k in ("step", "pass")} == {"step": 7, "pass": 2}
+    path.write_text(json.dumps({**line, "pass": 1}) + "\n" + json.dumps({**line, "pass": 2}) + "\n")
+    with pytest.raises(GradprobeError, match="different pass numbers"):
+        read_rollouts(path, tok)
     # on some lines only: the pass cannot be modelled for the others, refused
     from gradprobe.objective import has_token_logprobs
 

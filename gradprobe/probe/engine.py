@@ -260,6 +260,7 @@ class _Engine:
                                "epsilon_high": sp.eps_high, "delta": sp.delta, "beta": sp.beta,
                                "per_token": self.token_y,
                                "ratio": "old_logprobs" if has_old else "1 (on-policy: no old_logprobs)"}
+        out.update({f"captured_{k}": self.batch.meta[k] for k in ("step", "pass") if k in self.batch.meta})
         if self.seq_stats:
             stats = list(self.seq_stats.values())
             tokens = sum(t for _, t, _ in stats)

@@ -64,6 +64,7 @@ def _run(root, name: str, capture: bool = True, **config) -> dict:
 
     trainer = train_grpo(record["out"], callbacks=[_recorder(record)], base_dir=root / "base", trainer_class=Trainer,
                          **config)
+    record["eos_token_ids"] = list(trainer.eos_token_ids)  # the tokens TRL's generation stops on
     record["log"] = [{k: v for k, v in row.items() if k in ("loss", "grad_norm")} for row in trainer.state.log_history]
     record["final"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     del Capturing
@@ -130,6 +131,26 @@ def test_capture_writes_every_step_and_pass_and_leaves_the_trajectory_alone(runs
     assert len({len(r) for g in [*first.groups, *a.groups] for r in g.responses}) > 1  # padding really stripped
 
 
+@pytest.mark.slow
+def test_captured_completions_are_whole_and_unpadded(runs):
+    """What X assumes of a response: the tokens the sampler generated, up to and including the first token of
+    TRL's EOS set, or max_completion_length tokens without one; nothing after, no padding (issue 23, item 5:
+    padding inside completion_ids and the EOS set, ruled out on TRL's own batches)."""
+    rec = runs["mu2"]
+    tok = _tokenizer(rec)
+    eos = set(rec["eos_token_ids"])  # TRL stops on the tokenizer's EOS plus generation_config's
+    assert tok.eos_token_id in eos
+    n = 0
+    for path in sorted(rec["batches"].glob("step-*.jsonl")):
+        for g in read_rollouts(path, tok).groups:
+            for r, old in zip(g.responses, g.old_logprobs):
+                n += 1
+                assert 1 <= len(r) <= MU2["max_completion_length"] and len(old) == len(r)
+                assert not eos & set(r[:-1])  # no token after an EOS
+                assert r[-1] in eos or len(r) == MU2["max_completion_length"]  # stopped, or cut at the limit
+    assert n == 4 * 8
+
+
 def _tokenizer(rec):
     from transformers import AutoTokenizer
 
@@ -163,6 +184,7 @@ def test_the_second_pass_is_clipped_and_the_report_says_so(runs):
     result = delta_h1(stack, build_batch(stack, cfg), cfg)
     tp = result.trl_pass
     assert tp["per_token"] and tp["ratio"] == "old_logprobs" and tp["num_iterations"] == 2
+    assert (tp["captured_step"], tp["captured_pass"]) == (4, 2)
     assert tp["clipped_share"] >= 0.10, tp
     assert tp["max_abs_log_ratio"] > 0.1
     assert result.schedule == "fused" and any("per-token" in n for n in result.notes)
