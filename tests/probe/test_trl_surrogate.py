@@ -126,10 +126,14 @@ def test_probe_y_is_trls_gradient_per_unit(fp32_stacks, surrogate_batch, sets):
     ref = _brute_force_y(stack, batch, spec)
     got = unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"].double()
     assert float((got - ref).norm() / ref.norm()) < 1e-4
-    # every schedule gives the same deltaH1; packed runs fused and says why
-    results = {s: gp.delta_h1(stack, batch, cfg.with_values({"probe.schedule": s})) for s in ("packed", "literal")}
-    assert results["packed"].schedule == "fused" and any("per-token" in n for n in results["packed"].notes)
-    assert math.isclose(results["packed"].deltaH1, results["literal"].deltaH1, rel_tol=1e-4)
+    # every schedule gives the same deltaH1; packed takes two backwards per forward and says why
+    results = {s: gp.delta_h1(stack, batch, cfg.with_values({"probe.schedule": s, "probe.microbatch_size": 8}))
+               for s in ("packed", "fused", "literal")}
+    assert results["packed"].schedule == "packed" and any("per-token" in n for n in results["packed"].notes)
+    assert results["packed"].backwards == 2 * results["packed"].forwards == 2 * 3  # 2 units per forward
+    for other in ("fused", "literal"):
+        assert math.isclose(results["packed"].deltaH1, results[other].deltaH1, rel_tol=1e-4), other
+    assert math.isclose(results["packed"].deltaH, results["fused"].deltaH, rel_tol=1e-4)
     assert results["packed"].trl_pass["clipped_share"] > 0.05 and results["packed"].trl_pass["per_token"]
     with pytest.raises(GradprobeError, match="per-token"):
         gp.delta_h1(stack, batch, cfg.with_values({"probe.schedule": "one_backward"}))
