@@ -187,7 +187,10 @@ def test_the_second_pass_is_clipped_and_the_report_says_so(runs):
     assert (tp["captured_step"], tp["captured_pass"]) == (4, 2)
     assert tp["clipped_share"] >= 0.10, tp
     assert tp["max_abs_log_ratio"] > 0.1
-    assert result.schedule == "fused" and any("per-token" in n for n in result.notes)
+    assert result.schedule == "packed" and any("per-token" in n for n in result.notes)
+    # the headline's step (packed, two backwards per forward, the checkpoint's optimizer state) is TRL's
+    real = torch.cat([(rec["saved"][4][n].double() - rec["saved"][3][n].double()).reshape(-1) for n in stack.names])
+    assert abs(result.update_norm - float(real.norm())) < 0.01 * float(real.norm())
     assert any("sampled by an earlier policy" in n for n in result.notes)
     # on a pass-1 batch, probed where it was sampled, the ratio is 1 to rounding: no off-policy note
     rollouts = rec["batches"] / batch_name(3, 1)
