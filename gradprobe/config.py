@@ -83,6 +83,13 @@ class ProbeSection:
     scale_rewards: str = key("none", SCALE_REWARDS)
     max_completion_length: int | None = None
     max_grad_norm: float | None = None
+    # TRL's pass (docs/objective.md): passes over each batch, the ratio's clip range, two-sided clip, KL weight
+    num_iterations: int = key(1, positive=True)
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    beta: float = 0.0
+    kl_bias_correction: bool = True
     precondition: str = key("identity", ("adam", "identity"))
     optimizer_state: str | None = None
     optimizer_order: str = key("auto", ("auto", "trainer", "named"))
@@ -307,6 +314,14 @@ def _check(flat: dict[str, Any]) -> None:
     clip = flat["probe.max_grad_norm"]
     if clip is not None and not (clip > 0 and clip != float("inf")):
         raise GradprobeError(f"probe.max_grad_norm must be > 0 (null: no clipping); got {clip}")
+    eps, eps_high, delta = flat["probe.epsilon"], flat["probe.epsilon_high"], flat["probe.delta"]
+    if not 0 <= eps < 1 or (eps_high is not None and not eps_high >= 0):
+        raise GradprobeError(f"probe.epsilon must be in [0, 1) and probe.epsilon_high >= 0 (null: epsilon); got "
+                             f"{eps}, {eps_high}")
+    if delta is not None and not delta > 1:
+        raise GradprobeError(f"probe.delta (TRL's two-sided clip of the ratio) must be > 1 (null: off); got {delta}")
+    if not flat["probe.beta"] >= 0:
+        raise GradprobeError(f"probe.beta (the KL term's weight) must be >= 0; got {flat['probe.beta']}")
     length = flat["probe.max_completion_length"]
     if length is not None and length < 1:
         raise GradprobeError(f"probe.max_completion_length must be >= 1; got {length}")

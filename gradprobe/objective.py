@@ -8,7 +8,7 @@ here, so their losses cannot drift apart.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,8 +44,9 @@ def pack(pairs: list[tuple[list[int], list[int]]], pad_id: int, device: torch.de
                       torch.tensor(gen, device=device), max(len(r) for _, r in pairs))
 
 
-def sequence_logprobs(model, batch: TokenBatch, temperature: float, autocast) -> torch.Tensor:
-    """S[i] = sum_t m[i,t] log softmax(logits/tau)[y_t], fp32; only the response columns get logits."""
+def token_logprobs(model, batch: TokenBatch, temperature: float, autocast) -> torch.Tensor:
+    """[n, max_response] fp32: m[i,t] log softmax(logits/tau)[y_t] over the response columns (right-aligned:
+    response i fills the last len(i) columns), 0 elsewhere; only the response columns get logits."""
     keep = batch.max_response + 1  # logits at column t predict token t+1
     with autocast:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -56,7 +57,12 @@ def sequence_logprobs(model, batch: TokenBatch, temperature: float, autocast) ->
     targets = batch.input_ids[:, -keep + 1:] if keep > 1 else batch.input_ids[:, :0]
     mask = batch.gen_mask[:, -keep + 1:] if keep > 1 else batch.gen_mask[:, :0]
     picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
-    return torch.where(mask, picked, torch.zeros((), device=picked.device)).sum(-1)
+    return torch.where(mask, picked, torch.zeros((), device=picked.device))
+
+
+def sequence_logprobs(model, batch: TokenBatch, temperature: float, autocast) -> torch.Tensor:
+    """S[i] = sum_t m[i,t] log softmax(logits/tau)[y_t], fp32."""
+    return token_logprobs(model, batch, temperature, autocast).sum(-1)
 
 
 def x_weights(s: torch.Tensor) -> torch.Tensor:
@@ -192,3 +198,100 @@ def group_y_weights(group, normalization: str) -> torch.Tensor:
 def is_flat(group) -> bool:
     """Every advantage is zero: the group's Y gradient is exactly zero (no learning signal)."""
     return not bool(group_advantages(group).any())
+
+
+# TRL's pass (docs/objective.md, "The pass TRL takes"): GRPOTrainer._compute_loss, trl 1.16 grpo_trainer.py
+# l.3065-3175. Per token, with r = exp(logp - old_logp) and A the sequence's advantage:
+#   j[t] = min(min(r, delta) A, clamp(r, 1 - eps, 1 + eps_high) A) - beta r^c kl[t],
+#   kl[t] = exp(ref - logp) - (ref - logp) - 1   (k3),   c = 1 with use_bias_correction_kl (TRL's default), else 0
+# TRL's loss is -sum_t n_i j[t] with the loss type's normaliser n_i; LY's weight on logp[t] is n_i dj/dlogp:
+#   d(-beta kl)/dlogp = beta (exp(ref - logp) - 1);   d(-beta r kl)/dlogp = beta r (ref - logp)
+# (r carries a gradient even where it is 1: TRL's on-policy old_logp is logp.detach()).
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """The run's surrogate: passes per batch (num_iterations), the ratio's clip range, two-sided clip, KL."""
+
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (TRL's default)
+    beta: float = 0.0
+    delta: float | None = None  # TRL's two-sided clipping of the ratio; None: off
+    kl_bias_correction: bool = True  # TRL's use_bias_correction_kl: the KL term times the ratio
+
+    @classmethod
+    def from_config(cls, probe: ProbeSection) -> PassSpec:
+        return cls(probe.num_iterations, probe.epsilon, probe.epsilon_high, probe.beta, probe.delta,
+                   probe.kl_bias_correction)
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def has_token_logprobs(batch, key: str) -> bool:
+    """Whether the batch's groups carry `key` (old_logprobs or ref_logprobs); refuses a batch where only some do."""
+    groups = getattr(batch, "groups", batch)
+    present = [getattr(g, key) is not None for g in groups]
+    if any(present) and not all(present):
+        where = getattr(batch, "meta", {}).get("source", "the batch")
+        raise GradprobeError(f"{where}: '{key}' is on {sum(present)} of {len(present)} lines; give it on every line "
+                             f"or on none")
+    return bool(present) and all(present)
+
+
+def needs_token_weights(batch, spec: PassSpec) -> bool:
+    """LY needs per-token weights (TRL's ratio or KL term): with old log-probs, or a KL term; without both, every
+    token of a sequence has the same weight (ratio 1, TRL's one-pass case) and LY = sum_i wy[i] S[i]."""
+    return has_token_logprobs(batch, "old_logprobs") or spec.beta != 0
+
+
+def check_pass(batch, spec: PassSpec) -> None:
+    """Refuse a batch that cannot give the pass the run steps with: never model pass 1 in its place."""
+    where = getattr(batch, "meta", {}).get("source", "the batch")
+    old = has_token_logprobs(batch, "old_logprobs")
+    if spec.num_iterations > 1 and not old:
+        raise GradprobeError(
+            f"the run takes num_iterations={spec.num_iterations} passes over each batch: passes after the first step "
+            f"with TRL's clipped ratio against the sampler's log-probs, and {where} has no 'old_logprobs'; capture "
+            f"the batches with gradprobe.capture.BatchCapture (docs/rollouts.md), or set probe.num_iterations=1 to "
+            f"probe the batch as an on-policy first pass")
+    if spec.beta != 0 and not has_token_logprobs(batch, "ref_logprobs"):
+        raise GradprobeError(
+            f"the run's loss has a KL term (beta {spec.beta:g}) and {where} has no 'ref_logprobs' (the reference "
+            f"model's per-token log-probs); capture the batches with gradprobe.capture.BatchCapture, or set "
+            f"probe.beta=0 to leave the KL term out")
+
+
+def token_y_weights(logp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, norm: torch.Tensor,
+                    spec: PassSpec, old: torch.Tensor | None = None,
+                    ref: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w [n, T], clipped [n, T] bool): w[i,t] = norm[i] dj[i,t]/dlogp[i,t], the gradient of TRL's per-token
+    objective j (above) as autograd takes it through torch.min and torch.clamp (a tie splits evenly), on the
+    detached log-probs; clipped marks TRL's clip_ratio/region tokens. logp, old, ref: [n, T]; adv, norm: [n]."""
+    logp = logp.detach().double()
+    a = adv.double()[:, None]
+    r = torch.exp(logp - old.double()) if old is not None else torch.ones_like(logp)
+    lo, hi = 1 - spec.epsilon, 1 + spec.eps_high
+    c1 = r if spec.delta is None else r.clamp(max=spec.delta)
+    c2 = r.clamp(lo, hi)
+    g1 = a * r * (c1 == r)  # dc1/dlogp = r where clamp passes the gradient
+    g2 = a * r * ((r >= lo) & (r <= hi))
+    v1, v2 = c1 * a, c2 * a
+    dj = torch.where(v1 < v2, g1, torch.where(v1 > v2, g2, (g1 + g2) / 2))
+    if spec.beta != 0:
+        if ref is None:
+            raise GradprobeError("the KL term needs the reference model's per-token log-probs (ref_logprobs)")
+        d = ref.double() - logp
+        dj = dj + spec.beta * (r * d if spec.kl_bias_correction else torch.exp(d) - 1)
+    m = mask.bool()
+    clipped = (((r < lo) & (a < 0)) | ((r > hi) & (a > 0))) & m
+    return torch.where(m, dj * norm.double()[:, None], torch.zeros((), dtype=torch.float64, device=dj.device)), clipped
+
+
+def y_norms_for_batch(batch, loss_type: str, max_completion_length: int | None = None) -> list[torch.Tensor]:
+    """The loss type's per-sequence normaliser n (fp64, per group): y_weights_for_batch = A * n."""
+    groups = getattr(batch, "groups", batch)
+    ones = [replace(g, advantages=[1.0] * len(g.responses)) for g in groups]
+    return y_weights_for_batch(ones, loss_type, "none", max_completion_length)

@@ -3,7 +3,11 @@
 JSONL format (docs/rollouts.md), one object per prompt (one line each):
     {"prompt": "text" | [ids], "responses": ["text" | [ids], ...], "rewards": [float, ...]}
 optional: "advantages": [float, ...] (used instead of group-centred rewards) and "lengths": [int, ...]
-(the per-response lengths the trainer normalised its loss by, instead of the responses' token counts).
+(the per-response lengths the trainer normalised its loss by, instead of the responses' token counts);
+"old_logprobs" and "ref_logprobs": [[float, ...], ...], one list per response of the per-token log-probs of
+its generated tokens under the sampling policy (TRL's old_per_token_logps) and the reference model (TRL's
+ref_per_token_logps): TRL's pass > 1 and its KL term need them (objective.PassSpec); "step" and "pass":
+the optimizer step and TRL's pass over its samples that the batch is (gradprobe.capture writes them).
 Token-id responses are the generated tokens only (EOS included when it was generated). Text is
 tokenised with the model's tokenizer without adding special tokens: write them as text ("<|im_end|>").
 """
@@ -60,6 +64,8 @@ class Group:
     rewards: list[float]
     advantages: list[float] | None = None
     lengths: list[int] | None = None  # loss-normalisation lengths, when they are not the token counts
+    old_logprobs: list[list[float]] | None = None  # per response, per generated token: the sampler's
+    ref_logprobs: list[list[float]] | None = None  # the reference model's
 
     def loss_lengths(self) -> list[int]:
         return self.lengths if self.lengths is not None else [len(r) for r in self.responses]
@@ -106,6 +112,32 @@ def _floats(value: Any, n: int, what: str, where: str) -> list[float]:
     return out
 
 
+TOKEN_LOGPROBS = ("old_logprobs", "ref_logprobs")
+PASS_TAGS = ("step", "pass")  # the optimizer step and TRL's pass a captured batch is (capture.py), on every line
+LOGPROB_SLACK = 1e-3  # a log-softmax rounds to slightly above 0 on a near-certain token
+
+
+def _token_logprobs(value: Any, responses: list[list[int]], what: str, where: str) -> list[list[float]]:
+    """One list of per-token log-probs per response, as many as its tokens (diagnose's old_logprobs form)."""
+    from .diagnose.logprobs import _as_rows
+
+    if not isinstance(value, list) or len(value) != len(responses) or not all(isinstance(v, list) for v in value):
+        raise GradprobeError(f"{where}: '{what}' must be a list of {len(responses)} lists, one per response, of "
+                             f"per-token log-probs")
+    try:
+        _, counts = _as_rows(value)
+        rows = [[float(x) for x in v] for v in value]
+    except (GradprobeError, TypeError, ValueError, RuntimeError) as exc:
+        raise GradprobeError(f"{where}: '{what}': {exc}") from None
+    for i, (n, r) in enumerate(zip(counts or [], responses)):
+        if n != len(r):
+            raise GradprobeError(f"{where}: '{what}' of response {i} has {n} log-probs for its {len(r)} tokens")
+    if not all(-float("inf") < x <= LOGPROB_SLACK for v in rows for x in v):
+        raise GradprobeError(f"{where}: '{what}' holds a value that is not a finite log-probability (NaN, "
+                             f"infinite or above 0)")
+    return rows
+
+
 def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, temperature: float = 1.0,
                   max_positions: int | None = None) -> Batch:
     """Parse and validate a rollouts file; every error names the line. `max_positions` is the model's
@@ -115,7 +147,13 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
     if not p.is_file():
         raise GradprobeError(f"rollouts file not found: {p}")
     groups: list[Group] = []
+    tags: dict[str, set] = {k: set() for k in PASS_TAGS}
     for where, obj in jsonl_objects(p.read_text(), str(p)):
+        for k in PASS_TAGS:
+            v = obj.get(k)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+                raise GradprobeError(f"{where}: '{k}' must be a positive integer (the trainer's {k} number)")
+            tags[k].add(v)
         missing = [k for k in ("prompt", "responses", "rewards") if k not in obj]
         if missing:
             raise GradprobeError(f"{where}: missing key '{missing[0]}'")
@@ -142,10 +180,19 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
                 raise GradprobeError(f"{where}: response {longest} is {len(responses[longest])} tokens after a "
                                      f"{len(prompt)}-token prompt, longer than the model's context "
                                      f"({max_positions} positions)")
-        groups.append(Group(prompt, responses, rewards, adv, lengths))
+        token = {k: _token_logprobs(obj[k], responses, k, where) if obj.get(k) is not None else None
+                 for k in TOKEN_LOGPROBS}
+        groups.append(Group(prompt, responses, rewards, adv, lengths, **token))
     if not groups:
         raise GradprobeError(f"{p}: no rollouts in the file")
-    return Batch(groups, temperature=temperature, meta={"source": str(p)})
+    meta: dict[str, Any] = {"source": str(p)}
+    for k, values in tags.items():
+        if len(values) > 1:
+            raise GradprobeError(f"{p}: the lines name different {k} numbers {sorted(values, key=str)}: one file is "
+                                 f"one optimizer step's batch")
+        if values != {None}:
+            meta[k] = values.pop()
+    return Batch(groups, temperature=temperature, meta=meta)
 
 
 def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
@@ -162,6 +209,10 @@ def write_rollouts(batch: Batch, path: str | Path, tokenizer=None) -> None:
             obj["advantages"] = g.advantages
         if g.lengths is not None:
             obj["lengths"] = g.lengths
+        for key in TOKEN_LOGPROBS:
+            if getattr(g, key) is not None:
+                obj[key] = getattr(g, key)
+        obj.update({k: batch.meta[k] for k in PASS_TAGS if batch.meta.get(k) is not None})
         lines.append(json.dumps(obj))
     write_atomic(path, "\n".join(lines) + "\n", "the rollouts")
 

@@ -9,8 +9,9 @@ A Trainer checkpoint of a PEFT model holds
                         every optimizer step)
     trainer_state.json  global_step and the log history
     training_args.bin   torch.save(TrainingArguments), or of a subclass such as TRL's GRPOConfig: the loss
-                        (loss_type, scale_rewards, num_generations, temperature, max_completion_length,
-                        beta), max_grad_norm, bf16/fp16 and activation checkpointing
+                        (loss_type, scale_rewards, num_generations, temperature, max_completion_length;
+                        the pass: num_iterations, epsilon, epsilon_high, delta, beta, use_bias_correction_kl),
+                        max_grad_norm, bf16/fp16 and activation checkpointing
 load_checkpoint turns these into ordinary config keys (model.name_or_path, lora.adapter_path,
 probe.precondition, probe.optimizer_state, probe.learning_rate, and RUN_SETTINGS), so every command uses a
 checkpoint the same way and the JSON output records exactly what was probed and where each setting came
@@ -225,13 +226,12 @@ def run_settings(cls: str, args: dict[str, Any]) -> tuple[dict[str, tuple[Any, s
         out["batch.group_size"] = (args["num_generations"], "num_generations", True)
     if isinstance(args.get("max_completion_length"), int) and args["max_completion_length"] > 0:
         out["probe.max_completion_length"] = (args["max_completion_length"], "max_completion_length", True)
-    beta = args.get("beta")
-    if isinstance(beta, (int, float)) and beta != 0:
-        notes.append(f"the run's loss has a KL term (beta {beta:g}); the probe's loss leaves it out (its gradient "
-                     f"is zero only where the policy equals the reference)")
+    out.update(_pass_settings(args))
     unmodelled = {"top_entropy_quantile": lambda v: isinstance(v, (int, float)) and v < 1.0,
                   "mask_truncated_completions": bool,
-                  "importance_sampling_level": lambda v: v not in (None, "token")}
+                  "importance_sampling_level": lambda v: v not in (None, "token"),
+                  "off_policy_mask_threshold": lambda v: v is not None,
+                  "use_vllm": bool, "entropy_coef": lambda v: isinstance(v, (int, float)) and v != 0}
     notes += [f"the run sets {key}={args[key]}, which the probe's loss does not model"
               for key, differs in unmodelled.items() if differs(args.get(key))]
     steps = args.get("steps_per_generation")
@@ -240,6 +240,29 @@ def run_settings(cls: str, args: dict[str, Any]) -> tuple[dict[str, tuple[Any, s
         notes.append(f"the run splits each generation batch over {steps} optimizer steps (steps_per_generation) "
                      f"with {accumulation} accumulation steps: give the probe one optimizer step's batch")
     return out, notes
+
+
+def _pass_settings(args: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
+    """TRL's pass (objective.PassSpec): num_iterations, the clip range, two-sided clip, the KL term."""
+    out: dict[str, tuple[Any, str, bool]] = {}
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(args.get("num_iterations"), int) and args["num_iterations"] >= 1:
+        out["probe.num_iterations"] = (args["num_iterations"], "num_iterations", True)
+    if number(args.get("epsilon")):
+        out["probe.epsilon"] = (float(args["epsilon"]), "epsilon", True)
+    if "epsilon_high" in args and (args["epsilon_high"] is None or number(args["epsilon_high"])):
+        high = args["epsilon_high"]
+        out["probe.epsilon_high"] = (None if high is None else float(high), "epsilon_high", True)
+    if "delta" in args and (args["delta"] is None or number(args["delta"])):
+        out["probe.delta"] = (None if args["delta"] is None else float(args["delta"]), "delta", True)
+    if number(args.get("beta")):
+        out["probe.beta"] = (float(args["beta"]), "beta", True)
+    if isinstance(args.get("use_bias_correction_kl"), bool):
+        out["probe.kl_bias_correction"] = (args["use_bias_correction_kl"], "use_bias_correction_kl", True)
+    return out
 
 
 def _adapter_dtypes(path: Path) -> list[str]:
@@ -309,8 +332,9 @@ def run_settings_of(cfg: Config, d: Path | None, adapter: Path | None, given: se
 # The settings of the run a checkpoint can tell (training_args.bin, the adapter's dtype) or cannot (the base
 # model's quantisation): each is reported with its source.
 RUN_SETTINGS = ("probe.loss_type", "probe.scale_rewards", "batch.group_size", "batch.temperature",
-                "probe.max_completion_length", "probe.max_grad_norm", "autocast", "checkpointing", "lora.dtype",
-                *QUANT_KEYS)
+                "probe.max_completion_length", "probe.max_grad_norm", "probe.num_iterations", "probe.epsilon",
+                "probe.epsilon_high", "probe.delta", "probe.beta", "probe.kl_bias_correction", "autocast",
+                "checkpointing", "lora.dtype", *QUANT_KEYS)
 UNRECORDED = dict.fromkeys(QUANT_KEYS, UNRECORDED_WHY)
 STACK_KEYS = (*QUANT_KEYS, "lora.dtype", "autocast", "checkpointing")  # what model is probed, not which loss
 
@@ -394,6 +418,10 @@ def load_checkpoint(directory: str | Path | None, cfg: Config, optimizer_state: 
     given = set(given) | ({"probe.loss_type"} if "probe.normalization" in given else set())
     base_dir = changes.get("model.name_or_path", cfg.model.name_or_path)
     args_class, settings = run_settings_of(cfg, d, adapter_weights, given, notes, changes, base_dir)
+    fresh = not any(isinstance(st, dict) and st for st in state["state"].values())
+    if fresh:  # a run saved before its first step (capture.save_initial): no moments yet, P has nothing to read
+        notes.append("the optimizer has taken no step yet: the real step is its first (from zero moments); "
+                     "deltaH1's plain step uses the identity preconditioner")
     changes.update({"probe.precondition": "adam", "probe.optimizer_state": str(opt_path), "probe.learning_rate": rate})
     out = cfg.with_values(changes)
     info = CheckpointInfo(

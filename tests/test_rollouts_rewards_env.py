@@ -167,3 +167,36 @@ def test_bitsandbytes_8bit_adam_state_is_dequantised():
     want = from_adam_state(ref.state_dict(), ["w"], [a]).scales[0]
     rel = ((got - want).abs() / want).flatten()
     assert rel.median() < 0.02 and rel.max() < 0.2
+
+
+def test_token_logprobs_round_trip_and_their_errors_name_the_line(tmp_path):
+    """old_logprobs and ref_logprobs: one list per response, one log-prob per generated token."""
+    from gradprobe.rollouts import Batch, Group
+
+    tok = CharTokenizer()
+    group = Group([1, 5], [[4], [5, 6]], [0.0, 1.0], [-1.0, 1.0], old_logprobs=[[-0.5], [-1.0, -2.25]],
+                  ref_logprobs=[[-0.75], [-1.5, -0.125]])
+    path = tmp_path / "r.jsonl"
+    write_rollouts(Batch([group, group]), path)
+    back = read_rollouts(path, tok)
+    assert [(g.old_logprobs, g.ref_logprobs) for g in back.groups] == [(group.old_logprobs, group.ref_logprobs)] * 2
+    line = {"prompt": [1, 5], "responses": [[4], [5, 6]], "rewards": [0, 1]}
+    for bad, match in (({"old_logprobs": [[-0.5], [-1.0]]}, "response 1 has 1 log-probs for its 2 tokens"),
+                       ({"old_logprobs": [-0.5, -3.0]}, "must be a list of 2 lists"),
+                       ({"ref_logprobs": [[0.5], [-1.0, -1.0]]}, "not a finite log-probability"),
+                       ({"old_logprobs": [["a"], [-1.0, -1.0]]}, "'old_logprobs'")):
+        path.write_text(json.dumps(line) + "\n" + json.dumps({**line, **bad}) + "\n")
+        with pytest.raises(GradprobeError, match=r"r.jsonl:2: .*" + match):
+            read_rollouts(path, tok)
+    # the step and pass a captured file is: on every line, one value
+    write_rollouts(Batch([group, group], meta={"step": 7, "pass": 2}), path)
+    assert {k: read_rollouts(path, tok).meta[k] for k in ("step", "pass")} == {"step": 7, "pass": 2}
+    path.write_text(json.dumps({**line, "pass": 1}) + "\n" + json.dumps({**line, "pass": 2}) + "\n")
+    with pytest.raises(GradprobeError, match="different pass numbers"):
+        read_rollouts(path, tok)
+    # on some lines only: the pass cannot be modelled for the others, refused
+    from gradprobe.objective import has_token_logprobs
+
+    path.write_text(json.dumps(line) + "\n" + json.dumps({**line, "old_logprobs": [[-0.5], [-1.0, -1.0]]}) + "\n")
+    with pytest.raises(GradprobeError, match="'old_logprobs' is on 1 of 2 lines"):
+        has_token_logprobs(read_rollouts(path, tok), "old_logprobs")

@@ -72,6 +72,12 @@ def build_preconditioner(cfg: Config, names: list[str], params: list[torch.nn.Pa
     no_decay = no_decay_names(model) if model is not None else None
     other = _other_adapter(Path(path), model)
     state = load_state_dict(path)
+    if not any(isinstance(st, dict) and st for st in state["state"].values()):
+        # saved before the first step (capture.save_initial): no moments; Adam's first step is sign-like, no P
+        precond = Preconditioner(None, source=f"identity ({path} has taken no step: no Adam moments yet)")
+        precond.learning_rate, precond.learning_rate_source, _ = next_learning_rate(pcfg.learning_rate, state,
+                                                                                    Path(path))
+        return precond
     try:
         precond = from_adam_state(state, names, params, source=str(path), no_decay=no_decay,
                                   order=pcfg.optimizer_order)

@@ -22,7 +22,18 @@ import torch
 from .. import distributed
 from ..attention import without_cudnn_attention
 from ..errors import GradprobeError
-from ..objective import pack, sequence_logprobs, x_weights, y_weights_for_batch
+from ..objective import (
+    PassSpec,
+    batch_advantages,
+    check_pass,
+    needs_token_weights,
+    pack,
+    token_logprobs,
+    token_y_weights,
+    x_weights,
+    y_norms_for_batch,
+    y_weights_for_batch,
+)
 from ..optim.precondition import Preconditioner
 from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
@@ -100,6 +111,8 @@ class ProbeResult:
     entropy_units: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1  # processes of a torchrun launch (distributed.py); 1 without it
     units_per_rank: list[int] = field(default_factory=list)  # how many units each rank processed
+    # TRL's pass the Y loss models (objective.PassSpec): num_iterations, epsilon, beta, ratio source, clipped share
+    trl_pass: dict[str, Any] = field(default_factory=dict)
     # per estimate (deltaH, deltaH1, each part): can it be told from zero, and at about how many units
     # (real_step.resolution); filled by resolve() once deltaH is final
     resolution: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -181,7 +194,7 @@ class _Engine:
     """Forwards and weighted backwards over chunks of one batch."""
 
     def __init__(self, stack, batch: Batch, probe_cfg: ProbeSection, unit_of_prompt: dict[int, int],
-                 unit_sizes: list[int]):
+                 unit_sizes: list[int], need_y: bool = True):
         self.stack = stack
         self.batch = batch
         self.mb = probe_cfg.microbatch_size
@@ -199,6 +212,18 @@ class _Engine:
         self.y_w = {p: w / unit_sizes[unit_of_prompt[p]] for p, w in enumerate(whole) if p in unit_of_prompt}
         self._packed: dict[tuple, tuple[Any, int]] = {}
         self._wy: dict[tuple, torch.Tensor] = {}
+        # TRL's per-token surrogate (objective.token_y_weights): LY = sum_{i,t} w[i,t] logp[i,t]
+        self.spec = PassSpec.from_config(probe_cfg)
+        if need_y:
+            check_pass(batch, self.spec)
+        self.token_y = need_y and needs_token_weights(batch, self.spec)
+        if self.token_y:
+            norms = y_norms_for_batch(batch, self.norm, probe_cfg.max_completion_length)
+            self.y_norm = {p: n / unit_sizes[unit_of_prompt[p]] for p, n in enumerate(norms) if p in unit_of_prompt}
+            self.adv = batch_advantages(batch, probe_cfg.scale_rewards)
+        self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # (S, per-token log-probs) of the last forward
+        self._token_rows: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self.seq_stats: dict[tuple[int, int], tuple[int, int, float]] = {}  # (p, i) -> clipped, tokens, max|log r|
 
     def forward(self, chunk: Chunk) -> torch.Tensor:
         key = tuple(chunk)
@@ -210,7 +235,67 @@ class _Engine:
         tb, tokens = self._packed[key]
         self.forwards += 1
         self.tokens += tokens
-        return sequence_logprobs(self.stack.model, tb, self.batch.temperature, self.stack.autocast())
+        tok = token_logprobs(self.stack.model, tb, self.batch.temperature, self.stack.autocast())
+        s = tok.sum(-1)
+        self._tokens = (s, tok)
+        return s
+
+    def y_loss(self, chunk: Chunk, s: torch.Tensor, wy: torch.Tensor) -> torch.Tensor:
+        """LY of the chunk's last forward: sum_i wy[i] S[i]; with TRL's per-token surrogate sum_{i,t} w[i,t] logp."""
+        if not self.token_y:
+            return (s * wy).sum()
+        if self._tokens is None or self._tokens[0] is not s:
+            raise RuntimeError("y_loss takes the S of the engine's last forward")
+        tok = self._tokens[1]
+        return (tok * self.token_weights(chunk, tok).to(tok.device, torch.float32)).sum()
+
+    def token_weights(self, chunk: Chunk, tok: torch.Tensor) -> torch.Tensor:
+        """[rows, R] fp64 per-token weights of LY at the current log-probs (objective.token_y_weights)."""
+        key = tuple(chunk)
+        if key not in self._token_rows:
+            width = tok.shape[1]
+            rows = [(p, i) for p, a, b in chunk for i in range(a, b)]
+            groups = self.batch.groups
+
+            def right(values: list[list[float]] | None, i: int) -> list[float]:
+                v = values[i] if values is not None else []
+                return [0.0] * (width - len(v)) + list(v)
+
+            lens = torch.tensor([len(groups[p].responses[i]) for p, i in rows])
+            mask = torch.arange(width)[None, :] >= (width - lens)[:, None]
+            old = torch.tensor([right(groups[p].old_logprobs, i) for p, i in rows], dtype=torch.float64)
+            ref = torch.tensor([right(groups[p].ref_logprobs, i) for p, i in rows], dtype=torch.float64)
+            has_old = groups[rows[0][0]].old_logprobs is not None
+            has_ref = groups[rows[0][0]].ref_logprobs is not None
+            adv = torch.stack([self.adv[p][i] for p, i in rows])
+            norm = torch.stack([self.y_norm[p][i] for p, i in rows])
+            dev = tok.device
+            self._token_rows[key] = (mask.to(dev), old.to(dev) if has_old else None, ref.to(dev) if has_ref else None,
+                                     adv.to(dev), norm.to(dev), rows)
+        mask, old, ref, adv, norm, rows = self._token_rows[key]
+        w, clipped = token_y_weights(tok, mask, adv, norm, self.spec, old, ref)
+        log_r = (tok.detach().double() - old).abs() * mask if old is not None else torch.zeros_like(w)
+        for j, pi in enumerate(rows):
+            top = float(log_r[j].max()) if log_r.shape[1] else 0.0
+            self.seq_stats.setdefault(pi, (int(clipped[j].sum()), int(mask[j].sum()), top))
+        return w
+
+    def pass_summary(self) -> dict[str, Any]:
+        """The pass LY models, for the result: TRL's settings, where the ratio came from, the clipped share."""
+        sp = self.spec
+        has_old = bool(self.batch.groups) and self.batch.groups[0].old_logprobs is not None
+        out: dict[str, Any] = {"num_iterations": sp.num_iterations, "epsilon": sp.epsilon,
+                               "epsilon_high": sp.eps_high, "delta": sp.delta, "beta": sp.beta,
+                               "per_token": self.token_y,
+                               "ratio": "old_logprobs" if has_old else "1 (on-policy: no old_logprobs)"}
+        out.update({f"captured_{k}": self.batch.meta[k] for k in ("step", "pass") if k in self.batch.meta})
+        if self.seq_stats:
+            stats = list(self.seq_stats.values())
+            tokens = sum(t for _, t, _ in stats)
+            out.update(clipped_tokens=sum(c for c, _, _ in stats), loss_tokens=tokens,
+                       clipped_share=sum(c for c, _, _ in stats) / max(tokens, 1),
+                       max_abs_log_ratio=max(m for _, _, m in stats))
+        return out
 
     def prepare(self, chunks: list[Chunk]) -> None:
         """S for every group that a forward splits: the leave-one-out baseline needs the whole group."""
@@ -352,6 +437,7 @@ def run_probe(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditio
     if ctx.shard is not None:  # the largest rank's
         peak = int(distributed.all_reduce(torch.tensor([peak], dtype=torch.int64), "max"))
     extra = _real_step_fields(out.real, sy, learning_rate, m, step_parts is not None)
+    trl_pass = eng.pass_summary()
     every_unit = units_of(batch, probe_cfg.mode, probe_cfg.block_size)  # ctx.units: this rank's share
     units = unit_rows(batch, every_unit, stack.tokenizer, [-learning_rate * r / m for r in st.row_means],
                       out.real[0].unit_terms if out.real is not None else None)
@@ -372,10 +458,29 @@ def run_probe(stack, batch: Batch, probe_cfg: ProbeSection, precond: Preconditio
         mode=probe_cfg.mode, schedule=out.schedule, microbatch_size=eng.mb,
         precondition=precond.source, normalization=eng.norm,
         forwards=counts[0], backwards=counts[1], tokens=counts[2],
-        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind, notes=out.notes + _shard_notes(ctx),
+        seconds=seconds, peak_memory_bytes=peak, peak_memory_kind=peak_kind,
+        notes=out.notes + _shard_notes(ctx) + _pass_notes(trl_pass), trl_pass=trl_pass,
         world_size=ctx.shard.world if ctx.shard else 1, units_per_rank=ctx.shard.counts if ctx.shard else [m],
         units=units, **extra,
     )
+
+
+OFF_POLICY = 1e-4  # max |log r| above float rounding: the probed policy is not the one that sampled the batch
+
+
+def _pass_notes(trl_pass: dict[str, Any]) -> list[str]:
+    """What the Y loss models of TRL's pass, and what X then means."""
+    if not trl_pass.get("per_token"):
+        return []
+    notes = [f"LY is TRL's per-token surrogate (ratio from {trl_pass['ratio']}, clip [1 - {trl_pass['epsilon']:g}, "
+             f"1 + {trl_pass['epsilon_high']:g}], beta {trl_pass['beta']:g}): "
+             f"{trl_pass.get('clipped_share', 0.0):.1%} of the loss tokens clipped"]
+    if trl_pass.get("max_abs_log_ratio", 0.0) > OFF_POLICY:
+        notes.append(f"the batch was sampled by an earlier policy (max |log ratio| "
+                     f"{trl_pass['max_abs_log_ratio']:.3g}: a pass after the first): X, the entropy gradient, is "
+                     f"estimated on samples not drawn from the probed policy (not importance-weighted), so the "
+                     f"same-batch deltaH1 and deltaH carry that bias; the step and Y are TRL's")
+    return notes
 
 
 def _shard_notes(ctx: Context) -> list[str]:
@@ -413,7 +518,7 @@ def unit_gradients(stack, batch: Batch, probe_cfg: ProbeSection, precond: Precon
     own forwards, weights and backward() reads; for callers that need more than U_cross (validate)."""
     units = units_of(batch, probe_cfg.mode, probe_cfg.block_size)
     unit_of_prompt = {p: u for u, ps in enumerate(units) for p in ps}
-    eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units])
+    eng = _Engine(stack, batch, probe_cfg, unit_of_prompt, [len(ps) for ps in units], need_y="y" in kinds)
     layout = FlatLayout(stack.params, block=1)  # unpadded: rows are [units, n_params]
     reader = GradReader(stack.params, layout)
     out = {k: torch.zeros(len(units), layout.n) for k in kinds}
@@ -424,7 +529,7 @@ def unit_gradients(stack, batch: Batch, probe_cfg: ProbeSection, precond: Precon
             s = eng.forward(chunk)
             wx, wy = eng.weights(chunk, s)
             for i, k in enumerate(kinds):
-                eng.backward((s * (wx if k == "x" else wy)).sum(), retain=i + 1 < len(kinds))
+                eng.backward((s * wx).sum() if k == "x" else eng.y_loss(chunk, s, wy), retain=i + 1 < len(kinds))
                 reader.add(out[k][u])
         stack.model.zero_grad(set_to_none=True)
     pvec = layout.gather(precond.scales, torch.device("cpu")) if precond.scales is not None else None

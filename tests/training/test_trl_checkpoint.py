@@ -272,8 +272,34 @@ def test_what_the_probe_does_not_model_is_a_note(tmp_path):
     _saved_args(tmp_path, beta=0.04, loss_type="cispo", mask_truncated_completions=True)
     settings, notes = run_settings(*read_training_args(tmp_path)[:2])
     assert "probe.loss_type" not in settings
-    assert any("KL term (beta 0.04)" in n for n in notes) and any("'cispo'" in n for n in notes)
-    assert any("mask_truncated_completions=True" in n for n in notes)
+    assert any("'cispo'" in n for n in notes) and any("mask_truncated_completions=True" in n for n in notes)
+    assert settings["probe.beta"] == (0.04, "beta", True)  # the KL term is modelled now (objective.PassSpec)
+
+
+def test_the_pass_settings_become_config_keys(tmp_path):
+    """num_iterations, the clip range, two-sided clipping and the KL term of TRL's loss, read as config keys."""
+    from gradprobe.trainer_checkpoint import run_settings
+
+    _saved_args(tmp_path, num_iterations=2, epsilon=0.1, epsilon_high=0.28, delta=1.6, beta=0.02,
+                use_bias_correction_kl=False)
+    settings, notes = run_settings(*read_training_args(tmp_path)[:2])
+    assert {k: settings[k][0] for k in ("probe.num_iterations", "probe.epsilon", "probe.epsilon_high", "probe.delta",
+                                        "probe.beta", "probe.kl_bias_correction")} == \
+        {"probe.num_iterations": 2, "probe.epsilon": 0.1, "probe.epsilon_high": 0.28, "probe.delta": 1.6,
+         "probe.beta": 0.02, "probe.kl_bias_correction": False}
+    assert notes == []
+    cfg, info = load_checkpoint_settings(tmp_path)
+    assert info["probe.epsilon_high"] == {"value": 0.28, "source": "read: training_args.bin (GRPOConfig epsilon_high)"}
+    assert (cfg.probe.num_iterations, cfg.probe.delta) == (2, 1.6)
+
+
+def load_checkpoint_settings(directory):
+    """run_settings_of on a directory holding only training_args.bin: the config it gives and the sources."""
+    from gradprobe.trainer_checkpoint import run_settings_of
+
+    changes: dict = {}
+    _, settings = run_settings_of(load_config(), directory, None, set(), [], changes)
+    return load_config().with_values(changes), settings
 
 
 def test_plain_training_arguments_give_the_stack_settings_only(tmp_path):

@@ -1,5 +1,6 @@
 """fused: one forward and two backwards per unit (retain_graph between them). backward() adds straight into
-two flat fp32 buffers behind .grad (X[u] and grad LY[u]); the unit sink (sink.py) takes them from there."""
+two flat fp32 buffers behind .grad (X[u] and grad LY[u]); the unit sink (sink.py) takes them from there.
+LY is the engine's (_Engine.y_loss): per-token weights where the run's pass needs them (TRL's ratio, KL)."""
 
 from __future__ import annotations
 
@@ -44,13 +45,14 @@ def run(ctx: Context) -> Outcome:
                     sink.wait_free()
                     fx.zero_()
                     fy.zero_()
-                for buf, w, retain, present in ((fx, wx, True, ctx.x_present), (fy, wy, False, ctx.y_present)):
+                for buf, loss, retain, present in ((fx, (s * wx).sum(), True, ctx.x_present),
+                                                   (fy, eng.y_loss(chunk, s, wy), False, ctx.y_present)):
                     if grads is not None:
                         grads.point(buf)
-                        eng.backward((s * w).sum(), retain=retain, zero=False)
+                        eng.backward(loss, retain=retain, zero=False)
                         present.append(grads.take())
                     else:
-                        eng.backward((s * w).sum(), retain=retain)
+                        eng.backward(loss, retain=retain)
                         present.append(reader.add(buf))
             ctx.save(u, fx, fy, nx, ny)
             sink.push(u, fx, fy)

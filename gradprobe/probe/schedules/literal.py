@@ -28,7 +28,7 @@ def run(ctx: Context) -> Outcome:
         for chunk in chunks:
             s = eng.forward(chunk)
             wx, wy = eng.weights(chunk, s)
-            eng.backward((s * (wx if kind == "x" else wy)).sum())
+            eng.backward((s * wx).sum() if kind == "x" else eng.y_loss(chunk, s, wy))
             (ctx.x_present if kind == "x" else ctx.y_present).append(reader.add(out))
         model.zero_grad(set_to_none=True)
 
@@ -44,8 +44,8 @@ def run(ctx: Context) -> Outcome:
         for chunk in chunks:
             for kind, out in (("x", xu), ("y", yu)):
                 s = eng.forward(chunk)
-                w = eng.weights(chunk, s)[kind == "y"]
-                eng.backward((s * w).sum())
+                wx, wy = eng.weights(chunk, s)
+                eng.backward((s * wx).sum() if kind == "x" else eng.y_loss(chunk, s, wy))
                 (ctx.x_present if kind == "x" else ctx.y_present).append(reader.add(out))
         model.zero_grad(set_to_none=True)
         if pvec is not None:

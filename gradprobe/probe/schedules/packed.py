@@ -6,13 +6,16 @@ fits, else on the host, else nowhere (streaming sums and a second pass; sink.cho
 in the result's notes. When a trainable tensor is not the weight of a bias-free linear layer (DoRA magnitudes,
 modules_to_save heads, biases), its per-unit gradient can only come from backward() into .grad: the whole
 probe then takes the two-backward path (fused), and the result says so (schedule 'fused', a note naming the
-tensors). one_backward refuses instead."""
+tensors). one_backward refuses instead. Where LY weights each token (TRL's ratio and KL term, engine.y_loss),
+the layers' per-sequence weighting cannot give it: each forward then takes a second backward, of LY, with
+every row weighted 1 (the per-unit split still holds: sequences do not interact)."""
 
 from __future__ import annotations
 
 import torch
 
 from ... import distributed
+from ...errors import GradprobeError
 from ...params import FlatLayout
 from .. import lora_grads
 from ..engine import Chunk, plan_chunks
@@ -31,6 +34,15 @@ def forwards(ctx: Context, one_unit_each: bool) -> list[Chunk]:
     return plan_chunks([p for ps in ctx.units for p in ps], eng.group_sizes, eng.mb)
 
 
+TOKEN_WEIGHTS = ("TRL's per-token surrogate (the ratio to old_logprobs, the KL term) weights each token of LY, "
+                 "which a layer's per-sequence weighting inside one backward of sum S cannot give")
+
+
+def refuse_token_weights(ctx: Context, name: str) -> None:
+    if ctx.eng.token_y:
+        raise GradprobeError(f"probe.schedule={name}: {TOKEN_WEIGHTS}; use probe.schedule=packed or fused")
+
+
 def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
     eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
     lora_grads.require_linear(stack.model, stack.params, stack.names, name)
@@ -43,6 +55,10 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
         worst = max(distributed.exchange("choosing the bank", where), key=BANKS.index)
         if worst != where:
             where, why = choose_bank(worst, ctx.m, layout.n, stack.device, ctx.batch.B)
+    if where == "none" and eng.token_y:  # the no-bank second pass takes directional derivatives of sum S
+        out = fused.run(ctx)
+        out.notes.append(f"{why}; {TOKEN_WEIGHTS} in a directional pass: ran fused")
+        return out
     pvec = ctx.pvec(torch.device("cpu"))
     sink = UnitSink(layout, ctx.m, stack.device, ctx.cfg.accumulate_on == "device", pvec, bank=where,
                     slots=max(len(us) for us in chunk_units), shard=ctx.shard)
@@ -64,10 +80,18 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
                     wx, wy = eng.weights(chunk, s)
                     counts = [sum(b - a for p, a, b in chunk if unit_of[p] == u) for u in us]
                     xbuf, ybuf = sink.rows(us)
-                    streams.set_forward(wx, wy, counts, xbuf, ybuf)
-                    eng.backward(s.sum(), zero=False)
-                    ctx.x_present.append(streams.take())
-                    ctx.y_present.append(ctx.x_present[-1])
+                    if eng.token_y:  # per-token LY: X inside a backward of sum S, LY in a second backward
+                        streams.set_forward(wx, None, counts, xbuf, None)
+                        eng.backward(s.sum(), retain=True, zero=False)
+                        ctx.x_present.append(streams.take())
+                        streams.set_forward(torch.ones_like(wy), None, counts, ybuf, None)
+                        eng.backward(eng.y_loss(chunk, s, wy), zero=False)
+                        ctx.y_present.append(streams.take())
+                    else:
+                        streams.set_forward(wx, wy, counts, xbuf, ybuf)
+                        eng.backward(s.sum(), zero=False)
+                        ctx.x_present.append(streams.take())
+                        ctx.y_present.append(ctx.x_present[-1])
                 for j, u in enumerate(us):
                     if last[u] != i:
                         continue
@@ -86,6 +110,9 @@ def run_packed(ctx: Context, name: str, one_unit_each: bool = False) -> Outcome:
         stack.model.zero_grad(set_to_none=True)
     k = max(len(us) for us in chunk_units)
     notes = [f"{name}: up to {k} unit(s) per forward, one backward each", why]
+    if eng.token_y:
+        notes[0] = f"{name}: up to {k} unit(s) per forward, two backwards each: {TOKEN_WEIGHTS}, so LY takes a " \
+                   f"backward of its own"
     if where != "none":
         out = fused.finish(ctx, sink, name)  # the one finishing step of every banked schedule
         out.notes = notes
@@ -112,6 +139,7 @@ def directions(ctx: Context, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _directions(ctx: Context, vx: torch.Tensor, vy: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """X[u].vx and grad LY[u].vy (fp64 [m], CPU) for flat vectors at the layout's offsets."""
     eng, layout, stack = ctx.eng, ctx.layout, ctx.stack
+    refuse_token_weights(ctx, "packed (directional derivatives)")
     chunks = forwards(ctx, one_unit_each=False)
     unit_of = eng.unit_of_prompt
     out_x = torch.zeros(ctx.m, dtype=torch.float64, device=stack.device)
