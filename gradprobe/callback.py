@@ -35,7 +35,7 @@ from .errors import GradprobeError
 from .files import write_atomic
 from .optim.update import decompose, mapped_state, real_update, rounds, step_settings, with_rounding
 from .rollouts import encode_prompt
-from .run_model import write_record
+from .run_model import record_checkpoint
 from .stack import Stack, live_stack
 from .validate import EntropyChange, Policy, exact_entropy_grad, sampled_batch
 
@@ -132,9 +132,7 @@ class GradprobeCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         """Beside each checkpoint, how the live model was loaded (run_model.RUN_RECORD): what `--checkpoint`
         reads instead of assuming the quantisation."""
-        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and model is not None and directory.is_dir():
-            write_record(model, directory)
+        record_checkpoint(args, state, model)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1  # the step about to be taken, as log_history will number it

@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 from .errors import GradprobeError
 from .files import write_atomic
 from .rollouts import Batch, Group, write_rollouts
+from .run_model import record_checkpoint, write_record
 
 ROW = "gradprobe_row"  # the generation index each row carries through TRL's shuffle and split
 INITIAL = "checkpoint-0"
@@ -113,6 +114,11 @@ class BatchCapture(TrainerCallback):
         if self.save_initial and state.global_step == 0:
             save_initial(self.trainer, self.directory / INITIAL, optimizer, lr_scheduler)
 
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """How the live model was loaded, beside each checkpoint (run_model.RUN_RECORD), so that --checkpoint
+        reads the quantisation instead of assuming it."""
+        record_checkpoint(args, state, model)
+
     def on_step_end(self, args, state, control, **kwargs):
         if not self._rows:
             return
@@ -162,3 +168,4 @@ def save_initial(trainer: Any, directory: Path, optimizer: Any, lr_scheduler: An
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     write_atomic(directory / "trainer_state.json", json.dumps({"global_step": 0}), "the trainer state")
+    write_record(trainer.model, directory)

@@ -72,6 +72,13 @@ def write_record(model: Any, directory: str | Path) -> None:
     write_atomic(Path(directory) / RUN_RECORD, json.dumps(model_record(model), indent=1) + "\n", "the run record")
 
 
+def record_checkpoint(args: Any, state: Any, model: Any) -> None:
+    """A TrainerCallback's on_save: the record beside the checkpoint the Trainer has just written."""
+    directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    if state.is_world_process_zero and model is not None and directory.is_dir():
+        write_record(model, directory)
+
+
 def _json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())

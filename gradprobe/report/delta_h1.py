@@ -132,9 +132,9 @@ def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | Non
         if "rounding" in r.parts:
             t.add_row("unrounded step", f"deltaH {fmt(r.deltaH_unrounded)}, ‖step‖ {fmt(r.update_norm_unrounded)}; "
                                         f"{100 * r.rounded_away:.1f}% of the moving coordinates round to no change")
-        size = f"{fmt(r.update_rel, 3)} (first order up to {FIRST_ORDER_LIMIT:g})"
+        size = f"{fmt(r.update_rel, 3)} (second-order effects were measured from {FIRST_ORDER_LIMIT:g} on)"
         if r.beyond_first_order:
-            size = (f"[yellow]{size}: a step this large is beyond first order and deltaH may be far off; "
+            size = (f"[yellow]{size}: a step this large may be beyond first order and deltaH far off; "
                     f"measure it with gradprobe validate on the same setting[/]")
         t.add_row("‖step‖ / ‖θ‖", size)
     else:

@@ -115,6 +115,13 @@ def test_capture_writes_every_step_and_pass_and_leaves_the_trajectory_alone(runs
     names = sorted(p.name for p in rec["batches"].glob("step-*.jsonl"))
     assert names == [batch_name(1, 1), batch_name(2, 2), batch_name(3, 1), batch_name(4, 2)]
     assert (rec["batches"] / INITIAL / "adapter_model.safetensors").is_file()
+    # beside every checkpoint, checkpoint-0 included, how the run loaded its base: read, not assumed
+    from gradprobe.run_model import RUN_RECORD
+
+    for ckpt in (rec["batches"] / INITIAL, *rec["out"].glob("checkpoint-*")):
+        assert (ckpt / RUN_RECORD).is_file(), ckpt
+        _, info = load_checkpoint_cfg(ckpt, [])
+        assert info.settings["quant.mode"]["value"] == "none" and info.assumed_stack() == {}, ckpt
     # the same losses, gradient norms and final weights as the run without the capture
     assert rec["log"] == runs["mu2_plain"]["log"]
     for n, p in rec["final"].items():
