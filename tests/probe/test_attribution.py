@@ -6,13 +6,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import gradprobe as gp
 from gradprobe.optim.precondition import Preconditioner
+from gradprobe.optim.update import UpdateParts
 from gradprobe.probe import real_step
 from tests.conftest import FP32, make_cfg
 from tests.support.persample import sequence_jacobian
@@ -78,7 +78,7 @@ def test_probe_units_equal_brute_force(fp32_stacks, rollouts_file, mode):
     mom = [1e-4 * torch.randn(p.shape, generator=g) for p in stack.params]
     dec = [-1e-5 * p.detach().clone() for p in stack.params]
     r = gp.probe.run_probe(stack, batch, cfg.probe, Preconditioner(None), LR, step_parts=lambda grads:
-                           SimpleNamespace(fresh=a, momentum=mom, decay=dec, clip_factor=0.6))
+                           UpdateParts(a, mom, dec, 0.6))
     units = [[p] for p in range(batch.B)] if mode == "exact" else [[0, 1], [2, 3], [4, 5]]
     x, ly = per_unit_brute_force(stack, batch, units)
     flat = [torch.cat([t.reshape(-1) for t in ts]).double() for ts in (a, mom, dec)]
