@@ -124,8 +124,16 @@ def step_source(stack, cfg: Config, precond: Preconditioner, optimizer: Any = No
     no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
     order = pcfg.optimizer_order
     clip = pcfg.max_grad_norm
-    settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
-                             precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
+    try:
+        settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
+                                 precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
+    except GradprobeError as exc:  # the run's own next rate is unusable (0 at a schedule's end): the given one is
+        if source is None or explicit is None:
+            raise
+        settings = step_settings(source, stack.names, stack.params, lr=explicit, max_grad_norm=clip,
+                                 no_decay=no_decay, order=order)
+        settings.sources["lr"] = f"given: probe.learning_rate (the run's own: {str(exc).split(';')[0]})"
+        explicit = None  # marked already
     if source is None and explicit is None:
         settings.sources["lr"] = f"assumed: {precond.learning_rate_source}"
     elif source is not None and explicit is not None and not math.isclose(explicit, settings.lr, rel_tol=1e-9):
