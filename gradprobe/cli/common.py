@@ -138,16 +138,15 @@ def write_json(payload: dict[str, Any], target: str | None) -> None:
 
 
 def check_paths(outputs: dict[str, str | Path | None], cfg: Config | None = None,
-                extra_inputs: tuple[str | Path | None, ...] = ()) -> None:
-    """Every output path writable and none of them an input, before the model loads."""
-    ins: list[str | Path | None] = list(extra_inputs)
-    if cfg is not None:
-        ins += [cfg.batch.rollouts, cfg.probe.optimizer_state, cfg.model.name_or_path,
-                cfg.lora.adapter_path]
-        reward = cfg.batch.reward
-        if reward != "builtin" and reward.rsplit(":", 1)[0].endswith(".py"):
-            ins.append(reward.rsplit(":", 1)[0])
-    check_outputs(outputs, ins)
+                extra_inputs: tuple[str | Path | None, ...] = (), probe: bool = True) -> None:
+    """Every output path writable and none of them an input and, with a config, every input it names
+    opened and checked (inputs.check_inputs): all before the model loads."""
+    if cfg is None:
+        check_outputs(outputs, extra_inputs)
+        return
+    from ..inputs import check_inputs
+
+    check_inputs(cfg, outputs, extra_inputs, probe=probe)
 
 
 @dataclass
@@ -197,13 +196,17 @@ class Inputs:
                                      ("--rollouts", self.rollouts), ("--checkpoint", self.checkpoint),
                                      ("--optimizer-state", self.optimizer_state)) if v]
 
-    def load(self, base: list[str] | tuple[str, ...] = (), outputs: dict[str, str | Path | None] | None = None):
-        """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every output path
-        checked against the inputs, all before the model loads. `base`: overrides under the user's --set."""
+    def load(self, base: list[str] | tuple[str, ...] = (), outputs: dict[str, str | Path | None] | None = None,
+             values: dict[str, Any] | None = None, probe: bool = True):
+        """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every input checked and
+        every output path tried, all before the model loads. `base`: overrides under the user's --set;
+        `values`: the command's own options as config keys, over everything; `probe`: see check_inputs."""
         cfg, ckpt = apply_checkpoint(make_config(self.config, [*base, *(self.set_ or [])], self.seed, self.rollouts),
                                      self.checkpoint, self.optimizer_state, self.set_)
+        if values:
+            cfg = cfg.with_values(values)
         check_paths({"--json": self.json_, **(outputs or {})}, cfg, (self.config, self.checkpoint,
-                                                                   self.optimizer_state))
+                                                                   self.optimizer_state), probe=probe)
         return cfg, ckpt
 
 

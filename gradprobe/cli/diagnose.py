@@ -59,7 +59,7 @@ def command(
         from ..report.diagnose import payload, render
         from ..runs import run_diagnose
 
-        cfg, ckpt = inputs.load()
+        cfg, ckpt = inputs.load(probe=False)
         run.cfg = cfg
         announce = (lambda line: err.print(f"[dim]{line}[/]")) if not inputs.quiet and err.is_terminal else None
         result = run_diagnose(cfg, tracker=run, announce=announce)

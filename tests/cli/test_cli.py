@@ -102,7 +102,7 @@ def write(path, lines: list[str]) -> str:
 
 def test_missing_model_path():
     one_line_error(runner.invoke(app, ["delta-h1", "--set", "model.name_or_path=/no/such/model"]),
-                   "model path not found", "/no/such/model")
+                   "no such directory", "/no/such/model")
 
 
 def test_unknown_config_key():

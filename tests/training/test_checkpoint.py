@@ -102,7 +102,8 @@ def run(tmp_path_factory):
     _train(base, root / "v", dict(r=4, lora_alpha=8, target_modules=["v_proj"]), 1, 1)
     # a run's last checkpoint: linear decay to its end, so the scheduler's next rate is 0
     _train(base, root / "e", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 2, 2)
-    return {"base": base, "a": root / "a" / f"checkpoint-{SAVE_AT}", "e": root / "e" / "checkpoint-2", "b": root / "b" / "checkpoint-1",
+    return {"base": base, "a": root / "a" / f"checkpoint-{SAVE_AT}", "e": root / "e" / "checkpoint-2",
+            "b": root / "b" / "checkpoint-1",
             "k": root / "k" / "checkpoint-1", "v": root / "v" / "checkpoint-1", **record}
 
 
