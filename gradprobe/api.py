@@ -31,7 +31,15 @@ from .probe import real_step as real_step_math
 from .probe.attribution import unit_rows
 from .probe.engine import units_of
 from .rewards import load_reward
-from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
+from .rollouts import (
+    ZERO_ADVANTAGES,
+    Batch,
+    check_probe_batch,
+    context_length,
+    generate_batch,
+    read_rollouts,
+    zero_advantages,
+)
 
 if TYPE_CHECKING:
     from .config import Config, ProbeSection
@@ -184,6 +192,8 @@ def delta_h1(stack, batch: Batch, cfg: Config,
         t1 = time.perf_counter()
         independent_estimate(stack, entropy_batch, cfg, kept["parts"], kept["grads"], result)
         result.timings["entropy batch"] = time.perf_counter() - t1
+    if zero_advantages(batch):  # a number without meaning unless it says why it is 0
+        result.notes.insert(0, ZERO_ADVANTAGES)
     return result
 
 

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..probe import ProbeResult
+from ..rollouts import ZERO_ADVANTAGES
 from .common import _bytes, fmt, step_provenance, step_words
 
 if TYPE_CHECKING:
@@ -108,6 +109,8 @@ def render_real_step(out: Console, r: ProbeResult) -> None:
     if r.warmup_steps:
         t.add_row("warm-up", f"{r.warmup_steps} AdamW steps on this model before probing (probe.warmup_steps)")
     out.print(t)
+    if ZERO_ADVANTAGES in r.notes:
+        out.print(f"[yellow]note:[/] {ZERO_ADVANTAGES}", soft_wrap=True)
     for line in step_provenance(r.step):
         out.print(f"  {line}", soft_wrap=True)
     if r.real_step_note and math.isfinite(r.deltaH):
@@ -122,6 +125,8 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
     t.add_column("value")
     se, which = headline_se(r)
     shown = f"{fmt(r.deltaH1)} ± {fmt(se, 2)}" if math.isfinite(se) else fmt(r.deltaH1)
+    if ZERO_ADVANTAGES in r.notes:
+        shown, which = "0 by construction", "zero advantages: every group's rewards are equal"
     t.add_row("deltaH1 (plain step)", f"{shown} ({which})")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
     t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}" if math.isfinite(se) else fmt(r.U_cross))
@@ -136,7 +141,8 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
     t.add_row("schedule", f"{r.schedule}, microbatch {r.microbatch_size}: {r.forwards} forwards, "
                           f"{r.backwards} backwards, {r.tokens:,} tokens")
     for note in r.notes:
-        t.add_row("", escape(note))
+        if note != ZERO_ADVANTAGES:  # said in the headline
+            t.add_row("", escape(note))
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items())
     t.add_row("time", timing)
     t.add_row("peak memory", f"{_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})")
