@@ -53,6 +53,7 @@ OptimizerStateOpt = Annotated[Path | None, typer.Option(
 
 # One table of exit codes (README "Scripts and exit codes"); `gradprobe --help` prints it too.
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED_EARLY = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_CODES = {
     EXIT_OK: "done (diagnose: no check failed, or --exit-zero)",
     EXIT_CHECK_FAILED: "diagnose: a check failed (or warned, with --fail-on warn)",
@@ -60,6 +61,8 @@ EXIT_CODES = {
     EXIT_INTERNAL: "internal error: one line on stderr (--debug adds the traceback)",
     EXIT_INTERRUPTED: 'interrupted by SIGTERM or SIGINT: a partial result ("complete": false) was written',
     EXIT_OUT_OF_MEMORY: "out of memory: the line names the probe.microbatch_size to try next",
+    EXIT_INTERRUPTED_EARLY: "interrupted by SIGINT before the work began (inputs still being read): nothing "
+                            "written (128 + the signal: 143 for SIGTERM)",
 }
 WIDE = 200  # columns when stdout is not a terminal: a pipe or a log file has no width to wrap to
 
@@ -280,11 +283,27 @@ def _oom_hint(run: Run | None) -> str:
             "or fewer prompts")
 
 
+def _interruption_inside(exc: BaseException) -> Interrupted | None:
+    """The signal behind an exception that a library raised while handling it (its cause or context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _interrupted(exc: Interrupted, err: Console, run: Run | None) -> int:
-    """Write the partial result (to --json and into the state directory), say where, return exit code 4."""
+    """Write the partial result (to --json and into the state directory), say where, return exit code 4.
+    Before the work began (inputs still being checked) nothing is written: 128 + the signal's number."""
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the partial file short
         with contextlib.suppress(ValueError):
             signal.signal(sig, signal.SIG_IGN)
+    if run is None or run.stage == "starting":
+        err.print(f"interrupted by {exc.signame} before the work began; nothing written", markup=False,
+                  highlight=False)
+        return 128 + int(signal.Signals[exc.signame])
     where: list[str] = []
     if run is not None:
         payload = run.partial(exc.signame)
@@ -324,6 +343,9 @@ def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None 
     except KeyboardInterrupt:  # outside the handler's reach (another thread's signal setup)
         raise typer.Exit(_interrupted(Interrupted("SIGINT"), err, run)) from None
     except Exception as exc:  # a bug of ours or of a library: one line, details with --debug
+        cause = _interruption_inside(exc)
+        if cause is not None:  # a library turned the signal into its own error (transformers' lazy imports)
+            raise typer.Exit(_interrupted(cause, err, run)) from None
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
