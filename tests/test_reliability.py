@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradprobe.cli import app
+from gradprobe.cli.common import PROGRESS_LINE
 from gradprobe.errors import GradprobeError
 from gradprobe.files import write_atomic
 from gradprobe.resume import UnitStore
@@ -147,7 +148,7 @@ def test_out_of_memory_names_the_next_microbatch_size(tmp_path):
     res = runner.invoke(app, ["delta-h1", "--set", f"batch.reward={plugin}:score", "--set",
                               "probe.microbatch_size=6", "--set", "batch.num_prompts=2"])
     assert res.exit_code == 5, (res.output, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
     assert len(lines) == 1 and "out of memory" in lines[0] and "probe.microbatch_size=3" in lines[0], lines
     assert "Traceback" not in res.stderr
 

@@ -8,8 +8,10 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -259,20 +261,69 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+PROGRESS_EVERY_S = 5.0  # off a terminal: at most one progress line this often within a stage
+PROGRESS_LINE = re.compile(r"^gradprobe [\w-]+ \[ *\d+\.\d s\] ")  # what a log filter (or a test) can skip
+
+
+class PlainProgress:
+    """Progress for a log (CI, SLURM, a pipe): one plain stderr line when a stage begins and, within a stage,
+    at most one every PROGRESS_EVERY_S seconds with the units done (and the last one)."""
+
+    def __init__(self, err: Console, command: str, what: str, every: float = PROGRESS_EVERY_S):
+        self.err, self.command, self.what, self.every = err, command, what, every
+        self.t0 = time.monotonic()
+        self.last = -math.inf
+        self.stage_name = "starting"
+
+    def _line(self, text: str) -> None:
+        self.err.print(f"gradprobe {self.command} [{time.monotonic() - self.t0:6.1f} s] {text}", markup=False,
+                       highlight=False)
+
+    def stage(self, name: str) -> None:
+        self.stage_name = name
+        self.last = time.monotonic()
+        self._line(name)
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or done == total:
+            self.last = now
+            self._line(f"{self.stage_name}: {done}/{total} {self.what}")
+
+
 @contextmanager
-def progress_bar(err: Console, enabled: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A bar on stderr over units, shown only on a terminal."""
-    if not enabled or not err.is_terminal:
+def progress_bar(err: Console, enabled: bool, label: str,
+                 run: Run | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A bar on stderr over units on a terminal; off a terminal plain lines (PlainProgress), each stage of
+    `run` announced as it begins."""
+    if not enabled:
         yield None
         return
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    if not err.is_terminal:
+        lines = PlainProgress(err, run.command if run is not None and run.command else "run",
+                              run.what if run is not None else "units")
+        if run is not None:
+            run.on_stage = lines.stage
+        try:
+            yield lines.update
+        finally:
+            if run is not None:
+                run.on_stage = None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task(label, total=None)
+        if run is not None:  # the stage in the label until the units begin: not "0/?" for a minute
+            run.on_stage = lambda name: prog.update(task, description=f"{label}: {name}")
 
         def update(done: int, total: int) -> None:
             prog.update(task, completed=done, total=total)
 
-        yield update
+        try:
+            yield update
+        finally:
+            if run is not None:
+                run.on_stage = None
 
 
 def _oom_hint(run: Run | None) -> str:

@@ -83,7 +83,7 @@ def command(
                                     if entropy_rollouts is not None else None)
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
-        with progress_bar(err, not inputs.quiet, "probing units") as bar:
+        with progress_bar(err, not inputs.quiet, "probing units", run) as bar:
             result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar)
         clip_source = ckpt.source("probe.max_grad_norm") if ckpt is not None else None
         if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it

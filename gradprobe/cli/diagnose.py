@@ -14,11 +14,12 @@ from .common import (
     Run,
     emit,
     guarded,
+    progress_bar,
     with_inputs,
 )
 
 EPILOG = """Exit codes: 0 no check failed (or --exit-zero), 1 a check failed (or warned, with --fail-on warn),
-2 bad input, 3 internal error, 4 interrupted, 5 out of memory.
+2 bad input, 3 internal error, 4 interrupted, 5 out of memory, 130 interrupted before the work began.
 
 The embedded default exits 1 on purpose: reentrant checkpointing breaks autograd.grad there
 (--exit-zero: 0 once the diagnosis completed).
@@ -62,7 +63,8 @@ def command(
         cfg, ckpt = inputs.load(probe=False)
         run.cfg = cfg
         announce = (lambda line: err.print(f"[dim]{line}[/]")) if not inputs.quiet and err.is_terminal else None
-        result = run_diagnose(cfg, tracker=run, announce=announce)
+        with progress_bar(err, not inputs.quiet and not err.is_terminal, "diagnose", run):  # a log's stage lines
+            result = run_diagnose(cfg, tracker=run, announce=announce)
         code = result.exit_code(fail_on.value)
         run.stage = "report"
         emit(out, ckpt, lambda: render(out, result, code), payload(result, cfg, code), inputs.json_)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import gradprobe as gp
 from gradprobe.cli import app
+from gradprobe.cli.common import PROGRESS_LINE
 from gradprobe.diagnose.check import FAIL
 from tests.conftest import make_cfg
 
@@ -209,7 +210,7 @@ def test_bad_input(case, world, states):
     res = runner.invoke(app, args)
     assert res.exit_code == 2, (res.exit_code, res.output, res.stderr)
     assert "Traceback" not in res.output and "Traceback" not in res.stderr
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
     assert len(lines) == 1, res.stderr
     assert lines[0].startswith("error: "), lines[0]
     for w in words:
