@@ -161,12 +161,14 @@ def test_no_headline_se_below_four_units(tmp_path, rollouts_file, b):
     assert res.exit_code == 0, res.stderr
     r = json.loads((tmp_path / "r.json").read_text())["result"]
     assert r["B"] == b and r["se_unbiased"] is None and math.isfinite(r["deltaH1"])
-    row = next(ln for ln in res.stdout.splitlines() if "deltaH1" in ln and "no standard error" in ln)
-    assert f"B = {b} units" in row and "±" not in row.split("(")[0]
+    row = next(ln for ln in res.stdout.splitlines() if "deltaH1 (plain" in ln)
+    assert "±" not in row.split("(")[1]  # no SE next to the number itself
     if b == 2:  # both row means are the one pair's mean: their spread is rounding, not an SE
         assert r["se"] is None and r["se_jackknife"] is None
-    else:
-        assert r["se"] > 0 and "unreliable at B" in row
+        assert "no standard error: B = 2 units" in row
+    else:  # the row-mean SEs are shown as what they are, not beside "no standard error"
+        assert r["se"] > 0 and "no headline SE at B = 3" in row and "for reference only" in row
+        assert "no standard error" not in row
 
 
 @pytest.mark.slow

@@ -37,8 +37,8 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overri
                                                 show_default=False)]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to PATH, or '-' for stdout.",
                                                 show_default=False)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No table and no progress bar.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No table and no progress bar.", metavar="")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")]
 RolloutsOpt = Annotated[Path | None, typer.Option("--rollouts", help="Teacher-force this rollouts JSONL file "
                                                      "instead of generating (same as --set batch.rollouts=PATH).",
                                                      show_default=False)]

@@ -69,9 +69,11 @@ def headline_se(r: ProbeResult) -> tuple[float, str]:
     a headline: the pairwise one is undefined and the row-mean ones are degenerate (B = 2) or far off (B = 3)."""
     rows = f"Hoeffding ± {fmt(r.se, 2)}, jackknife ± {fmt(r.se_jackknife, 2)}"
     if r.B < 4:
-        shown = "" if r.B < 3 else f"; row-mean {rows}, unreliable at B = 3"
-        return math.nan, (f"no standard error: B = {r.B} units, and an SE needs B >= 4 (pairwise) and B >= 3 "
-                          f"(row-mean){shown}; use more prompts")
+        if r.B < 3:
+            return math.nan, (f"no standard error: B = {r.B} units, and an SE needs B >= 4 (pairwise) and B >= 3 "
+                              f"(row-mean); use more prompts")
+        return math.nan, (f"no headline SE at B = 3: the pairwise SE needs B >= 4 and the row-mean SEs run far off "
+                          f"(for reference only: {rows}); use more prompts")
     if math.isfinite(r.se_unbiased):
         return r.se_unbiased, f"pairwise SE; row-mean {rows}"
     why = ("the literal schedule keeps no per-unit gradients" if r.schedule == "literal"
