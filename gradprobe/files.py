@@ -170,7 +170,8 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False, allow: dict
             why = "it holds objects other than tensors and plain containers" + (
                 f" ({found.group(1)}, not loaded)" if found else "")
         else:
-            why = "not a torch.save file but a plain pickle or another format, refused unread (unpickling could run code)"
+            why = ("not a torch.save file but a plain pickle or another format, refused unread (unpickling could "
+                   "run code)")
         raise _load_error(p, what, why) from None
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         text = str(exc).strip()
