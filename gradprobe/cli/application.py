@@ -19,7 +19,7 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
                                        help="Print the version and exit.")) -> None:
     """Exit codes: 0 done/healthy, 1 a check failed, 2 bad input or usage, 3 internal error, 4 interrupted
     (partial result written), 5 out of memory, 130 interrupted before the work began (nothing written)."""

@@ -50,7 +50,7 @@ def command(
                                             case_sensitive=False)] = FailOn.fail,
     exit_zero: Annotated[bool, typer.Option(
         "--exit-zero", help="Exit 0 when the diagnosis ran to its verdict, whatever the checks found (the JSON's "
-        "exit_code still says 1); bad input, errors and interruptions keep their codes.")] = False,
+        "exit_code still says 1); bad input, errors and interruptions keep their codes.", metavar="")] = False,
 ) -> None:
     """Find why gradients do not flow: strict autograd.grad, S alive, parameter identity, coverage, the stack."""
     out, err = inputs.consoles()

@@ -9,6 +9,10 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,6 +108,13 @@ def text(path: Path, content: str | bytes) -> str:
         path.write_bytes(content)
     else:
         path.write_text(content)
+    return str(path)
+
+
+def sparse(path: Path, size: int) -> str:
+    """A file of `size` bytes that takes no disk space (a hole)."""
+    with path.open("wb") as f:
+        f.truncate(size)
     return str(path)
 
 
@@ -311,6 +322,8 @@ CASES: list[tuple[str, Callable[[Path, dict], list[str]], tuple[str, ...]]] = [
      ("returned 1e+300", "rescale")),
     ("reward_plugin_returns_nan", lambda d, s: ["delta-h1", "--set", plugin(d / "r.py", "float('nan')")],
      ("not finite",)),
+    ("plot_file_past_the_size_limit", lambda d, s: ["plot", sparse(d / "run.jsonl", 65 * 2**20)],
+     ("65 MiB", "past plot's limit of 64 MiB", "awk")),
     ("config_duplicate_key", lambda d, s: ["delta-h1", "--config", text(d / "c.yaml", "seed: 1\nseed: 2\n")],
      ("c.yaml: line 2", "key 'seed' is given twice", "first on line 1")),
     ("config_duplicate_nested_key", lambda d, s: ["delta-h1", "--config", text(
@@ -419,3 +432,131 @@ def test_state_dir_refusal_leaves_no_directory(tmp_path):
     res = runner.invoke(app, ["delta-h1", "--state", str(tmp_path / "s"), "--set", "batch.group_size=0"])
     assert res.exit_code == 2 and not (tmp_path / "s").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_the_learning_rate_a_refusal_recommends_is_used(states, tmp_path):
+    """Issue 28, 1: an optimizer state whose lr is 0 is refused with "set probe.learning_rate"; doing so works,
+    for the plain step and for the real one, and the rate is marked given."""
+    res = runner.invoke(app, ["delta-h1", *adam(states["lr_zero"]), "--quiet"])
+    assert res.exit_code == 2 and "set probe.learning_rate" in res.stderr, res.stderr
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["delta-h1", *adam(states["lr_zero"]), "--set", "probe.learning_rate=1e-5", "--quiet",
+                              "--json", str(out)])
+    assert res.exit_code == 0, res.stderr
+    result = json.loads(out.read_text())["result"]
+    assert result["learning_rate"] == 1e-5 and result["step"]["lr"] == 1e-5
+    assert result["step"]["sources"]["lr"].startswith("given: probe.learning_rate"), result["step"]["sources"]
+    assert "is 0" in result["step"]["sources"]["lr"]  # and what the run's own rate was
+    assert result["deltaH1"] != 0 and result["deltaH"] != 0
+
+
+def test_zero_advantages_say_why_deltaH1_is_0(tmp_path):
+    """Issue 28, 5: equal rewards in every group give deltaH1 = 0 exactly; the headline says so, never -0 +- 0."""
+    path = rollouts(tmp_path / "r.jsonl", *[{"prompt": [1, 5 + k], "responses": [[6, 2], [7], [8, 9]],
+                                             "rewards": [0.5 * k] * 3} for k in range(4)])
+    out = tmp_path / "r.json"
+    res = runner.invoke(app, ["delta-h1", "--rollouts", path, "--json", str(out)])
+    assert res.exit_code == 0, res.stderr
+    row = next(ln for ln in res.stdout.splitlines() if "deltaH1 (plain step)" in ln)
+    assert "0 by construction (zero advantages" in row and "-0" not in row and "±" not in row, row
+    from gradprobe import schemas
+    from tests.support.schema import validate
+
+    payload = json.loads(out.read_text())
+    schema = schemas.load("delta-h1")
+    assert validate(payload, schema, schema) == []
+    result = payload["result"]
+    assert result["deltaH1"] == 0 and result["notes"][0].startswith("every group's rewards are equal")
+
+
+def test_progress_lines_off_a_terminal(monkeypatch):
+    """Issue 28, 7: not on a terminal (CliRunner's stderr is not one), each stage gets a plain line as it begins,
+    and the units their count; --quiet prints none."""
+    res = runner.invoke(app, ["delta-h1", "--set", "batch.num_prompts=4"])
+    assert res.exit_code == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines and all(PROGRESS_LINE.match(ln) for ln in lines), lines
+    stages = [ln.split("] ", 1)[1] for ln in lines]
+    assert stages == ["model load", "warm-up", "batch", "probe", "probe: 4/4 units"], stages
+    times = [float(ln.split("[", 1)[1].split(" s]")[0]) for ln in lines]
+    assert times == sorted(times)
+    quiet = runner.invoke(app, ["delta-h1", "--set", "batch.num_prompts=4", "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr.strip() == "", quiet.stderr
+
+
+def test_progress_lines_are_at_most_one_every_few_seconds(monkeypatch):
+    """Within a stage a unit line waits PROGRESS_EVERY_S after the last line; the last unit always prints."""
+    from rich.console import Console
+
+    from gradprobe.cli import common
+
+    now = [100.0]
+    monkeypatch.setattr(common.time, "monotonic", lambda: now[0])
+    err = Console(record=True, width=200, no_color=True, file=open(os.devnull, "w"))
+    lines = common.PlainProgress(err, "delta-h1", "units")
+    lines.stage("probe")
+    for done in range(1, 21):  # one unit every 0.7 s
+        now[0] += 0.7
+        lines.update(done, 20)
+    shown = [ln for ln in err.export_text().splitlines() if ln]
+    assert shown[0] == "gradprobe delta-h1 [   0.0 s] probe"
+    assert [ln.split("] ")[1] for ln in shown[1:]] == ["probe: 8/20 units", "probe: 16/20 units", "probe: 20/20 units"]
+    assert all(common.PROGRESS_LINE.match(ln) for ln in shown)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_sigint_in_the_first_second_is_one_line_and_exit_130(delay, tmp_path):
+    """Issue 28, 6: Ctrl-C while the command starts (torch and transformers still importing): no traceback, no
+    import error of a half-imported library, one line, exit 130, nothing written."""
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "gradprobe", "delta-h1", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["interrupted by SIGINT before the work began; nothing written"], err
+    assert not out.exists()
+
+
+def test_a_library_error_raised_by_the_signal_is_still_an_interruption(monkeypatch):
+    """Issue 28, 6: transformers turns a KeyboardInterrupt inside a lazy import into "Could not import module";
+    the cause is the signal: exit 4 (the model load had begun), not an internal error (3)."""
+    from gradprobe.errors import Interrupted
+
+    def interrupted_import(cfg):
+        try:
+            raise Interrupted("SIGINT")
+        except Interrupted as exc:
+            raise RuntimeError("Could not import module 'Qwen2ForCausalLM'") from exc
+
+    monkeypatch.setattr(gp_stack, "load_stack", interrupted_import)
+    res = runner.invoke(app, ["delta-h1", "--quiet"])
+    assert res.exit_code == 4, (res.exit_code, res.stderr)
+    assert res.stderr.strip() == "interrupted by SIGINT during model load; no --json given, nothing written"
+
+
+def test_callback_arguments_of_the_wrong_kind_are_one_error(tmp_path):
+    """Issue 28, 8: GradprobeCallback(group_size="8") and a prompt its tokenizer cannot encode are GradprobeError
+    naming the argument, not a TypeError or ValueError from inside."""
+    from gradprobe.errors import GradprobeError
+    from tests.support.trainer_run import micro_trainer
+
+    for kwargs, words in [(dict(group_size="8"), "group_size must be an integer"),
+                          (dict(microbatch_size=2.0), "microbatch_size must be an integer"),
+                          (dict(temperature="1"), "temperature must be a number")]:
+        with pytest.raises(GradprobeError, match=words):
+            gp.GradprobeCallback(["abc", "fed"], **kwargs)
+    trainer, tok = micro_trainer(tmp_path / "run", steps=1)
+    gp.GradprobeCallback(["abc", "hello world!"], tokenizer=tok).attach(trainer)
+    with pytest.raises(GradprobeError, match=r"eval_prompts\[1\] 'hello world!' cannot be tokenized"):
+        trainer.train()
+
+
+def test_help_shows_no_bool_metavar():
+    for command in ("delta-h1", "diagnose", "validate", "plot", "env"):
+        res = runner.invoke(app, [command, "--help"], env={"COLUMNS": "120"})
+        flags = [ln for ln in res.stdout.splitlines() if "--quiet" in ln or "--debug" in ln or "--exit-zero" in ln]
+        assert flags and not any("<bool>" in ln for ln in flags), flags
