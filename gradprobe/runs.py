@@ -11,6 +11,7 @@ done, which is what an interruption reports.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from .errors import GradprobeError
 
 if TYPE_CHECKING:
     from .config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,14 +38,17 @@ class Tracker:
     on_stage: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
 
     def enter(self, stage: str) -> None:
-        """A new stage begins (told to on_stage: the CLI's progress lines in a log)."""
+        """A new stage begins: logged (logger "gradprobe.runs", INFO) and told to on_stage (the CLI's lines)."""
         self.stage = stage
+        log.info("%s", stage)
         if self.on_stage is not None:
             self.on_stage(stage)
 
     def progress(self, inner: Callable[[int, int], None] | None = None) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
             self.units_done, self.units = done, total
+            if done == total:
+                log.info("%s: %d/%d done", self.stage, done, total)
             if inner is not None:
                 inner(done, total)
         return update
