@@ -184,16 +184,29 @@ def _check_weights(path: Path) -> None:
             raise GradprobeError(f"cannot read model weights {f}: {first}") from None
 
 
-def _hub_kwargs(source: str) -> dict[str, Any]:
-    """local_files_only when the hub cannot be reached: a cached model loads without retries."""
-    return {"local_files_only": True} if not looks_local(source) and hub_unreachable() else {}
+@contextlib.contextmanager
+def _offline_if_unreachable(source: str | None) -> Iterator[None]:
+    """Hugging Face's offline mode while a hub model loads from the cache with the hub unreachable: every
+    request (the weights, the tokenizer, transformers' look for an adapter_config.json) is answered from the
+    cache at once instead of after five retries each."""
+    if source is None or looks_local(source) or not hub_unreachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
 
 
 def _load_pretrained(source: str, cfg: Config, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     quant = _quant_config(cfg)
-    kwargs: dict[str, Any] = dict(trust_remote_code=cfg.model.trust_remote_code, **_hub_kwargs(source))
+    kwargs: dict[str, Any] = dict(trust_remote_code=cfg.model.trust_remote_code)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)}, dtype=torch.float32)
     else:
@@ -236,8 +249,7 @@ def _tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code,
-                                            **_hub_kwargs(source))
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise GradprobeError(f"cannot load the tokenizer of '{source}': {str(exc).splitlines()[0]}") from exc
     tok.padding_side = "left"
@@ -299,7 +311,7 @@ def load_stack(cfg: Config) -> Stack:
     device = resolve_device(cfg.device)
     source = cfg.model.name_or_path
     check_model_source(source)
-    with quiet_libraries():
+    with quiet_libraries(), _offline_if_unreachable(source):
         torch.manual_seed(cfg.seed)
         base = _load_pretrained(source, cfg, device) if source else _random_model(cfg.model.preset, cfg, device)
         base.config.use_cache = False
@@ -313,8 +325,10 @@ def load_stack(cfg: Config) -> Stack:
         model = _add_lora(base, cfg)
         _cast_adapter(model, cfg.lora.dtype)
         model.train()
+    with _offline_if_unreachable(source):
+        tokenizer = _tokenizer(cfg)
     autocast = None if cfg.autocast == "off" else DTYPES[cfg.autocast]
-    return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg.checkpointing)
+    return live_stack(model, tokenizer, autocast, device=device, checkpointing=cfg.checkpointing)
 
 
 def live_stack(model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None, *,
