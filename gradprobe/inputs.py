@@ -69,7 +69,7 @@ def check_inputs(cfg: Config, outputs: dict[str, str | Path | None] | None = Non
     """Before the model loads: outputs writable and none of them an input; the model source, the adapter, the
     rollouts files, the reward plugin and the optimizer state. `probe`: the command estimates deltaH (diagnose
     reports an empty batch as a failed check instead)."""
-    from .stack import check_model_source
+    from .stack import check_model_source, check_weights
 
     ins = [*extra_inputs, cfg.batch.rollouts, cfg.batch.entropy_rollouts, cfg.probe.optimizer_state,
            cfg.model.name_or_path, cfg.lora.adapter_path, reward_spec_file(cfg.batch.reward)]
@@ -79,6 +79,8 @@ def check_inputs(cfg: Config, outputs: dict[str, str | Path | None] | None = Non
     if adapter and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
         where = "no such directory" if not Path(adapter).expanduser().exists() else "no adapter_config.json in it"
         raise GradprobeError(f"lora.adapter_path {adapter}: {where}")
+    if adapter:
+        check_weights(Path(adapter).expanduser(), "adapter weights")
     for path in (cfg.batch.rollouts, cfg.batch.entropy_rollouts):
         if path:
             check_rollouts_file(path, probe)

@@ -159,7 +159,7 @@ def check_model_source(source: str | None) -> None:
         if not (path / "config.json").is_file():
             raise GradprobeError(f"model.name_or_path {source}: no config.json in the directory (not a "
                                  f"transformers model directory)")
-        _check_weights(path)
+        check_weights(path)
         return
     why = hub_unreachable()
     if why is None:
@@ -171,7 +171,7 @@ def check_model_source(source: str | None) -> None:
                              f"cache, and the hub cannot be asked: {why}")
 
 
-def _check_weights(path: Path) -> None:
+def check_weights(path: Path, what: str = "model weights") -> None:
     """Each safetensors file's header parses and covers the file (a truncated or foreign file fails here)."""
     from safetensors import safe_open
 
@@ -181,7 +181,7 @@ def _check_weights(path: Path) -> None:
                 st.keys()
         except Exception as exc:  # SafetensorError and OSError: damaged, truncated or not safetensors
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise GradprobeError(f"cannot read model weights {f}: {first}") from None
+            raise GradprobeError(f"cannot read {what} {f}: {first}") from None
 
 
 @contextlib.contextmanager
@@ -268,8 +268,11 @@ def _add_lora(base, cfg: Config):
             raise GradprobeError(f"no adapter_config.json in adapter directory {path}")
         try:
             return PeftModel.from_pretrained(base, str(path), is_trainable=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise GradprobeError(f"cannot load adapter {path}: {str(exc).splitlines()[0]}") from exc
+        except Exception as exc:  # OSError, ValueError, RuntimeError, SafetensorError: a damaged or foreign adapter
+            if is_out_of_memory(exc) or not isinstance(exc, (OSError, ValueError, RuntimeError)) and \
+                    type(exc).__name__ != "SafetensorError":
+                raise
+            raise GradprobeError(f"cannot load adapter {path}: {str(exc).strip().splitlines()[0]}") from exc
     lora = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                       target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM",
                       init_lora_weights=lcfg.init == "zero_b")

@@ -75,6 +75,9 @@ def states(tmp_path_factory) -> dict:
     (models / "no_config" / "model.safetensors").write_bytes(b"")
     (models / "weights.bin").write_bytes(b"not a directory")
     (models / "adapter_without_config").mkdir()
+    stack.model.save_pretrained(models / "adapter_truncated")
+    weights = models / "adapter_truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
     return {"names": stack.names, "models": str(models), "empty": str(d / "empty.pt"), "random": str(d / "random.pt"),
             "a_dir": str(d / "a_dir.pt"), "nan": damaged("nan.pt", set_v(3, float("nan"))),
             "neg": damaged("neg.pt", set_v(5, -1e-3, 7)), "inf": damaged("inf.pt", set_v(0, float("inf"))),
@@ -241,6 +244,9 @@ CASES: list[tuple[str, Callable[[Path, dict], list[str]], tuple[str, ...]]] = [
     ("adapter_without_config", lambda d, s: ["delta-h1", "--set",
                                              f"lora.adapter_path={s['models']}/adapter_without_config"],
      ("no adapter_config.json",)),
+    ("adapter_weights_truncated", lambda d, s: ["delta-h1", "--set",
+                                                f"lora.adapter_path={s['models']}/adapter_truncated"],
+     ("cannot read adapter weights", "adapter_model.safetensors")),
     # issue 28, 3: outputs in an existing directory that cannot be written, before any work
     ("json_unwritable_dir", lambda d, s: ["delta-h1", "--json", f"{UNWRITABLE}.json"],
      ("--json", "cannot write in the directory /proc")),
