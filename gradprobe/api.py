@@ -23,9 +23,10 @@ import torch
 
 from . import distributed
 from .errors import GradprobeError
+from .files import write_atomic
 from .optim.precondition import Preconditioner, build_preconditioner, from_adam_state
 from .optim.state import live_state_dict, no_decay_names
-from .optim.update import StepSettings, decompose, mapped_state, step_settings
+from .optim.update import StepSettings, decompose, mapped_state, real_update, rounds, step_settings, with_rounding
 from .probe import ProbeResult, run_probe, unit_gradients
 from .probe import real_step as real_step_math
 from .probe.attribution import unit_rows
@@ -153,6 +154,17 @@ def step_source(stack, cfg: Config, precond: Preconditioner, optimizer: Any = No
     return settings, mapped
 
 
+def real_step(stack, cfg: Config, settings: StepSettings, grads: list[torch.Tensor],
+              optimizer: Any = None) -> list[torch.Tensor]:
+    """The step the optimizer's next step() makes with these loss gradients, as the run's dtype rounds it: its
+    own arithmetic on copies (optim/update.py real_update), from the source step_source resolved."""
+    pcfg = cfg.probe
+    source = optimizer if optimizer is not None else pcfg.optimizer_state
+    no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
+    return real_update(source, stack.params, grads, max_grad_norm=settings.max_grad_norm, lr=settings.lr,
+                       names=stack.names, no_decay=no_decay, order=pcfg.optimizer_order)
+
+
 def step_summary(settings: StepSettings) -> dict[str, Any]:
     """The StepSettings for the report: per-tensor lists only where they are not all one value."""
     out = asdict(settings)
@@ -164,12 +176,15 @@ def step_summary(settings: StepSettings) -> dict[str, Any]:
 
 def delta_h1(stack, batch: Batch, cfg: Config,
              progress: Callable[[int, int], None] | None = None, precond: Preconditioner | None = None,
-             store: Any = None, optimizer: Any = None, entropy_batch: Batch | None = None) -> ProbeResult:
+             store: Any = None, optimizer: Any = None, entropy_batch: Batch | None = None,
+             keep_update: bool = False) -> ProbeResult:
     """Run the probe with the preconditioner and learning rate the config names (or `precond`, built
     earlier with preconditioner(stack, cfg) so that a mismatched optimizer state fails before sampling).
     deltaH is the real next step of `optimizer` (a live torch/bitsandbytes optimizer), else of
     probe.optimizer_state, else plain SGD; with `entropy_batch` (or probe.entropy_batch=independent, then
-    sampled with another seed) its X comes from that batch (real_step.independent)."""
+    sampled with another seed) its X comes from that batch (real_step.independent). keep_update: the step the
+    headline describes and the loss gradient it came from, per trainable tensor, in result.update and
+    result.gradient (save_update writes the step)."""
     check_probe_batch(batch)
     precond = precond if precond is not None else preconditioner(stack, cfg)
     lr = learning_rate(cfg, precond)
@@ -177,13 +192,19 @@ def delta_h1(stack, batch: Batch, cfg: Config,
     kept: dict[str, Any] = {}
 
     def parts(grads: list[torch.Tensor]):
-        kept["grads"], kept["parts"] = grads, decompose(settings, mapped, stack.names, stack.params, grads)
-        return kept["parts"]
+        found = decompose(settings, mapped, stack.names, stack.params, grads)
+        if rounds(stack.params, mapped):  # the run's dtype rounds the step: the headline is the rounded one
+            found = with_rounding(found, real_step(stack, cfg, settings, grads, optimizer), grads)
+        kept["grads"], kept["parts"] = grads, found
+        return found
 
     t0 = time.perf_counter()
     result = run_probe(stack, batch, cfg.probe, precond, lr, progress=progress, store=store, step_parts=parts)
     result.timings["probe"] = time.perf_counter() - t0
     result.step = step_summary(settings)
+    if keep_update and "parts" in kept:
+        result.update = dict(zip(stack.names, kept["parts"].total(kept["grads"])))
+        result.gradient = dict(zip(stack.names, kept["grads"]))
     if mapped is None and math.isfinite(result.deltaH):
         result.real_step_note = "no optimizer state: the real step is plain SGD (identity P, no momentum, no decay)"
     if entropy_batch is None and cfg.probe.entropy_batch == "independent":
@@ -194,7 +215,28 @@ def delta_h1(stack, batch: Batch, cfg: Config,
         result.timings["entropy batch"] = time.perf_counter() - t1
     if zero_advantages(batch):  # a number without meaning unless it says why it is 0
         result.notes.insert(0, ZERO_ADVANTAGES)
+    result.resolve()
     return result
+
+
+def save_update(result: ProbeResult, model, path) -> None:
+    """The headline's step as safetensors under the adapter's own names (as adapter_model.safetensors has them:
+    without the adapter's name), so that it can be held against the run's checkpoint difference."""
+    from safetensors.torch import save
+
+    if result.update is None:
+        raise GradprobeError(f"no step to save to {path}: {result.real_step_note or 'deltaH was not computed'}")
+    adapters = getattr(model, "peft_config", {}) or {}
+    names = {}
+    for name, t in result.update.items():
+        key = name
+        for adapter in adapters:
+            key = key.replace(f".{adapter}.", ".")
+        names[key] = t.detach().float().contiguous().cpu()
+    meta = {"what": "the step deltaH describes: theta' - theta of the next optimizer step, as the run's dtype "
+                    "rounds it (gradprobe delta-h1)", "deltaH": repr(result.deltaH),
+            "deltaH_unrounded": repr(result.deltaH_unrounded)}
+    write_atomic(path, save(names, metadata=meta), "the step")
 
 
 def build_entropy_batch(stack, cfg: Config) -> Batch:
@@ -218,6 +260,7 @@ def independent_estimate(stack, entropy_batch: Batch, cfg: Config, parts, grads:
     result.same_batch = {"deltaH": result.deltaH, "se_deltaH": result.se_deltaH,
                          "se_deltaH_batches": result.se_deltaH_batches, "parts": result.parts}
     result.deltaH, result.se_deltaH, result.se_deltaH_batches = est.deltaH, est.se_deltaH, math.nan
+    result.deltaH_unrounded = est.deltaH - (est.rounding.value if est.rounding is not None else 0.0)
     result.parts, result.entropy_batch = est.parts(), "independent"
     result.units = [{**row, "deltaH": math.nan} for row in result.units]  # deltaH is the entropy batch's now
     units = units_of(entropy_batch, cfg.probe.mode, cfg.probe.block_size)
@@ -234,5 +277,6 @@ def independent_step(stack, entropy_batch: Batch, probe_cfg: ProbeSection, parts
         return torch.cat([t.reshape(-1).double().cpu() for t in ts])
 
     fresh = parts.clip_factor * flat(parts.fresh) * flat(grads)
+    rounding = x @ flat(parts.rounding) if parts.rounding is not None else None
     return real_step_math.independent(x @ fresh, x @ flat(parts.momentum), x @ flat(parts.decay),
-                                      float(parts.clip_factor))
+                                      float(parts.clip_factor), rounding)

@@ -33,8 +33,9 @@ from .config import ProbeSection
 from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
-from .optim.update import decompose, mapped_state, real_update, step_settings
+from .optim.update import decompose, mapped_state, real_update, rounds, step_settings, with_rounding
 from .rollouts import encode_prompt
+from .run_model import write_record
 from .stack import Stack, live_stack
 from .validate import EntropyChange, Policy, exact_entropy_grad, sampled_batch
 
@@ -141,6 +142,13 @@ class GradprobeCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
 
+    def on_save(self, args, state, control, model=None, **kwargs):
+        """Beside each checkpoint, how the live model was loaded (run_model.RUN_RECORD): what `--checkpoint`
+        reads instead of assuming the quantisation."""
+        directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and model is not None and directory.is_dir():
+            write_record(model, directory)
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1  # the step about to be taken, as log_history will number it
         if step % self.every_n_steps:
@@ -153,14 +161,16 @@ class GradprobeCallback(TrainerCallback):
             lr = float(self.optimizer.param_groups[0]["lr"])
             update = real_update(self.optimizer, stack.params, grads, names=stack.names)
             settings = step_settings(self.optimizer, stack.names, stack.params)
-            parts = decompose(settings, mapped_state(self.optimizer, stack.names, stack.params), stack.names,
-                              stack.params, grads)
+            mapped = mapped_state(self.optimizer, stack.names, stack.params)
+            parts = decompose(settings, mapped, stack.names, stack.params, grads)
             for j in (j for j, s in enumerate(skipped) if s):
                 update[j] = torch.zeros_like(update[j])
                 for ts in (parts.fresh, parts.momentum, parts.decay):
                     ts[j] = torch.zeros_like(ts[j])
             flat_update = torch.cat([d.reshape(-1).double() for d in update])
-            flat_parts = torch.cat([t.reshape(-1).double() for t in parts.total(grads)])
+            flat_parts = torch.cat([t.reshape(-1).double() for t in parts.unrounded(grads)])
+            if rounds(stack.params, mapped):  # the forecast is of the step as the weights' dtype rounds it
+                parts = with_rounding(parts, update, grads)
             grad_norm = float(torch.cat([g.reshape(-1).double().cpu() for g in grads]).norm())
             clock.lap("step")
             stack.model.eval()
@@ -182,6 +192,7 @@ class GradprobeCallback(TrainerCallback):
             realised=None, realised_se=None, entropy=truth.h0, method=self.method, lr=lr,
             update_norm=float(flat_update.norm()), update_rel=float(flat_update.norm()) / (theta_norm or 1.0),
             parts_residual=float((flat_parts - flat_update).norm() / (flat_update.norm() or 1.0)),
+            rounded_away=parts.rounded_away,
             grad_norm=grad_norm, max_grad_norm=self.max_grad_norm,
             clipped=self.max_grad_norm is not None and grad_norm >= self.max_grad_norm * (1 - 1e-4),
             params_without_grad=sum(skipped), eval_prompts=len(self.prompt_ids), group_size=self.group_size,

@@ -42,6 +42,7 @@ class ModelSection:
 class QuantSection:
     mode: str = key("nf4", ("none", "nf4", "fp4"))
     compute_dtype: str = key("bfloat16", ("bfloat16", "float16", "float32"))
+    double_quant: bool = False  # bitsandbytes' bnb_4bit_use_double_quant (the absmax scales quantised too)
 
 
 @dataclass(frozen=True)

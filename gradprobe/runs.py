@@ -90,14 +90,16 @@ def _warmed_stack(cfg: Config, clock: _Clock, build_precond: bool):
 
 def run_delta_h1(cfg: Config, *, state_dir: str | Path | None = None,
                  save_rollouts: str | Path | None = None, tracker: Tracker | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, save_update: str | Path | None = None):
     """`gradprobe delta-h1`: deltaH of the next real step and deltaH1 of the plain one, with their SEs.
 
     state_dir: a directory prepared by resume.prepare_state_dir (or one being resumed): each finished unit's
     gradients are kept there and reused, and the batch is read back from it when it holds one.
-    save_rollouts: also write the batch used as JSONL."""
+    save_rollouts: also write the batch used as JSONL. save_update: also write the step deltaH describes
+    (api.save_update: safetensors, the adapter's names)."""
     from . import distributed
     from .api import build_batch, delta_h1
+    from .api import save_update as save_update_file
     from .probe.engine import planned_units, units_of
     from .resume import ROLLOUTS, UnitStore, fingerprint
     from .rollouts import read_rollouts, write_rollouts
@@ -127,7 +129,9 @@ def run_delta_h1(cfg: Config, *, state_dir: str | Path | None = None,
     clock.tracker.enter("probe")
     clock.tracker.units = len(units_of(batch, cfg.probe.mode, cfg.probe.block_size))
     result = delta_h1(stack, batch, cfg, progress=clock.tracker.progress(progress), precond=precond, store=store,
-                      optimizer=optimizer)
+                      optimizer=optimizer, keep_update=save_update is not None)
+    if save_update is not None and distributed.is_main():
+        save_update_file(result, stack.model, save_update)
     result.warmup_steps = warm
     result.timings.update(clock.timings)
     return result

@@ -115,7 +115,7 @@ def _quant_config(cfg: Config):
         return None
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
                               bnb_4bit_compute_dtype=DTYPES[cfg.quant.compute_dtype],
-                              bnb_4bit_use_double_quant=False)
+                              bnb_4bit_use_double_quant=cfg.quant.double_quant)
 
 
 HUB_HOST = "huggingface.co"

@@ -33,6 +33,7 @@ from .files import load_torch_file
 from .objective import LOSS_TYPES
 from .optim.lr import next_learning_rate
 from .optim.state import load_state_dict
+from .run_model import QUANT_KEYS, UNRECORDED_WHY, quant_settings
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -59,7 +60,12 @@ class CheckpointInfo:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "assumed_stack": self.assumed_stack()}
+
+    def assumed_stack(self) -> dict[str, Any]:
+        """The stack settings no file of the run gave (key -> the value probed): what the headline must say."""
+        return {k: e["value"] for k, e in self.settings.items()
+                if k in STACK_KEYS and e["source"].startswith("assumed")}
 
     def source(self, key: str) -> str | None:
         entry = self.settings.get(key)
@@ -114,6 +120,9 @@ TRAINING_ARGS_GLOBALS = (
     "transformers.trainer_utils.FSDPOption", "transformers.debug_utils.DebugOption",
     "transformers.training_args.OptimizerNames", "transformers.trainer_pt_utils.AcceleratorConfig",
     "accelerate.state.PartialState", "accelerate.utils.dataclasses.DistributedType",
+    # model_init_kwargs' quantization_config (TRL's scripts put a BitsAndBytesConfig there)
+    "transformers.utils.quantization_config.BitsAndBytesConfig",
+    "transformers.utils.quantization_config.QuantizationMethod",
 )
 TRAINING_ARGS = "training_args.bin"
 
@@ -252,11 +261,13 @@ def _adapter_dtypes(path: Path) -> list[str]:
 
 
 def run_settings_of(cfg: Config, d: Path | None, adapter: Path | None, given: set[str], notes: list[str],
-                    changes: dict[str, Any]) -> tuple[str | None, dict[str, dict[str, Any]]]:
-    """RUN_SETTINGS from the checkpoint's training_args.bin and adapter weights, put in `changes` except the
-    keys the user gave (--set); returns the config class read and each key's value and source."""
+                    changes: dict[str, Any], base: str | None = None) -> tuple[str | None, dict[str, dict[str, Any]]]:
+    """RUN_SETTINGS from the checkpoint's training_args.bin, adapter weights and the records of how the base
+    was loaded (run_model.py), put in `changes` except the keys the user gave (--set); returns the config
+    class read and each key's value and source."""
     read: dict[str, tuple[Any, str]] = {}
     cls = None
+    args: dict[str, Any] = {}
     if d is not None:
         cls, args, arg_notes = read_training_args(d)
         notes.extend(arg_notes)
@@ -267,6 +278,14 @@ def run_settings_of(cfg: Config, d: Path | None, adapter: Path | None, given: se
                 doubt = "" if certain else "; if transformers 4 wrote it, its plain Trainer was reentrant"
                 read[key] = (value, f"{'read' if certain else 'assumed'}: {TRAINING_ARGS} ({cls} {fields}{doubt})")
     why = dict(UNRECORDED)
+    if d is not None:
+        quant, quant_notes = quant_settings(d, args, base)
+        notes.extend(quant_notes)
+        read.update(quant)
+        if quant.get("quant.mode", (None,))[0] == "none":  # no 4-bit layers: their settings are unused, not unknown
+            flat = cfg.flat()
+            read.update({k: (flat[k], f"{quant['quant.mode'][1]}; unused without 4-bit layers")
+                         for k in QUANT_KEYS if k not in quant})
     if adapter is not None:
         dtypes = _adapter_dtypes(adapter)
         if len(dtypes) == 1 and dtypes[0] in CHOICES["lora.dtype"]:
@@ -292,9 +311,9 @@ def run_settings_of(cfg: Config, d: Path | None, adapter: Path | None, given: se
 # model's quantisation): each is reported with its source.
 RUN_SETTINGS = ("probe.loss_type", "probe.scale_rewards", "batch.group_size", "batch.temperature",
                 "probe.max_completion_length", "probe.max_grad_norm", "autocast", "checkpointing", "lora.dtype",
-                "quant.mode", "quant.compute_dtype")
-UNRECORDED = {"quant.mode": "a checkpoint does not record whether the base was quantised",
-              "quant.compute_dtype": "a checkpoint does not record the base's 4-bit compute dtype"}
+                *QUANT_KEYS)
+UNRECORDED = dict.fromkeys(QUANT_KEYS, UNRECORDED_WHY)
+STACK_KEYS = (*QUANT_KEYS, "lora.dtype", "autocast", "checkpointing")  # what model is probed, not which loss
 
 
 def _looks_local(name: str) -> bool:
@@ -374,7 +393,8 @@ def load_checkpoint(directory: str | Path | None, cfg: Config, optimizer_state: 
         elif Path(cfg.lora.adapter_path).expanduser().resolve() != d.resolve():
             notes.append(f"adapter from lora.adapter_path {cfg.lora.adapter_path}, optimizer state from {d}")
     given = set(given) | ({"probe.loss_type"} if "probe.normalization" in given else set())
-    args_class, settings = run_settings_of(cfg, d, adapter_weights, given, notes, changes)
+    base_dir = changes.get("model.name_or_path", cfg.model.name_or_path)
+    args_class, settings = run_settings_of(cfg, d, adapter_weights, given, notes, changes, base_dir)
     changes.update({"probe.precondition": "adam", "probe.optimizer_state": str(opt_path), "probe.learning_rate": rate})
     out = cfg.with_values(changes)
     info = CheckpointInfo(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .api import learning_rate, preconditioner, step_source, step_summary
+from .api import learning_rate, preconditioner, real_step, step_source, step_summary
 from .attention import without_cudnn_attention
 from .entropy import (
     count_responses,
@@ -32,8 +32,6 @@ from .entropy import (
 )
 from .errors import GradprobeError
 from .optim.precondition import Preconditioner
-from .optim.state import no_decay_names
-from .optim.update import real_update
 from .params import GradReader
 from .probe import unit_gradients
 from .rollouts import Batch, Group, _decode, builtin_prompts, builtin_reward, encode_prompt, read_rollouts
@@ -374,10 +372,4 @@ def real_direction(stack, update: Batch, cfg: Config, settings, optimizer: Any =
     arithmetic on copies (optim/update.py real_update), the source as step_source resolved it."""
     g = -unit_gradients(stack, update, cfg.probe, Preconditioner(None), kinds=("y",))["y"].mean(0)
     grads = [t.view_as(p) for t, p in zip(g.split([p.numel() for p in stack.params]), stack.params)]
-    pcfg = cfg.probe
-    source = optimizer if optimizer is not None else pcfg.optimizer_state
-    no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
-    step = real_update(source, stack.params, grads, max_grad_norm=settings.max_grad_norm,
-                       lr=pcfg.learning_rate if source is not None else settings.lr, names=stack.names,
-                       no_decay=no_decay, order=pcfg.optimizer_order)
-    return torch.cat([t.reshape(-1) for t in step])
+    return torch.cat([t.reshape(-1) for t in real_step(stack, cfg, settings, grads, optimizer)])

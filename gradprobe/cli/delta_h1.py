@@ -31,6 +31,8 @@ EPILOG = """Examples:
 
   gradprobe delta-h1 --checkpoint outputs/checkpoint-500 --rollouts batch.jsonl --entropy-rollouts other.jsonl
 
+  gradprobe delta-h1 --checkpoint outputs/checkpoint-500 --rollouts step-501.jsonl --save-update step.safetensors
+
   gradprobe delta-h1 --state run1/ --json r.json     # after a SIGTERM (exit 4): gradprobe delta-h1 --resume run1/
 """
 
@@ -43,6 +45,9 @@ def command(
     entropy_rollouts: Annotated[Path | None, typer.Option(
         "--entropy-rollouts", help="An independent entropy batch (JSONL, same policy, other samples): deltaH = "
         "-mean X_E . step, no U-statistic (sets probe.entropy_batch=independent).", show_default=False)] = None,
+    save_update: Annotated[Path | None, typer.Option(
+        "--save-update", help="Write the step deltaH describes (theta' - theta of the next optimizer step, as the "
+        "run's dtype rounds it) as safetensors, under the adapter's own tensor names.", show_default=False)] = None,
     state: Annotated[Path | None, typer.Option(
         "--state", help="Keep each finished unit's gradients in this new directory (2 x trainable values x 4 bytes "
         "per unit) so that an interrupted run can continue with --resume.", show_default=False)] = None,
@@ -62,7 +67,7 @@ def command(
         from ..resume import prepare_state_dir, read_resume
         from ..runs import run_delta_h1
 
-        outputs = {"--save-rollouts": save_rollouts}
+        outputs = {"--save-rollouts": save_rollouts, "--save-update": save_update}
         if distributed.launched() and (state is not None or resume is not None):
             raise GradprobeError(distributed.NO_RESUME)
         if resume is not None:
@@ -84,12 +89,15 @@ def command(
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
         with progress_bar(err, not inputs.quiet, "probing units", run) as bar:
-            result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar)
+            result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar,
+                                  save_update=save_update)
         clip_source = ckpt.source("probe.max_grad_norm") if ckpt is not None else None
         if clip_source and result.step.get("sources"):  # read from training_args.bin, or given over it
             result.step["sources"]["max_grad_norm"] = clip_source
         run.stage = "report"
-        emit(out, ckpt, lambda: render_delta_h1(out, result), delta_h1_payload(result, cfg), inputs.json_)
+        assumed = ckpt.assumed_stack() if ckpt is not None else None
+        emit(out, ckpt, lambda: render_delta_h1(out, result, assumed=assumed), delta_h1_payload(result, cfg),
+             inputs.json_)
         return 0
 
     guarded(inputs.debug, err, body, run)

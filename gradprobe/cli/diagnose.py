@@ -67,7 +67,8 @@ def command(
             result = run_diagnose(cfg, tracker=run, announce=announce)
         code = result.exit_code(fail_on.value)
         run.stage = "report"
-        emit(out, ckpt, lambda: render(out, result, code), payload(result, cfg, code), inputs.json_)
+        assumed = ckpt.assumed_stack() if ckpt is not None else None
+        emit(out, ckpt, lambda: render(out, result, code, assumed), payload(result, cfg, code), inputs.json_)
         if exit_zero and code == EXIT_CHECK_FAILED and not inputs.quiet:
             out.print(f"diagnosis complete; --exit-zero: exit code 0 instead of {code}")
         return EXIT_OK if exit_zero else code

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from .causes import BY_ID
 from .check import FAIL, PASS, WARN, Check
 from .facts import Facts
@@ -316,6 +318,9 @@ def adapters(f: Facts) -> Check:
         return Check("adapters", "adapters enabled, trainable", FAIL, ev,
                      "Enable and unmerge the adapters before building the loss (leave `with model.disable_adapter()`"
                      ", call model.unmerge_adapter()).")
+    if f.dead:
+        ev["dead"] = _names(f, sorted(f.dead))
+        return Check("adapters", "adapters enabled, trainable", FAIL, ev, BY_ID["dead_adapter"].fix)
     if a["trainable_adapter_tensors"] < a["adapter_tensors"]:
         ev["frozen"] = _model_names(a["frozen_adapter_names"])
         return Check("adapters", "adapters enabled, trainable", FAIL, ev,
@@ -399,14 +404,69 @@ def optimizer_state(f: Facts) -> Check:
     return Check("optimizer_state", "preconditioner coverage", PASS, ev)
 
 
+def loss_mask(f: Facts) -> Check:
+    """Which logit positions the loss's gradient reaches (a hook on the logits during the primary backward)."""
+    lg, t = f.m.logit_grad, f.m.trace
+    if lg is None:
+        return Check("loss_mask", "loss reaches tokens", PASS,
+                     {"logit_positions": "not measured (the loss carries no graph through the logits)"})
+    positions, reached, nonfinite = lg
+    ev: dict = {"logit_positions": positions, "reached": reached, "nan_positions": nonfinite}
+    if t.labels_given:
+        ev["label_tokens"] = f"{t.label_tokens}/{t.label_positions}"
+    if any(c.id == "empty_loss_mask" for c in _mask_causes(f)):
+        return Check("loss_mask", "loss reaches tokens", FAIL, ev, BY_ID["empty_loss_mask"].fix)
+    return Check("loss_mask", "loss reaches tokens", PASS, ev)
+
+
+def _mask_causes(f: Facts) -> list:
+    from .rules import _empty_loss_mask
+
+    return [c for c in (_empty_loss_mask(f),) if c is not None]
+
+
+def loss_terms(f: Facts) -> Check:
+    terms = f.m.terms
+    if not terms:
+        return Check("loss_terms", "loss terms reach the gradient", PASS,
+                     {"terms": "not given (return {'loss': total, 'terms': {'pg': ..., 'entropy': ...}} from the loss "
+                               "function to check that each term reaches the gradient)"})
+    ev: dict = {k: (f"{t.value:.4g}" if t.value is not None else "n/a") + (
+        f", reaches {t.grad_nonzero}/{f.n} tensors" if t.requires_grad else ", no graph") for k, t in terms.items()}
+    cut = [k for k, t in terms.items() if not t.requires_grad]
+    if cut:
+        ev["cut"] = cut
+        return Check("loss_terms", "loss terms reach the gradient", FAIL, ev, BY_ID["loss_term_detached"].fix)
+    return Check("loss_terms", "loss terms reach the gradient", PASS, ev)
+
+
+def update_precision(f: Facts) -> Check:
+    p = f.precision
+    half = [f.short[i] for i, t in enumerate(f.subject.params) if t.requires_grad
+            and t.dtype in (torch.bfloat16, torch.float16)]
+    if not half:
+        return Check("update_precision", "updates survive rounding", PASS, {"half_precision_trainable": 0})
+    ev: dict = {"half_precision_trainable": len(half)}
+    if p is None:
+        ev["note"] = "not checked: no optimizer given (pass optimizer= to try its next step on these tensors)"
+        return Check("update_precision", "updates survive rounding", PASS, ev)
+    ev.update(optimizer=p.get("optimizer", "?"), lr=p.get("lr"))
+    if p.get("error"):
+        ev["error"] = p["error"]
+    if p["lost"]:
+        ev["lost"] = [f"{d['name']} ({d['unchanged']} unchanged)" for d in p["lost"]]
+        return Check("update_precision", "updates survive rounding", FAIL, ev, BY_ID["update_lost_to_precision"].fix)
+    return Check("update_precision", "updates survive rounding", PASS, ev)
+
+
 ALL: list[Callable[[Facts], Check]] = [
     loss_runs, strict_autograd_grad, s_alive, param_identity, coverage, probe_path, generation, grad_mode,
     train_mode, checkpointing, input_grads, adapters, adapter_forward, quantization, lora_dtype, nonfinite,
-    optimizer_state, old_logprobs,
+    optimizer_state, old_logprobs, loss_mask, loss_terms, update_precision,
 ]
 
 # what needs a loss to differentiate: not measured when the loss function raised
-NEEDS_LOSS = {strict_autograd_grad, s_alive, coverage, probe_path}
+NEEDS_LOSS = {strict_autograd_grad, s_alive, coverage, probe_path, loss_mask, loss_terms}
 
 
 def run_all(f: Facts) -> list[Check]:
@@ -421,4 +481,5 @@ def run_all(f: Facts) -> list[Check]:
 
 
 TITLES = {"strict_autograd_grad": "strict autograd.grad", "s_alive": "S is alive", "coverage": "coverage X vs Y",
-          "probe_path": "backward() probe path"}
+          "probe_path": "backward() probe path", "loss_mask": "loss reaches tokens",
+          "loss_terms": "loss terms reach the gradient"}

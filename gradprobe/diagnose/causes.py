@@ -23,6 +23,7 @@ class RootCause:
     rule: Callable[[Facts], rules.Cause | None] | None  # fires it (None: the catch-alls decide() adds)
     confirmable: bool  # the differential run can confirm it (a factor it changes removes the symptom)
     explains_missing: bool = False  # accounts for parameters that backward() leaves without gradient
+    implies: tuple[str, ...] = ()  # causes it brings about: when both hold they are listed right under it
 
 
 CAUSES: list[RootCause] = [
@@ -49,6 +50,19 @@ CAUSES: list[RootCause] = [
     RootCause("loss_exception", "the loss function or its backward raised (another exception)",
               "Fix the exception the verdict quotes; diagnose measured what it could without the gradients.",
               rules._raised("loss_exception"), True, True),
+    RootCause("ddp_reentrant_checkpointing", "DistributedDataParallel with find_unused_parameters=True over reentrant "
+              "checkpointing: the recomputation's nested backward marks parameters ready a second time",
+              "Enable checkpointing with use_reentrant=False (gradient_checkpointing_kwargs={'use_reentrant': False}), "
+              "or keep it reentrant with DDP(find_unused_parameters=False) or static_graph=True (Trainer: "
+              "ddp_find_unused_parameters=False).",
+              rules._ddp_reentrant, False, True, implies=("reentrant_checkpointing_hides_params",)),
+    RootCause("ddp_unused_parameters", "DistributedDataParallel with find_unused_parameters=False and trainable "
+              "parameters the loss never uses: the reducer waits for their gradients forever",
+              "Make the loss use every trainable parameter, or freeze the ones it does not (LoRA target_modules, "
+              "requires_grad_(False)) before wrapping in DDP; or DDP(find_unused_parameters=True) (Trainer: "
+              "ddp_find_unused_parameters=True).",
+              rules._ddp_unused, False, True,
+              implies=("unexplained_missing_gradients", "adapter_bypassed")),
     RootCause("graph_detached", "S is cut from the graph between the model's logits and the loss",
               "Compute S from the logits with torch operations end to end; use .detach()/.item() only for logging.",
               rules._graph_detached, True, True),
@@ -56,16 +70,29 @@ CAUSES: list[RootCause] = [
               "no part in it",
               "Build the loss with the adapters enabled and unmerged: no `with model.disable_adapter()` around the "
               "forward that trains them (keep it for a reference model's no-grad forward), model.unmerge_adapter().",
-              rules._adapter_disabled, True, True),
+              rules._adapter_disabled, True, True, implies=("checkpoint_recompute_mismatch",)),
+    RootCause("params_from_inactive_adapter", "the parameter list holds the weights of an adapter that is no longer "
+              "active (another one was activated with set_adapter)",
+              "Take the list (and build the optimizer) after the last set_adapter, from the adapter that runs: "
+              "[p for n, p in model.named_parameters() if p.requires_grad]; or activate the adapter the list holds "
+              "(model.set_adapter(name)).",
+              rules._params_from_inactive_adapter, False, True,
+              implies=("adapter_bypassed", "param_identity_mismatch")),
     RootCause("adapter_bypassed", "adapter layers never ran during the forward, or ran with another adapter active or "
               "a LoRA scaling of 0",
               "Run the loss through the model whose parameters you train (not a copy or the unwrapped base), leave its "
               "LoRA modules in place, activate the adapter you train (model.set_adapter) and keep its scaling.",
-              rules._adapter_bypassed, False, True),
+              rules._adapter_bypassed, False, True, implies=("checkpoint_recompute_mismatch",)),
     RootCause("adapter_not_trainable", "the adapter weights do not require grad (loaded without is_trainable=True)",
               "Load the adapter with PeftModel.from_pretrained(base, path, is_trainable=True) (or call "
               "requires_grad_(True) on its weights) before building the optimizer and the list.",
               rules._adapter_not_trainable, True, True),
+    RootCause("dead_adapter", "lora_A and lora_B of adapter layers are both all zero, so both gradients are exactly "
+              "zero on every step and the adapter can never move",
+              "Initialise the adapter again (LoRA's default: lora_A random, lora_B zero), e.g. "
+              "layer.reset_lora_parameters(name, init_lora_weights=True) on each LoRA layer, or add the adapter "
+              "after the base model's init_weights(); never clear both A and B of a slot you reuse.",
+              rules._dead_adapter, False, True),
     RootCause("param_identity_mismatch", "the parameter list is not the model's current trainable parameters",
               "Take the list from the model you run, after every wrapper: [p for n, p in model.named_parameters() if "
               "p.requires_grad]; build the optimizer from the same list.",
@@ -76,7 +103,13 @@ CAUSES: list[RootCause] = [
     RootCause("empty_generation", "every response is empty, so S has no generated token to differentiate",
               "Fix generation or the rollouts file: max_new_tokens, EOS handling, prompt truncation and the mask "
               "marking the generated region.",
-              rules._empty_generation, False, True),
+              rules._empty_generation, False, True, implies=("nonfinite_gradients",)),
+    RootCause("empty_loss_mask", "the loss's token mask is empty: every label is masked (-100) or truncation "
+              "removed every response token, so no logit takes part in the loss (exactly zero, or NaN from a 0/0 mean)",
+              "Make the loss see the response tokens: the completion template must be found in the tokenized text "
+              "(labels other than -100), and truncation (max_length, max_prompt_length) must leave the response in; "
+              "skip or drop a batch whose mask is empty instead of dividing by its zero token count.",
+              rules._empty_loss_mask, False, True, implies=("nonfinite_gradients",)),
     RootCause("nonfinite_gradients", "NaN/Inf in the weights, the loss or the gradients",
               "Reload the last finite checkpoint and find the step that produced NaN/Inf (learning rate, fp16 overflow "
               "without a GradScaler).",
@@ -86,6 +119,16 @@ CAUSES: list[RootCause] = [
               "Scale the loss before backward (torch.amp.GradScaler for fp16, which unscales before the step), or "
               "compute in bf16, or do not shrink the loss by a large constant.",
               rules._gradient_underflow, True, True),
+    RootCause("loss_term_detached", "a named term of the loss is cut from the graph (computed under no_grad, "
+              "detached or a Python number): it changes the loss value but not the gradient",
+              "Compute the term from the logits with grad recording on (no torch.no_grad(), .detach() or .item() "
+              "inside it); keep no_grad for terms that are only logged.",
+              rules._loss_term_detached, False),
+    RootCause("update_lost_to_precision", "a trainable tensor is held in half precision and the optimizer's next "
+              "update rounds away: its gradient is fine but the weight does not move",
+              "Keep trainable tensors in float32 (LoRA A/B and DoRA's magnitude vector: cast them back after "
+              "model.to(bfloat16) or prepare_model_for_kbit_training) and let autocast compute in bf16.",
+              rules._update_lost, False),
     RootCause("eval_mode", "the forward ran in eval mode although dropout is configured, so the gradient is not a "
               "training step's",
               "Call model.train() before building the loss (generation may use eval mode; switch back before the "
@@ -105,9 +148,10 @@ CAUSES: list[RootCause] = [
               "to the update.",
               rules._no_learning_signal, False, True),
     RootCause("logprob_mismatch", "the sampling-time (old) log-probs differ from the recomputed ones: temperature, "
-              "padding or truncation",
+              "top-p/top-k renormalisation, padding, truncation or a shifted response range",
               "Recompute the log-probs exactly as they were sampled: the same temperature (divide the logits by it), "
-              "the same padding side with position ids counted from the first real token, the same response range.",
+              "the same padding side with position ids counted from the first real token, the same response range (no "
+              "off-by-one at its start), and the same top-p/top-k renormalisation on both sides, or none on either.",
               rules._logprob_mismatch, False),
     RootCause("unexplained_missing_gradients", "backward() leaves parameters without gradient and no check explains it",
               "Compare the parameters listed as missing with the modules your forward runs (hooks, wrappers, frozen "

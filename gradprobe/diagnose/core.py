@@ -20,7 +20,7 @@ from ..params import param_names
 from ..rollouts import Batch
 from . import battery, differential
 from .check import FAIL, SEVERITY, WARN, Check
-from .facts import gather
+from .facts import gather, wants_gradient
 from .measure import measure
 from .subject import (
     Subject,
@@ -101,9 +101,11 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
     Point it at your own code:  diagnose(model, params, loss_fn, optimizer=opt)
       model      the module your loss runs (a PEFT model, or any nn.Module)
       params     the list your probe or optimizer reads (default: the model's trainable parameters)
-      loss_fn    () -> S [n] per-sequence log-probs, a scalar loss, or {"S": ..., "LX": ..., "LY": ...};
+      loss_fn    () -> S [n] per-sequence log-probs, a scalar loss, or {"S": ..., "LX": ..., "LY": ...} (or "loss"),
+                 with "terms": {name: tensor} for the terms the loss sums (each checked to reach the gradient);
                  called several times, each call must build a fresh graph
-      optimizer  its param_groups and Adam state are checked against params
+      optimizer  its param_groups and Adam state are checked against params, and its next step (on clones)
+                 against half-precision tensors whose updates would round away
       optimizer_state  or a saved optimizer state_dict (mapped by param_names or index, as the probe does)
       What the loss measured (so expected zeros are told from faults: identical rewards, empty responses):
       rewards    one list per group the loss measured, its responses' rewards
@@ -157,7 +159,8 @@ def diagnose(model: torch.nn.Module | None = None, params: list[torch.Tensor] | 
 
     saved_grads = [(p, p.grad) for p in {id(p): p for p in [*model.parameters(), *plist]}.values()]
     try:
-        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None)
+        m = measure(model, plist, subject.loss_fn, adapters=subject.adapters, capture=old_logprobs is not None,
+                    keep=True if wants_gradient(subject) else None)
         t1 = time.perf_counter()
         facts = gather(subject, m, caller_grad, caller_inf)
         facts.differential = differential.run(facts) if run_differential else []

@@ -221,6 +221,9 @@ def _one(f: Facts, factor: str, change: str, make, where: str, before: dict[str,
                 r.applied, r.note = False, "the loss code switches the model to eval mode itself"
         if not (rel and rel > 1e-6):
             after.add("eval_mode")
+    if "loss_error" in after and "loss_error" not in base:  # the re-run failed earlier: it removed nothing
+        r.note = f"the re-run's loss raised: {m.loss_error[:200]}"
+        after = set(base)
     r.resolved = sorted(base - after)
     r.remaining = sorted(base & after)
     return r

@@ -11,13 +11,16 @@ from ..errors import GradprobeError
 from ..objective import is_flat
 from ..optim.precondition import from_adam_state
 from ..optim.state import StateMismatch, has_second_moment, live_state_dict, no_decay_names
+from ..optim.update import real_update
 from .logprobs import LogprobGap, compare
 from .measure import GradStats, Measurement
 from .model_state import (
     adapter_params,
     adapter_state,
     checkpointing_state,
+    ddp_state,
     lora_b_zero,
+    lora_dead,
     quantized_layers,
     short_name,
 )
@@ -87,6 +90,9 @@ class Facts:
     dropout: list[str] = field(default_factory=list)  # modules (and config fields) with dropout p > 0
     logprobs: LogprobGap | None = None  # old log-probs against the recomputed S (when given)
     differential: list[Any] = field(default_factory=list)
+    ddp: dict[str, Any] | None = None  # the DistributedDataParallel wrapper's settings (None: not wrapped)
+    dead: set[int] = field(default_factory=set)  # indices of lora_A/lora_B whose pair is all zero
+    precision: dict[str, Any] | None = None  # half-precision trainable tensors against the optimizer's next step
 
     @property
     def n(self) -> int:
@@ -222,7 +228,7 @@ def _generation(s: Subject) -> Generation:
         return Generation(given=False)
     known = not b.meta.get("lengths_unknown")
     lengths = [n for grp in b.lengths() for n in grp]
-    flat = [is_flat(g) for g in b.groups]
+    flat = [is_flat(g) and not b.meta.get("rewards_unknown") for g in b.groups]  # lengths= alone: no reward
     measured = s.measured_groups or []
     return Generation(given=True, rows=len(lengths), empty_rows=sum(n == 0 for n in lengths) if known else 0,
                       mean_length=sum(lengths) / max(len(lengths), 1) if known else 0.0,
@@ -244,15 +250,60 @@ def _logprobs(s: Subject, m: Measurement) -> LogprobGap | None:
     return out
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def wants_gradient(s: Subject) -> bool:
+    """Whether the primary gradient must be kept: the precision check steps the optimizer on it."""
+    return s.optimizer is not None and any(p.requires_grad and p.dtype in HALF for p in s.params)
+
+
+def _half_ulp(w: torch.Tensor) -> torch.Tensor:
+    a = w.detach().float().abs().clamp(min=torch.finfo(w.dtype).tiny)
+    return torch.exp2(torch.floor(torch.log2(a))) * torch.finfo(w.dtype).eps / 2
+
+
+def _precision(s: Subject, m: Measurement, names: list[str]) -> dict[str, Any] | None:
+    """Step a copy of the user's optimizer on the measured gradient (optim.update.real_update) and name the
+    half-precision tensors whose elements with a non-zero gradient the step leaves unchanged (>= half of them)."""
+    bw = m.get(m.primary, "backward")
+    if not wants_gradient(s) or bw is None or bw.vector is None:
+        return None
+    if not any(float(g.get("lr", 0.0)) > 0 for g in s.optimizer.param_groups):
+        return {"optimizer": type(s.optimizer).__name__, "lr": 0.0, "lost": [],
+                "error": "the learning rate is 0: no step moves any weight, whatever the precision"}
+    grads = [g.view_as(p) for g, p in zip(bw.vector.split([p.numel() for p in s.params]), s.params)]
+    try:
+        delta = real_update(s.optimizer, list(s.params), grads, names=names)
+    except (GradprobeError, RuntimeError, KeyError, ValueError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "lost": []}
+    lost = []
+    for i, p in enumerate(s.params):
+        if not (p.requires_grad and p.dtype in HALF):
+            continue
+        moving = grads[i] != 0
+        unchanged = (delta[i] == 0) & moving.cpu()
+        if int(moving.sum()) and int(unchanged.sum()) * 2 >= int(moving.sum()):
+            lost.append({"name": short_name(names[i]), "dtype": str(p.dtype).removeprefix("torch."),
+                         "unchanged": f"{int(unchanged.sum())}/{int(moving.sum())}",
+                         "unchanged_n": int(unchanged.sum()),
+                         "numel": p.numel(), "abs_median": float(p.detach().float().abs().median()),
+                         "half_ulp": float(_half_ulp(p).median())})
+    return {"optimizer": type(s.optimizer).__name__, "lr": float(s.optimizer.param_groups[0]["lr"]), "lost": lost}
+
+
 def gather(s: Subject, m: Measurement, caller_grad: bool, caller_inference: bool) -> Facts:
     names = s.names
     nonfinite = [i for i, p in enumerate(s.params)
                  if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
     zero_a = lora_b_zero(s.model)
-    expected = {i for i, n in enumerate(names) if n in zero_a}
+    dead_names = lora_dead(s.model)
+    expected = {i for i, n in enumerate(names) if n in zero_a and n not in dead_names}  # a dead A is no fresh one
     return Facts(subject=s, m=m, names=names, short=[short_name(n) for n in names],
                  ckpt=checkpointing_state(s.model), adapters=adapter_state(s.model), quant=quantized_layers(s.model),
                  identity=_identity(s), optimizer=_optimizer(s, names), generation=_generation(s),
                  expected_zero=expected, nonfinite_params=nonfinite,
                  caller_grad_enabled=caller_grad, caller_inference_mode=caller_inference,
-                 layer_idx=_layer_idx(s, m), dropout=_dropout(s.model), logprobs=_logprobs(s, m))
+                 layer_idx=_layer_idx(s, m), dropout=_dropout(s.model), logprobs=_logprobs(s, m),
+                 dead={i for i, n in enumerate(names) if n in dead_names}, ddp=ddp_state(s.model),
+                 precision=_precision(s, m, names))

@@ -34,6 +34,12 @@ class ForwardTrace:
     logits_require_grad: bool | None = None  # the output layer's output
     layers: dict[str, LayerSeen] = field(default_factory=dict)  # every adapter layer, by module name
     captured: dict[str, torch.Tensor] = field(default_factory=dict)  # first forward's ids, mask, logits (if asked)
+    logits_finite: bool = True  # every logit of every forward was finite
+    labels_given: bool = False  # the model's forward got labels= (it computes the loss itself)
+    label_tokens: int = 0  # labels that are not the ignore index (-100), over every forward that got labels
+    label_positions: int = 0
+    logit_grads: list[tuple[int, int, int]] = field(default_factory=list)  # per backward through logits that
+    # record a graph: (positions, positions with a non-zero gradient, positions with a NaN/Inf gradient)
 
 
 @dataclass
@@ -62,22 +68,30 @@ class Raised:
     type: str
     message: str
     kind: str  # one of ERROR_KINDS
+    indices: list[int] = field(default_factory=list)  # DDP: the parameter indices its message names
 
     def text(self) -> str:
         return f"{self.type}: {self.message}"
 
 
 # exception class -> root-cause id (diagnose/causes.py); the first match wins
-ERROR_KINDS = ("inference_tensors", "checkpoint_recompute_mismatch", "device_mismatch", "dtype_mismatch",
-               "loss_exception")
+ERROR_KINDS = ("inference_tensors", "checkpoint_recompute_mismatch", "ddp_reentrant_checkpointing",
+               "ddp_unused_parameters", "device_mismatch", "dtype_mismatch", "loss_exception")
+DDP_UNUSED = re.compile(r"did not receive grad for rank \d+:\s*([\d ]+)")
 
 
 def classify(exc: BaseException, phase: str) -> Raised:
     """Sort an exception into the classes the verdict knows, from its type and torch's message."""
     msg = str(exc).strip()
     low = msg.lower()
+    indices: list[int] = []
     if "inference tensor" in low or "inference_mode" in low:
         kind = "inference_tensors"
+    elif "mark a variable ready only once" in low or "marked as ready twice" in low:
+        kind = "ddp_reentrant_checkpointing"  # DDP's reducer saw a parameter's gradient twice in one backward
+    elif "finished reduction in the prior iteration" in low:
+        kind = "ddp_unused_parameters"  # DDP's reducer still waits for gradients the last backward never made
+        indices = [int(x) for m in DDP_UNUSED.finditer(msg) for x in m.group(1).split()]
     elif isinstance(exc, torch.utils.checkpoint.CheckpointError) or "torch.utils.checkpoint" in low \
             or "recomputed values" in low or "recomputation" in low:
         kind = "checkpoint_recompute_mismatch"
@@ -89,7 +103,7 @@ def classify(exc: BaseException, phase: str) -> Raised:
     else:
         kind = "loss_exception"
     first = msg.splitlines()[0] if msg else ""
-    return Raised(phase, type(exc).__name__, first[:400], kind)
+    return Raised(phase, type(exc).__name__, first[:400], kind, indices)
 
 
 @dataclass
@@ -102,6 +116,20 @@ class TensorInfo:
     shape: list[int] = field(default_factory=list)
     finite: bool = True
     python_number: bool = False  # the loss function handed back a float, not a tensor
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TermInfo:
+    """One named term of the loss: its value and whether (and how much) it reaches the parameters."""
+
+    value: float | None
+    requires_grad: bool
+    grad_fn: str | None
+    grad_nonzero: int = 0  # tensors of the list its own gradient reaches (non-zero)
+    grad_norm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -133,6 +161,8 @@ class Measurement:
     strict_error: str | None = None
     loss_error: str | None = None
     raised: Raised | None = None  # the loss function's exception, or the primary loss's backward's
+    terms: dict[str, TermInfo] = field(default_factory=dict)  # the loss's named terms, when it returned them
+    logit_grad: tuple[int, int, int] | None = None  # the primary backward at the logits (see ForwardTrace)
 
     def get(self, loss: str, api: str) -> GradStats | None:
         return self.stats.get(f"{loss}/{api}")
@@ -207,6 +237,20 @@ def _layer_hook(seen: LayerSeen, wanted: set[str]):
     return hook
 
 
+IGNORE_INDEX = -100  # transformers' and torch's cross-entropy ignore index
+
+
+def _logit_grad_hook(trace: ForwardTrace):
+    """Which logit positions the loss's gradient reaches: a loss whose token mask is empty reaches none (or,
+    with a token mean of 0/0, reaches every one with NaN)."""
+    def hook(grad: torch.Tensor) -> None:
+        g = grad.detach().reshape(-1, grad.shape[-1])
+        hi, lo = g.amax(-1), g.amin(-1)  # per position, without a vocabulary-sized temporary (NaN propagates)
+        bad = ~(torch.isfinite(hi) & torch.isfinite(lo))
+        trace.logit_grads.append((g.shape[0], int(((hi != 0) | (lo != 0)).sum()), int(bad.sum())))
+    return hook
+
+
 def _recording_now() -> bool:
     return torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
 
@@ -224,6 +268,11 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
     inp, outp = _io_modules(model)
 
     def on_model(module, args, kwargs):
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor):  # transformers shifts them and ignores -100 in its token mean
+            trace.labels_given = True
+            trace.label_tokens += int((labels[..., 1:] != IGNORE_INDEX).sum())
+            trace.label_positions += int(labels[..., 1:].numel())
         mask = kwargs.get("attention_mask")
         if capture and "attention_mask" not in trace.captured and isinstance(mask, torch.Tensor):
             trace.captured["attention_mask"] = mask.detach()
@@ -244,6 +293,11 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
 
     def on_output(module, args, out):
         t = _first_tensor(out)
+        if t is not None and t.is_floating_point():
+            d = t.detach()
+            trace.logits_finite &= bool(torch.isfinite(d.amax()) and torch.isfinite(d.amin()))
+            if t.requires_grad and t.dim() >= 2:
+                t.register_hook(_logit_grad_hook(trace))
         if trace.logits_require_grad is None:
             trace.logits_require_grad = bool(t is not None and t.requires_grad)
             if capture and t is not None:
@@ -261,14 +315,48 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
             h.remove()
 
 
+def _scalar(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and v.is_floating_point()
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _terms_of(out: Mapping, picked: dict[str, Any]) -> dict[str, Any] | None:
+    """The loss's named terms: out['terms']; or, when the mapping has no loss, its scalar entries (the loss is
+    their sum); or its other scalar entries when they add up to the loss (so logged metrics are left alone)."""
+    terms = out.get("terms")
+    if terms is not None:
+        if not isinstance(terms, Mapping) or not terms:
+            raise GradprobeError("loss_fn's 'terms' must be a non-empty mapping of term name to tensor")
+        return dict(terms)
+    extras = {k: v for k, v in out.items() if k not in (*LOSS_KEYS, "loss") and _scalar(v)}
+    if not extras:
+        return None
+    total = picked.get("LY")
+    if total is None and not picked:
+        return extras
+    if total is not None and _scalar(total):
+        value, parts = float(total), sum(float(v) for v in extras.values())
+        if len(extras) > 1 and abs(parts - value) <= 1e-5 * max(1.0, abs(value)):
+            return extras
+    return None
+
+
 def normalize(out: Any) -> dict[str, Any]:
-    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY'."""
+    """The loss function may return S [n], a scalar loss, or a mapping with any of 'S', 'LX', 'LY' (or 'loss'), and
+    its named terms ('terms': {name: tensor}, or scalar entries that add up to the loss, or only terms: the loss is
+    their sum), each checked to reach the gradient."""
     if isinstance(out, Mapping):
         picked = {k: out[k] for k in LOSS_KEYS if k in out}
         if "loss" in out and "LY" not in picked:
             picked["LY"] = out["loss"]
+        terms = _terms_of(out, picked)
+        if terms is not None and not picked:
+            picked["LY"] = sum(terms.values())
         if not picked:
             raise GradprobeError(f"loss_fn returned a mapping without 'S', 'LX' or 'LY' (keys: {sorted(out)})")
+        if terms is not None:
+            picked["terms"] = terms
         return picked
     if isinstance(out, torch.Tensor):
         return {"S": out} if out.dim() == 1 else {"LY": out}
@@ -376,6 +464,18 @@ def via_backward(loss: Any, params: list[torch.Tensor], model: torch.nn.Module, 
     return st
 
 
+def _term(value: Any, params: list[torch.Tensor], model: torch.nn.Module) -> TermInfo:
+    if not isinstance(value, torch.Tensor):
+        return TermInfo(float(value) if isinstance(value, (int, float)) else None, False, None)
+    v = value.detach()
+    out = TermInfo(float(v.sum()) if v.numel() else None, bool(value.requires_grad),
+                   type(value.grad_fn).__name__ if value.grad_fn is not None else None)
+    if value.requires_grad:
+        st = via_autograd(value.sum() if value.dim() else value, params, model)
+        out.grad_nonzero, out.grad_norm = st.nonzero, st.norm
+    return out
+
+
 def strict_grad(loss: Any, params: list[torch.Tensor], model: torch.nn.Module) -> str | None:
     """autograd.grad with allow_unused off: None when it succeeds, else torch's exact message."""
     if not isinstance(loss, torch.Tensor):
@@ -413,6 +513,8 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
                                loss_error=raised.text(), raised=raised)
     tensors = {k: info(out.get(k)) for k in LOSS_KEYS}
     m = Measurement(trace, tensors, primary_key(out))
+    if strict and "terms" in out:
+        m.terms = {str(k): _term(v, params, model) for k, v in out["terms"].items()}
     if capture and isinstance(out.get("S"), torch.Tensor):
         trace.captured["S"] = out["S"].detach().float()
     if strict:
@@ -427,8 +529,11 @@ def measure(model: torch.nn.Module, params: list[torch.Tensor], loss_fn: Callabl
             m.stats[f"{key}/autograd.grad"] = via_autograd(loss, params, model)
         in_eval = trace.training is False or any(s.calls and s.training is False for s in trace.layers.values())
         keep_it = key == m.primary and (keep if keep is not None else in_eval)
+        trace.logit_grads.clear()
         m.stats[f"{key}/backward"] = st = via_backward(loss, params, model, keep=keep_it)
-        if key == m.primary and st.raised is not None:
+        if key == m.primary:
             m.raised = st.raised
+            if trace.logit_grads:
+                m.logit_grad = tuple(sum(x) for x in zip(*trace.logit_grads))
     del out
     return m

@@ -18,7 +18,7 @@ _MISSING = object()
 
 def short_name(name: str) -> str:
     """'base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight' -> 'layers.0.mlp.up_proj.lora_A'."""
-    for prefix in ("base_model.model.", "model."):
+    for prefix in ("module.", "base_model.model.", "model."):  # module.: a DistributedDataParallel wrapper
         name = name.removeprefix(prefix)
     return name.replace(".default.weight", "").replace(".default", "")
 
@@ -149,6 +149,19 @@ def input_grads_enabled(model: torch.nn.Module) -> Iterator[bool]:
 
 # ---------------------------------------------------------------- adapters
 
+def ddp_state(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The DistributedDataParallel wrapper's settings, and the names of the parameters its reducer indexes
+    (the module's trainable parameters, in order); None when the model is not wrapped in DDP."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return None
+    return {"find_unused_parameters": bool(model.find_unused_parameters),
+            "static_graph": bool(getattr(model, "static_graph", False)),
+            "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+            "reducer_names": [f"module.{n}" for n, p in model.module.named_parameters() if p.requires_grad]}
+
+
 def tuner_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) of every PEFT adapter layer (LoRA and friends); none without PEFT."""
     try:
@@ -233,4 +246,17 @@ def lora_b_zero(model: torch.nn.Module) -> set[str]:
             partner = name.replace(".lora_B.", ".lora_A.")
             if partner in params:
                 out.add(partner)
+    return out
+
+
+def lora_dead(model: torch.nn.Module) -> set[str]:
+    """Names of lora_A and lora_B weights whose pair is all zero: dL/dA goes through B and dL/dB through A x,
+    so both gradients are exactly zero on every step and the adapter never moves (a dead adapter)."""
+    params = dict(adapter_params(model))
+    out = set()
+    for name, p in params.items():
+        if ".lora_B." in name and not bool(p.detach().any()):
+            partner = name.replace(".lora_B.", ".lora_A.")
+            if partner in params and not bool(params[partner].detach().any()):
+                out.update((name, partner))
     return out

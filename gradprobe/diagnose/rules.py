@@ -12,6 +12,7 @@ from typing import Any
 
 from .differential import DiffRun
 from .facts import Facts
+from .model_state import short_name
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Cause:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("after")
+        out["consequence_of"] = out.pop("after")
         return out
 
 
@@ -92,7 +93,13 @@ def _adapter_disabled(f: Facts) -> Cause | None:
              "`with model.disable_adapter()` around the forward that should train them)") if only_in_loss else \
         "and still are"
     starved = set(f.layers_where(lambda s: s.calls and not s.effective))
-    effect = "so backward() leaves them without gradient" if starved else \
+    if f.m.raised is not None and f.m.raised.kind == "checkpoint_recompute_mismatch":
+        effect = ("and checkpointing's recomputation in backward, which runs them enabled again, differs from the "
+                  "forward and raises")
+    elif starved:
+        effect = "so backward() leaves them without gradient"
+    else:
+        effect = \
         ("yet backward() fills them: checkpointing recomputes the blocks during backward with the adapters as they "
          "are then, so the gradient is not the one of the output the loss saw")
     return Cause("adapter_disabled",
@@ -133,6 +140,44 @@ def _adapter_bypassed(f: Facts) -> Cause | None:
                  {"never_ran": absent, "other_adapter_active": inactive, "zero_scaling": zero,
                   "adapter_layers": total, "model_forward_calls": t.calls},
                  _fixers(f.differential, "backward_missing"))
+
+
+def _params_from_inactive_adapter(f: Facts) -> Cause | None:
+    """The list holds one adapter, the model has switched to another (set_adapter) and stays there."""
+    listed, active = set(f.subject.adapters or ()), set(f.adapters["active_adapters"])
+    if not listed or not active or listed & active or f.m.loss_error:
+        return None
+    ran_other = f.layers_where(lambda s: s.calls and s.inactive and not (s.disabled or s.merged), False)
+    if not ran_other:
+        return None
+    idn = f.identity
+    return Cause("params_from_inactive_adapter",
+                 f"The parameter list holds the weights of adapter {', '.join(sorted(listed))}, but the model's active "
+                 f"adapter is {', '.join(sorted(active))}, before and after the loss: {len(ran_other)} adapter layers "
+                 f"ran with it, so the listed weights take no part and the {len(idn.trainable_not_in_list)} trainable "
+                 f"tensors of the active adapter are missing from the list. The list was taken before set_adapter "
+                 f"switched adapters.",
+                 {"list_adapters": sorted(listed), "active_adapters": sorted(active), "ran_with_other": ran_other,
+                  "active_trainable_not_in_list": [short_name(n) for n in idn.trainable_not_in_list[:8]],
+                  "list_frozen": len(idn.frozen_in_list)})
+
+
+def _dead_adapter(f: Facts) -> Cause | None:
+    """lora_A and lora_B both zero: the gradients of both are exactly zero (not None) and stay so."""
+    bw = f.m.get(f.m.primary, "backward")
+    if bw is None or f.m.raised is not None or not f.dead:
+        return None
+    zero = sorted(f.dead & set(bw.zero))
+    if not zero:
+        return None
+    layers = sorted({f.short[i].split(".lora_")[0] for i in zero})
+    return Cause("dead_adapter",
+                 f"{len(zero)} of {f.n} tensors belong to adapter layers whose lora_A and lora_B are both all zero "
+                 f"({len(layers)} layers: {', '.join(layers[:4])}): dL/dA = B^T(...) = 0 and dL/dB = (...)(A x)^T = 0, "
+                 f"so backward() returns exactly zero for both on this and every later step; the adapter is dead, "
+                 f"not fresh (a fresh one has a random lora_A).",
+                 {"dead_layers": len(layers), "dead_layer_names": layers[:8], "zero_tensors": len(zero),
+                  "backward_nonzero": f"{bw.nonzero}/{f.n}"})
 
 
 def _adapter_not_trainable(f: Facts) -> Cause | None:
@@ -199,6 +244,83 @@ def _empty_generation(f: Facts) -> Cause | None:
                  f"over no token, so every gradient is exactly zero (backward() non-zero: {nonzero}/{n}).",
                  {"empty_rows": f"{g.empty_rows}/{g.rows}", "mean_length": round(g.mean_length, 2),
                   "backward_nonzero": nonzero})
+
+
+def _empty_loss_mask(f: Facts) -> Cause | None:
+    """No logit position takes part in the loss: its gradient at the logits is zero everywhere (a masked sum over
+    no token), or NaN everywhere with finite logits (a token mean of 0/0)."""
+    m, g, t = f.m, f.generation, f.m.trace
+    bw, lg = m.get(m.primary, "backward"), m.logit_grad
+    if bw is None or lg is None or m.raised is not None:
+        return None
+    positions, reached, nonfinite = lg
+    s_bw = m.get("S", "backward") if m.primary != "S" else None
+    s_alive = s_bw is not None and s_bw.nonzero > 0  # the weights of S are zero (advantages), not its tokens
+    scaled_back = any(r.factor.startswith("loss_scale=") and "backward_zero" in r.resolved for r in f.differential)
+    zero = reached == 0 and bw.nonzero == 0 and not s_alive and not scaled_back
+    nan_mean = reached > 0 and nonfinite == reached and t.logits_finite  # NaN wherever it reaches: 0/0
+    if not (zero or nan_mean) or (g.given and g.rows and g.empty_rows == g.rows) or (zero and g.measured_flat):
+        return None
+    tokens = int(round(g.mean_length * g.rows)) if g.given and g.lengths_known else None
+    if t.labels_given and t.label_tokens == 0:
+        how = (f"every label is the ignore index -100 (0 of {t.label_positions} label positions count): the "
+               f"completion template was not found, or truncation cut the response")
+    else:
+        how = "the loss's token mask selects no position (truncation inside the loss, or a mask for another range)"
+        b = f.subject.batch
+        if zero and (b is None or b.meta.get("rewards_unknown")):
+            how += ", or every token's weight is zero (all advantages 0: pass rewards= to tell the two apart)"
+    value = "NaN (a token mean of 0/0)" if nan_mean else "exactly zero"
+    if tokens:
+        given = f"; the batch holds {tokens} response tokens (lengths=)"
+    else:
+        given = "" if g.given else "; pass lengths= to compare with the response tokens the batch holds"
+    return Cause("empty_loss_mask",
+                 f"The loss's gradient reaches {0 if nan_mean else reached} of the {positions} logit "
+                 f"positions the model produced and its gradient is {value}: {how}{given}. backward() returns "
+                 f"{'NaN' if nan_mean else 'zero'} for every tensor ({bw.nonzero - bw.nonfinite}/{f.n} finite and "
+                 f"non-zero).",
+                 {"logit_positions": positions, "positions_in_loss": 0 if nan_mean else reached,
+                  "nan_positions": nonfinite, "labels_given": t.labels_given,
+                  "label_tokens": t.label_tokens if t.labels_given else None, "response_tokens": tokens,
+                  "loss_finite": m.tensors[m.primary].finite})
+
+
+def _loss_term_detached(f: Facts) -> Cause | None:
+    """A term the loss says it sums that carries no graph. (A term with a graph whose gradient is zero here, e.g. a
+    KL at the reference point, is not cut: the next step's gradient is not.)"""
+    if not f.m.terms or f.m.raised is not None or not f.m.tensors[f.m.primary].requires_grad:
+        return None
+    cut = {k: t for k, t in f.m.terms.items() if not t.requires_grad}
+    if not cut:
+        return None
+    alive = [k for k in f.m.terms if k not in cut]
+    desc = "; ".join(k if t.value is None else f"{k} = {t.value:.4g}" for k, t in cut.items())
+    return Cause("loss_term_detached",
+                 f"{len(cut)} of {len(f.m.terms)} named loss terms are cut from the graph (requires_grad=False): "
+                 f"{desc}. They move the loss value (and its logged number) but add nothing to the gradient, which "
+                 f"comes from {', '.join(alive) or 'no term'} alone: computed under torch.no_grad(), .detach()ed or "
+                 f".item()ed.",
+                 {"cut_terms": sorted(cut), "terms_in_gradient": alive,
+                  "term_values": [f"{k}={t.value:.6g}" for k, t in f.m.terms.items() if t.value is not None]})
+
+
+def _update_lost(f: Facts) -> Cause | None:
+    """Half-precision trainable tensors whose next optimizer step (the optimizer's own, on clones) rounds away."""
+    p = f.precision
+    if not p or not p.get("lost"):
+        return None
+    lost = p["lost"]
+    first = lost[0]
+    return Cause("update_lost_to_precision",
+                 f"{len(lost)} trainable tensors are held in {first['dtype']} and the optimizer's next step (its own "
+                 f"{p['optimizer']} step on clones, lr {p['lr']:.3g}) leaves {first['unchanged']} of their elements "
+                 f"unchanged although their gradient is non-zero: the update is smaller than half a unit in the last "
+                 f"place of the weight (|w| median {first['abs_median']:.3g}, half ulp {first['half_ulp']:.3g}), so "
+                 f"the gradient is fine and the weight never moves: {', '.join(d['name'] for d in lost[:4])}.",
+                 {"tensors": [d["name"] for d in lost], "dtype": first["dtype"], "lr": p["lr"],
+                  "unchanged_elements": sum(d["unchanged_n"] for d in lost),
+                  "elements": sum(d["numel"] for d in lost), "optimizer": p["optimizer"]})
 
 
 def _nonfinite(f: Facts) -> Cause | None:
@@ -367,6 +489,59 @@ def _raised(kind: str):
     return rule
 
 
+def _by_layer(names: list[str]) -> list[str]:
+    """Parameter names grouped by the module that holds them: 'layers.1.self_attn.q_proj (lora_A, lora_B)'."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        short = short_name(n)
+        layer, _, leaf = short.partition(".lora_")
+        groups.setdefault(layer, []).append(f"lora_{leaf.split('.')[0]}" if leaf else short)
+    return [f"{k} ({', '.join(v)})" for k, v in groups.items()]
+
+
+def _ddp_reentrant(f: Facts) -> Cause | None:
+    r, d, c = f.m.raised, f.ddp, f.ckpt
+    if r is None or r.kind != "ddp_reentrant_checkpointing":
+        return None
+    layers = sorted({short_name(n).split(".self_attn")[0].split(".mlp")[0] for n in f.m.trace.layers
+                     if ".layers." in n})
+    return Cause("ddp_reentrant_checkpointing",
+                 f"backward() raised {r.type}: {r.message[:160]} — DistributedDataParallel "
+                 f"(find_unused_parameters={d['find_unused_parameters'] if d else 'n/a'}, static_graph="
+                 f"{d['static_graph'] if d else 'n/a'}) marks each parameter ready when its gradient arrives, and "
+                 f"reentrant checkpointing ({c['layers_checkpointed']} of {c['layers']} blocks) produces the "
+                 f"gradients of every checkpointed block's LoRA weights in a nested backward during recomputation, "
+                 f"after the reducer has already searched the graph for unused parameters: {', '.join(layers[:4])}.",
+                 {"ddp": d is not None, "find_unused_parameters": d["find_unused_parameters"] if d else None,
+                  "static_graph": d["static_graph"] if d else None, "checkpointing": c["mode"],
+                  "checkpointed_blocks": layers, "exception": r.type, "message": r.message, "phase": r.phase})
+
+
+def _ddp_unused(f: Facts) -> Cause | None:
+    """Trainable parameters without gradient under DDP(find_unused_parameters=False), by layer: from the reducer's
+    own message (a later forward raises), or from the backward that leaves them without gradient."""
+    d, r = f.ddp, f.m.raised
+    if d is None or d["find_unused_parameters"]:
+        return None
+    if r is not None and r.kind == "ddp_unused_parameters":
+        names = [d["reducer_names"][i] for i in r.indices if i < len(d["reducer_names"])]
+        source = f"the next forward raised {r.type}: {r.message[:120]}"
+    else:
+        bw = f.m.get(f.m.primary, "backward")
+        if bw is None or r is not None or not bw.missing or f.m.loss_error:
+            return None
+        names = [f.names[i] for i in bw.missing]
+        source = ("backward() leaves them without gradient, so DDP's reducer never finishes this step's reduction "
+                  "and the next forward raises 'Expected to have finished reduction in the prior iteration'")
+    layers = _by_layer(names)
+    return Cause("ddp_unused_parameters",
+                 f"DistributedDataParallel (find_unused_parameters=False, world size {d['world_size']}) holds "
+                 f"{len(names)} trainable tensors the loss never uses: {source}. Unused, by layer: "
+                 f"{'; '.join(layers[:6]) or 'not named (set TORCH_DISTRIBUTED_DEBUG=INFO)'}.",
+                 {"find_unused_parameters": False, "unused_tensors": len(names), "unused_by_layer": layers,
+                  "world_size": d["world_size"], **({"exception": r.type, "message": r.message} if r else {})})
+
+
 LOGPROB_TEXT = {
     "temperature": "they were taken at another temperature than the loss uses (the old ones fit temperature "
                    "{old_fits_temperature}, the loss's S fits {loss_fits_temperature}, both from the captured logits)",
@@ -375,7 +550,14 @@ LOGPROB_TEXT = {
                "mask of left-padded rows)",
     "truncation": "{rows_with_other_token_count} sequences cover another number of tokens in the old log-probs than "
                   "in the loss ({examples}): a truncated or shifted response range",
-    "unclassified": "the gap fits none of temperature, padding or truncation",
+    "top_p": "the sampler renormalised its log-probs over the mass a top-p filter keeps (they fit top_p "
+             "{old_fits_top_p}: old = recomputed - log(kept mass) per token), the loss over the whole vocabulary",
+    "top_k": "the sampler renormalised its log-probs over the mass a top-k filter keeps (they fit top_k "
+             "{old_fits_top_k}: old = recomputed - log(kept mass) per token), the loss over the whole vocabulary",
+    "shifted": "the old log-probs cover the same number of tokens but a response range one token {shift_direction} "
+               "(they match the loss's logits there, shift {old_fits_shift}): an off-by-one in the response start",
+    "unclassified": "the gap fits none of temperature, top-p/top-k renormalisation, padding, truncation or a shifted "
+                    "range",
 }
 
 
@@ -384,7 +566,8 @@ def _logprob_mismatch(f: Facts) -> Cause | None:
     if g is None or g.kind in ("match", "not_compared"):
         return None
     ev = dict(g.evidence, kind=g.kind)
-    fmt = {k: (", ".join(v) if isinstance(v, list) else v) for k, v in g.evidence.items()}
+    fmt = {k: (("..".join(map(str, v)) if all(isinstance(x, (int, float)) for x in v) else ", ".join(v))
+               if isinstance(v, list) else v) for k, v in g.evidence.items()}
     size = f"mean {g.mean_gap:.3g} nats per sequence, max {g.max_gap:.3g}" + \
         (f", {g.per_token:.3g} per token" if g.per_token is not None else "")
     return Cause("logprob_mismatch",

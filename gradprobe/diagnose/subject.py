@@ -65,7 +65,8 @@ def measured_batch(rewards: list[list[float]] | None, lengths: list[list[int]] |
         rw = [float(v) for v in rewards[k]] if rewards is not None else [0.0] * len(ref)
         adv = [float(v) for v in advantages[k]] if advantages is not None else None
         groups.append(Group(prompt=[], responses=[[0] * n for n in lens], rewards=rw, advantages=adv))
-    return Batch(groups, meta={"lengths_unknown": lengths is None})
+    return Batch(groups, meta={"lengths_unknown": lengths is None,
+                               "rewards_unknown": rewards is None and advantages is None})
 
 
 def default_params(model: torch.nn.Module) -> tuple[list[torch.Tensor], str, str]:

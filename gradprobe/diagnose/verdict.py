@@ -40,8 +40,15 @@ def _causes(f: Facts) -> list[Cause]:
     found = [c for rule in rules.values() if (c := rule(f)) is not None]
     extra = unexplained(f, found, EXPLAINS_MISSING)
     found += [extra] if extra else []
+    by_id = {c.id: c for c in found}
     for c in found:
         c.fix = BY_ID[c.id].fix
+        for consequence in BY_ID[c.id].implies:  # listed right under the cause that brings it about
+            if consequence in by_id:
+                by_id[consequence].after = c.id
+    for c in found:
+        if c.after not in by_id:
+            c.after = None
     return _rank(found)
 
 
@@ -122,7 +129,8 @@ def decide(f: Facts) -> Verdict:
         summary += " " + path
     if len(causes) > 1:
         summary += " Also (in order of impact): " + " ".join(
-            f"[{c.id}] {c.summary}{_confirmation(c, f.differential)}" for c in causes[1:])
+            f"[{c.id}]{f' (a consequence of {c.after})' if c.after else ''} {c.summary}"
+            f"{_confirmation(c, f.differential)}" for c in causes[1:])
     if expected:
         summary += " " + " ".join(expected)
     return Verdict(first.id, causes, summary, first.fix, healthy, expected)

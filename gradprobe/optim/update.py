@@ -64,16 +64,25 @@ class StepSettings:
 
 @dataclass
 class UpdateParts:
-    """Δθ = clip_factor·fresh⊙g + momentum + decay, per trainable tensor (probe order), fp32 on the CPU."""
+    """Δθ = clip_factor·fresh⊙g + momentum + decay (+ rounding), per trainable tensor (probe order), fp32 on
+    the CPU. `rounding` (set by with_rounding) is what the run's dtype does to that step: the optimizer's own
+    step on copies held as the run holds them, minus the exact-arithmetic parts."""
 
     fresh: list[torch.Tensor]  # elementwise coefficient a of the (clipped) fresh gradient
     momentum: list[torch.Tensor]  # what the optimizer's stored momentum carries
     decay: list[torch.Tensor]  # the weight-decay part
     clip_factor: float  # min(1, max_grad_norm/(‖g‖+1e-6)); 1.0 without clipping
+    rounding: list[torch.Tensor] | None = None  # real step − the parts above; None: not computed (fp32 run)
+    rounded_away: float = 0.0  # share of coordinates with a non-zero exact step whose real step is 0
+    theta_norm: float = math.nan  # ‖θ‖ of the trainable tensors: the scale of "a large step"
 
-    def total(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def unrounded(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.clip_factor * a * g.detach().float().cpu() + m + d
                 for a, g, m, d in zip(self.fresh, grads, self.momentum, self.decay)]
+
+    def total(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        exact = self.unrounded(grads)
+        return exact if self.rounding is None else [x + r for x, r in zip(exact, self.rounding)]
 
 
 ADAM_KEYS = ("exp_avg", "state1")
@@ -272,7 +281,24 @@ def decompose(settings: StepSettings, state: MappedState | list[dict[str, Any]] 
         fresh.append(a.float())
         mom.append(m_part.float())
         dec.append(d_part.float())
-    return UpdateParts(fresh, mom, dec, clip)
+    theta_norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    return UpdateParts(fresh, mom, dec, clip, theta_norm=theta_norm)
+
+
+def rounds(params: list[torch.Tensor], state: MappedState | None) -> bool:
+    """Whether the run holds some trainable tensor in a dtype coarser than fp32, where its step rounds."""
+    entries = state.entries if state is not None else [{} for _ in params]
+    return any(_run_dtype(e or {}, p) in (torch.bfloat16, torch.float16) for e, p in zip(entries, params))
+
+
+def with_rounding(parts: UpdateParts, real: list[torch.Tensor], grads: list[torch.Tensor]) -> UpdateParts:
+    """`parts` with the rounding the run's dtype applies: `real` is the optimizer's own step on copies in the
+    run's dtype (real_update), which is what θ' − θ of the run's checkpoint is."""
+    exact = parts.unrounded(grads)
+    parts.rounding = [r.float() - x for r, x in zip(real, exact)]
+    moving = sum(int((x != 0).sum()) for x in exact)
+    parts.rounded_away = sum(int(((r == 0) & (x != 0)).sum()) for r, x in zip(real, exact)) / max(moving, 1)
+    return parts
 
 
 def _optimizer_class(settings: StepSettings) -> type[torch.optim.Optimizer]:

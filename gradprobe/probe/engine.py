@@ -26,7 +26,7 @@ from ..objective import pack, sequence_logprobs, x_weights, y_weights_for_batch
 from ..optim.precondition import Preconditioner
 from ..params import FlatLayout, GradReader, layer_name, module_name
 from ..rollouts import Batch
-from . import schedules, ustat
+from . import real_step, schedules, ustat
 from .attribution import unit_rows
 from .schedules.base import Context
 
@@ -84,7 +84,12 @@ class ProbeResult:
     entropy_batch: str = "same"  # "same": X from the update batch (U-statistic); "independent": from batch E
     parts: dict[str, Any] = field(default_factory=dict)  # fresh, momentum, weight_decay {value, se}; clip_factor
     step: dict[str, Any] = field(default_factory=dict)  # the StepSettings, with `sources`
-    update_norm: float = math.nan  # |Delta theta| of the real step
+    update_norm: float = math.nan  # |Delta theta| of the real step, as the run's dtype rounds it
+    update_norm_unrounded: float = math.nan  # |Delta theta| in exact arithmetic (the parts before rounding)
+    deltaH_unrounded: float = math.nan  # deltaH of the unrounded step (deltaH minus the rounding part)
+    rounded_away: float = 0.0  # share of coordinates with a non-zero exact step that the run's dtype leaves still
+    update_rel: float = math.nan  # |Delta theta| / |theta|: past real_step.FIRST_ORDER_LIMIT deltaH is not first order
+    beyond_first_order: bool = False  # update_rel > real_step.FIRST_ORDER_LIMIT (the report says so)
     plain_update_norm: float = math.nan  # |lr P Ybar|, the step deltaH1 describes
     plain_update_cosine: float = math.nan  # cos(real step, plain step)
     same_batch: dict[str, Any] = field(default_factory=dict)  # the same-batch estimate when deltaH is independent
@@ -95,9 +100,32 @@ class ProbeResult:
     entropy_units: list[dict[str, Any]] = field(default_factory=list)
     world_size: int = 1  # processes of a torchrun launch (distributed.py); 1 without it
     units_per_rank: list[int] = field(default_factory=list)  # how many units each rank processed
+    # per estimate (deltaH, deltaH1, each part): can it be told from zero, and at about how many units
+    # (real_step.resolution); filled by resolve() once deltaH is final
+    resolution: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the headline's step per trainable tensor (probe order names), kept only when asked (api.delta_h1
+    # keep_update); never in the JSON
+    update: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the run's loss gradient it used
+
+    def resolve(self) -> None:
+        """Fill `resolution` from the final estimates (an independent entropy batch replaces deltaH's)."""
+        units = len(self.entropy_units) if self.entropy_batch == "independent" and self.entropy_units else self.B
+        out = {"deltaH": real_step.resolution(self.deltaH, self.se_deltaH, units),
+               "deltaH1": real_step.resolution(self.deltaH1, (self.se_unbiased if math.isfinite(self.se_unbiased)
+                                                              else self.se) if self.B >= 4 else math.nan, self.B)}
+        for key, part in self.parts.items():
+            if isinstance(part, dict):
+                out[key] = real_step.resolution(part["value"], part["se"], units)
+        self.resolution = out
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        kept = self.update, self.gradient
+        self.update = self.gradient = None  # asdict would deep-copy the tensors
+        try:
+            return asdict(self)
+        finally:
+            self.update, self.gradient = kept
 
 
 def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:
@@ -365,12 +393,17 @@ def _real_step_fields(real: Any, sy: torch.Tensor, learning_rate: float, m: int,
     if real is None:
         return dict(real_step_note="this schedule keeps no per-unit gradients: deltaH of the real step needs "
                                    "probe.schedule=packed, fused or one_backward") if asked else {}
-    est, _, update = real
+    est, parts, update, exact = real
     update = update.double()
     plain = learning_rate * sy.to(update.device).double() / m  # lr P Ybar, the plain step
+    norm = float(update.norm())
+    rel = norm / parts.theta_norm if parts.theta_norm > 0 else math.nan
     return dict(deltaH=est.deltaH, se_deltaH=est.se_deltaH, se_deltaH_batches=est.se_deltaH_batches,
-                parts=est.parts(), update_norm=float(update.norm()), plain_update_norm=float(plain.norm()),
-                plain_update_cosine=float(update @ plain / (update.norm() * plain.norm())))
+                parts=est.parts(), update_norm=norm, plain_update_norm=float(plain.norm()),
+                plain_update_cosine=float(update @ plain / (update.norm() * plain.norm())),
+                update_norm_unrounded=float(exact.double().norm()), rounded_away=parts.rounded_away,
+                deltaH_unrounded=est.deltaH - (est.rounding.value if est.rounding is not None else 0.0),
+                update_rel=rel, beyond_first_order=bool(rel > real_step.FIRST_ORDER_LIMIT))
 
 
 @without_cudnn_attention()

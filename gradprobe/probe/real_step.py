@@ -41,6 +41,10 @@ import torch
 
 from . import ustat
 
+# |Delta theta| / |theta| past which deltaH is not first-order accurate (docs/real_step.md, "Large steps": measured
+# with gradprobe validate, the realised change departs from the first-order forecast by more than 10% there).
+FIRST_ORDER_LIMIT = 0.05
+
 
 @dataclass
 class Part:
@@ -60,10 +64,14 @@ class RealStepEstimate:
     entropy_batch: str  # "same" or "independent"
     units: int
     unit_terms: list[float]  # each unit's share of deltaH; they sum to deltaH (unit_contributions)
+    rounding: Part | None = None  # what the run's dtype does to the step; None: not computed (fp32)
 
     def parts(self) -> dict[str, Any]:
-        return {"fresh": asdict(self.fresh), "momentum": asdict(self.momentum),
-                "weight_decay": asdict(self.weight_decay), "clip_factor": self.clip_factor}
+        out = {"fresh": asdict(self.fresh), "momentum": asdict(self.momentum),
+               "weight_decay": asdict(self.weight_decay), "clip_factor": self.clip_factor}
+        if self.rounding is not None:
+            out["rounding"] = asdict(self.rounding)
+        return out
 
 
 def mean_part(terms: torch.Tensor) -> Part:
@@ -81,28 +89,48 @@ def unit_contributions(cross: torch.Tensor) -> torch.Tensor:
 
 
 def same_batch(fresh_cross: torch.Tensor, x_momentum: torch.Tensor, x_decay: torch.Tensor,
-               clip_factor: float) -> RealStepEstimate:
+               clip_factor: float, x_rounding: torch.Tensor | None = None) -> RealStepEstimate:
     """fresh_cross[u, v] = X[u] . (clip a (.) G[v]) (clip already in), x_momentum[u] = X[u] . momentum,
-    x_decay[u] = X[u] . decay; all from the B units of one batch."""
+    x_decay[u] = X[u] . decay, x_rounding[u] = X[u] . rounding (the run's dtype's part of the step, held
+    fixed like momentum: it depends on the batch only through the whole step); all from the B units of one
+    batch."""
     fresh_cross = fresh_cross.double()
     b = fresh_cross.shape[0]
-    k = fresh_cross + (x_momentum.double() + x_decay.double())[:, None]
+    fixed = x_momentum.double() + x_decay.double() + (x_rounding.double() if x_rounding is not None else 0.0)
+    k = fresh_cross + fixed[:, None]
     u = ustat.u_cross(float(k.sum()) / b ** 2, float(k.diagonal().sum()), b)
     u_fresh = ustat.u_cross(float(fresh_cross.sum()) / b ** 2, float(fresh_cross.diagonal().sum()), b)
     return RealStepEstimate(
         deltaH=-u, se_deltaH=ustat.conditional_se(k), se_deltaH_batches=ustat.unbiased_se(k),
         fresh=Part(-u_fresh, ustat.conditional_se(fresh_cross)),
         momentum=mean_part(x_momentum), weight_decay=mean_part(x_decay),
-        clip_factor=clip_factor, entropy_batch="same", units=b, unit_terms=unit_contributions(k).tolist())
+        clip_factor=clip_factor, entropy_batch="same", units=b, unit_terms=unit_contributions(k).tolist(),
+        rounding=mean_part(x_rounding) if x_rounding is not None else None)
 
 
 def independent(x_fresh: torch.Tensor, x_momentum: torch.Tensor, x_decay: torch.Tensor,
-                clip_factor: float) -> RealStepEstimate:
+                clip_factor: float, x_rounding: torch.Tensor | None = None) -> RealStepEstimate:
     """x_fresh[u] = X_E[u] . (clip a (.) g) etc., X_E from an entropy batch independent of the step's."""
     terms = x_fresh.double() + x_momentum.double() + x_decay.double()
+    if x_rounding is not None:
+        terms = terms + x_rounding.double()
     whole = mean_part(terms)
     return RealStepEstimate(
         deltaH=whole.value, se_deltaH=whole.se, se_deltaH_batches=math.nan,
         fresh=mean_part(x_fresh), momentum=mean_part(x_momentum), weight_decay=mean_part(x_decay),
         clip_factor=clip_factor, entropy_batch="independent", units=x_fresh.numel(),
-        unit_terms=(-terms / terms.numel()).tolist())
+        unit_terms=(-terms / terms.numel()).tolist(),
+        rounding=mean_part(x_rounding) if x_rounding is not None else None)
+
+
+def resolution(value: float, se: float, units: int) -> dict[str, Any]:
+    """Whether an estimate can be told from zero (|value| >= 2 SE) and, when not, about how many units would
+    make it so: SE shrinks as 1/sqrt(B), so 2 SE = |value| at B (2 SE / |value|)^2. None where undefined (no
+    SE, or a value of exactly 0)."""
+    if not (math.isfinite(value) and math.isfinite(se)) or se <= 0:
+        return {"resolved": None, "units_needed": None}
+    if abs(value) >= 2 * se:
+        return {"resolved": True, "units_needed": None}
+    need = math.ceil(units * (2 * se / abs(value)) ** 2) if value != 0 else None
+    return {"resolved": False, "units_needed": need}
+

@@ -249,7 +249,8 @@ def real_step_hook(layout: FlatLayout, sink: UnitSink, pvec: torch.Tensor | None
                    step_parts: StepParts) -> Callable[[torch.Tensor, torch.Tensor], Any]:
     """For finish(): the batch's loss gradient g (known only after the last unit), the step's parts for it,
     then the banked Y rows rescaled from P to clip*a and the K of real_step.same_batch. Returns
-    (RealStepEstimate, UpdateParts, Delta theta as one flat vector)."""
+    (RealStepEstimate, UpdateParts, Delta theta as the run's dtype rounds it and in exact arithmetic, each one
+    flat vector)."""
     cpu = torch.device("cpu")
 
     def then(bank_x: torch.Tensor, bank_y: torch.Tensor) -> tuple[real_step.RealStepEstimate, Any, torch.Tensor]:
@@ -263,9 +264,12 @@ def real_step_hook(layout: FlatLayout, sink: UnitSink, pvec: torch.Tensor | None
         a = layout.gather(parts.fresh, cpu) * parts.clip_factor
         bank_y.mul_((a if p is None else torch.where(p > 0, a / p, torch.zeros(()))).to(dev))
         fresh_cross = -sink.cross(bank_x, bank_y)  # X[u] . (clip a (.) G[v]), G[v] = -grad LY[v]
-        w = torch.stack([layout.gather(parts.momentum, cpu), layout.gather(parts.decay, cpu)])
+        fixed = [parts.momentum, parts.decay] + ([parts.rounding] if parts.rounding is not None else [])
+        w = torch.stack([layout.gather(f, cpu) for f in fixed])
         xw = sink.dot_rows(bank_x, w.to(dev))
-        est = real_step.same_batch(fresh_cross, xw[:, 0], xw[:, 1], float(parts.clip_factor))
-        return est, parts, a * g + w.sum(0)
+        est = real_step.same_batch(fresh_cross, xw[:, 0], xw[:, 1], float(parts.clip_factor),
+                                   xw[:, 2] if parts.rounding is not None else None)
+        exact = a * g + w[0] + w[1]
+        return est, parts, exact + w[2] if parts.rounding is not None else exact, exact
 
     return then

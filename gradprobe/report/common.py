@@ -54,6 +54,16 @@ def settings_lines(settings: dict[str, dict[str, Any]]) -> list[str]:
     return [f"  read from {where}: {', '.join(items)}" for where, items in read.items()] + other
 
 
+def assumed_stack_words(assumed: dict[str, Any] | None) -> str | None:
+    """The stack settings the run did not record, for a report's headline; None when every one was read."""
+    if not assumed:
+        return None
+    keys = ", ".join(f"{k} {v}" for k, v in assumed.items())
+    first = next(iter(assumed))
+    return (f"ASSUMED, not read from the run: {keys}. The numbers describe this stack; if the run loaded "
+            f"another, say so with --set (e.g. --set {first}=...)")
+
+
 def step_words(step: dict[str, Any]) -> str:
     """'AdamW lr 1e-05, betas (0.9, 0.999), eps 1e-08, weight decay 0.01, step 4, no clipping'."""
     if not step:

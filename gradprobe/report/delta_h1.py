@@ -10,8 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..probe import ProbeResult
+from ..probe.real_step import FIRST_ORDER_LIMIT
 from ..rollouts import ZERO_ADVANTAGES
-from .common import _bytes, fmt, step_provenance, step_words
+from .common import _bytes, assumed_stack_words, fmt, step_provenance, step_words
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -88,23 +89,57 @@ REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one s
                     "or weight decay.")
 
 
-def render_real_step(out: Console, r: ProbeResult) -> None:
-    """The headline: deltaH of the real step, its parts, and in words what was read and assumed."""
+def unresolved_words(r: ProbeResult, key: str) -> str | None:
+    """'cannot be told from zero at B = 8 prompts (|deltaH| < 2 SE); about 1,400 prompts would resolve it'."""
+    res = r.resolution.get(key, {})
+    if res.get("resolved") is not False:
+        return None
+    independent = key == "deltaH" and r.entropy_batch == "independent" and r.entropy_units
+    units = len(r.entropy_units) if independent else r.B
+    per_unit = 1 if independent or r.mode == "exact" else max(r.n_prompts // max(r.B, 1), 1)
+    need = res.get("units_needed")
+    more = f"; about {float(f'{need * per_unit:.2g}'):,.0f} prompts would resolve it (SE ∝ 1/√B)" if need else ""
+    return f"cannot be told from zero at {units * per_unit} prompts (|{key}| < 2 SE){more}"
+
+
+PART_LABELS = {"fresh": "fresh gradient", "momentum": "momentum", "weight_decay": "weight decay",
+               "rounding": "rounding (the run's dtype)"}
+
+
+def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | None = None) -> None:
+    """The headline: deltaH of the real step, its parts, and in words what was read and assumed (`assumed`:
+    the stack settings a checkpoint did not record, CheckpointInfo.assumed_stack)."""
     t = Table(title="the next optimizer step", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
+    stack_words = assumed_stack_words(assumed)
+    if stack_words:
+        t.add_row("[yellow]stack probed[/]", f"[yellow]{escape(stack_words)}[/]")
     if math.isfinite(r.deltaH):
         over = f"; over batches ± {fmt(r.se_deltaH_batches, 2)}" if math.isfinite(r.se_deltaH_batches) else ""
         how = "same batch, U-statistic" if r.entropy_batch == "same" else "independent entropy batch"
         t.add_row("deltaH (real step)", f"{fmt(r.deltaH)} ± {fmt(r.se_deltaH, 2)} ({how}{over})")
-        total = sum(abs(r.parts[k]["value"]) for k in ("fresh", "momentum", "weight_decay")) or 1.0
-        for key, label in (("fresh", "fresh gradient"), ("momentum", "momentum"), ("weight_decay", "weight decay")):
+        words = unresolved_words(r, "deltaH")
+        if words:
+            t.add_row("", f"[yellow]{words}[/]")
+        keys = [k for k in PART_LABELS if k in r.parts]
+        total = sum(abs(r.parts[k]["value"]) for k in keys) or 1.0
+        for key in keys:
             part = r.parts[key]
-            t.add_row(f"  {label}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
-                                    f"({100 * abs(part['value']) / total:.0f}% of |parts|)")
+            zero = "; within 2 SE of 0" if r.resolution.get(key, {}).get("resolved") is False else ""
+            t.add_row(f"  {PART_LABELS[key]}", f"{fmt(part['value'])} ± {fmt(part['se'], 2)} "
+                                               f"({100 * abs(part['value']) / total:.0f}% of |parts|{zero})")
         t.add_row("  clip factor", fmt(r.parts["clip_factor"]))
         t.add_row("‖step‖; plain step", f"{fmt(r.update_norm)}; {fmt(r.plain_update_norm)} "
                                        f"(cosine {r.plain_update_cosine:.2f})")
+        if "rounding" in r.parts:
+            t.add_row("unrounded step", f"deltaH {fmt(r.deltaH_unrounded)}, ‖step‖ {fmt(r.update_norm_unrounded)}; "
+                                        f"{100 * r.rounded_away:.1f}% of the moving coordinates round to no change")
+        size = f"{fmt(r.update_rel, 3)} (first order up to {FIRST_ORDER_LIMIT:g})"
+        if r.beyond_first_order:
+            size = (f"[yellow]{size}: a step this large is beyond first order and deltaH may be far off; "
+                    f"measure it with gradprobe validate on the same setting[/]")
+        t.add_row("‖step‖ / ‖θ‖", size)
     else:
         t.add_row("deltaH (real step)", f"n/a: {r.real_step_note}")
     t.add_row("optimizer step", step_words(r.step))
@@ -120,8 +155,8 @@ def render_real_step(out: Console, r: ProbeResult) -> None:
     out.print(REAL_STEP_IS_NOT, soft_wrap=True)
 
 
-def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
-    render_real_step(out, r)
+def render_delta_h1(out: Console, r: ProbeResult, top: int = 8, assumed: dict[str, Any] | None = None) -> None:
+    render_real_step(out, r, assumed)
     t = Table(title="the plain step lr P grad LY (deltaH1, for comparison)", show_header=False, title_justify="left")
     t.add_column("quantity", style="bold")
     t.add_column("value")
@@ -130,6 +165,9 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8) -> None:
     if ZERO_ADVANTAGES in r.notes:
         shown, which = "0 by construction", "zero advantages: every group's rewards are equal"
     t.add_row("deltaH1 (plain step)", f"{shown} ({which})")
+    words = unresolved_words(r, "deltaH1")
+    if words:
+        t.add_row("", f"[yellow]{words}[/]")
     u_se = r.U_cross_se_unbiased if math.isfinite(r.U_cross_se_unbiased) else r.U_cross_se
     t.add_row("U_cross", f"{fmt(r.U_cross)} ± {fmt(u_se, 2)}" if math.isfinite(se) else fmt(r.U_cross))
     t.add_row("Xbar·Ybar, Σ X\\[u]·Y\\[u]", f"{fmt(r.bars_dot)}, {fmt(r.diag_sum)}")

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..diagnose.check import FAIL, PASS, WARN
 from ..diagnose.core import SCHEMA, DiagnoseResult
+from .common import assumed_stack_words
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -41,7 +42,9 @@ def payload(result: DiagnoseResult, cfg: Config | None, exit_code: int) -> dict[
             "exit_code": exit_code, **result.to_dict()}
 
 
-def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
+def render(out: Console, result: DiagnoseResult, exit_code: int, assumed: dict[str, Any] | None = None) -> None:
+    """`assumed`: the stack settings a checkpoint did not record (CheckpointInfo.assumed_stack): the verdict
+    is about this stack, and says so."""
     t = Table(title="gradprobe diagnose", title_justify="left", show_lines=True)
     t.add_column("check", style="bold", ratio=1)
     t.add_column("status", no_wrap=True)
@@ -81,6 +84,9 @@ def render(out: Console, result: DiagnoseResult, exit_code: int) -> None:
     colour = "green" if v.root_cause == "healthy" else "bold red"
     out.print(f"[bold]verdict:[/] [{colour}]{v.root_cause}[/]"
               + (f"  (also: {', '.join(c.id for c in v.causes[1:])})" if len(v.causes) > 1 else ""))
+    stack_words = assumed_stack_words(assumed)
+    if stack_words:
+        out.print(f"[yellow]verdict on an assumed stack:[/] {escape(stack_words)}", soft_wrap=True)
     out.print(escape(v.summary))
     out.print(f"[bold]fix:[/] {escape(v.fix)}")
     fails = sum(c.status == FAIL for c in result.checks)

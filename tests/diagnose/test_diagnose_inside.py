@@ -35,12 +35,6 @@ def nr():
     return build("checkpointing=non_reentrant")
 
 
-@pytest.fixture(scope="module")
-def off():
-    """The same stack without activation checkpointing."""
-    return build("checkpointing=off")
-
-
 def tokens(stack, batch, groups=GROUPS):
     pairs = [(batch.groups[p].prompt, r) for p in groups for r in batch.groups[p].responses]
     return pack(pairs, stack.tokenizer.pad_token_id, stack.device)
@@ -146,7 +140,8 @@ def test_disabled_adapter_under_reentrant_recomputation_is_named_though_gradient
     assert result.verdict.causes[0].evidence["ran_disabled"] == layer_names(stack)
 
 
-def test_checkpoint_recompute_mismatch_is_a_finding_not_a_traceback(nr):
+def test_adapter_disabled_in_the_forward_ranks_above_the_recompute_mismatch_it_causes(nr):
+    """Issue 26: the disabled adapter is the upstream cause; the CheckpointError is listed under it."""
     stack, batch = nr
     tb = tokens(stack, batch)
 
@@ -158,8 +153,11 @@ def test_checkpoint_recompute_mismatch_is_a_finding_not_a_traceback(nr):
         loss_fn().sum().backward()
     stack.model.zero_grad(set_to_none=True)
     result = gp.diagnose(stack.model, stack.params, loss_fn)
-    assert ids(result)[0] == "checkpoint_recompute_mismatch" and "adapter_disabled" in ids(result)
-    first = result.verdict.causes[0]
+    assert ids(result) == ["adapter_disabled", "checkpoint_recompute_mismatch"]
+    assert result.verdict.causes[0].evidence["ran_disabled"] == layer_names(stack)
+    assert "recomputation in backward" in result.verdict.causes[0].summary
+    first = result.verdict.causes[1]
+    assert first.after == "adapter_disabled" and "(a consequence of adapter_disabled)" in result.verdict.summary
     assert first.evidence["phase"] == "backward" and first.evidence["exception"] == "CheckpointError"
     assert first.evidence["adapter_layers_off_at_forward"] == layer_names(stack)
     runs = result.check("loss_runs")

@@ -67,10 +67,9 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
     """The fused probe's deltaH for a given decomposition (random a, momentum, decay, clip 0.6) equals
     -U(X[u] . D[v]) formed from the per-unit gradients of unit_gradients; with the SGD decomposition
     (a = -lr, nothing else) it is deltaH1 itself. With P the bank holds P grad LY and the hook divides it out."""
-    from types import SimpleNamespace
-
     import gradprobe as gp
     from gradprobe.optim.precondition import Preconditioner, from_adam_state
+    from gradprobe.optim.update import UpdateParts
     from tests.probe.test_probe_exact import LR, adam_state
 
     stack = fp32_stacks["non_reentrant"]
@@ -87,7 +86,7 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
 
     def parts(grads):
         seen.append(torch.cat([t.reshape(-1) for t in grads]))
-        return SimpleNamespace(fresh=a, momentum=mom, decay=dec, clip_factor=0.6)
+        return UpdateParts(a, mom, dec, 0.6)
 
     r = gp.probe.run_probe(stack, batch, cfg.probe, precond, LR, step_parts=parts)
     raw = gp.probe.unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("x", "y"))
@@ -102,9 +101,22 @@ def test_engine_hook_equals_brute_force_from_unit_gradients(fp32_stacks, rollout
     assert r.parts["momentum"]["value"] == pytest.approx(-float(x.mean(0) @ flat[1]), rel=1e-4)
     assert r.parts["weight_decay"]["value"] == pytest.approx(-float(x.mean(0) @ flat[2]), rel=1e-4)
     assert r.update_norm == pytest.approx(float(d.mean(0).norm()), rel=1e-4)
+    assert r.deltaH_unrounded == r.deltaH and "rounding" not in r.parts
+    # a rounding part (what a bf16 run's dtype does to the step) is a fixed vector like momentum: deltaH moves
+    # by -Xbar . rounding, the unrounded deltaH is the one above, and the step's norm is the rounded step's
+    rnd = [1e-4 * torch.randn(p.shape, generator=g) for p in stack.params]
+    rounded = gp.probe.run_probe(stack, batch, cfg.probe, precond, LR, step_parts=lambda grads: UpdateParts(
+        a, mom, dec, 0.6, rounding=rnd, rounded_away=0.25, theta_norm=2.0))
+    flat_r = torch.cat([t.reshape(-1) for t in rnd]).double()
+    assert rounded.parts["rounding"]["value"] == pytest.approx(-float(x.mean(0) @ flat_r), rel=1e-4)
+    assert rounded.deltaH == pytest.approx(want - float(x.mean(0) @ flat_r), rel=1e-4)
+    assert rounded.deltaH_unrounded == pytest.approx(r.deltaH, rel=1e-9)
+    assert rounded.update_norm == pytest.approx(float((d.mean(0) + flat_r).norm()), rel=1e-4)
+    assert rounded.update_norm_unrounded == pytest.approx(r.update_norm, rel=1e-6)
+    assert rounded.rounded_away == 0.25 and rounded.update_rel == pytest.approx(rounded.update_norm / 2.0)
     assert math.isfinite(r.se_deltaH) and r.se_deltaH > 0 and r.parts["clip_factor"] == 0.6
     sgd = gp.probe.run_probe(stack, batch, cfg.probe, Preconditioner(None), LR,
-                             step_parts=lambda grads: SimpleNamespace(
+                             step_parts=lambda grads: UpdateParts(
                                  fresh=[torch.full(p.shape, -LR) for p in stack.params],
                                  momentum=[torch.zeros(p.shape) for p in stack.params],
                                  decay=[torch.zeros(p.shape) for p in stack.params], clip_factor=1.0))
@@ -250,6 +262,13 @@ def test_cli_leads_with_the_real_step(rollouts_file, tmp_path):
     assert math.isfinite(r["deltaH"]) and r["se_deltaH"] > 0 and r["parts"]["momentum"]["value"] != 0
     assert r["deltaH"] == pytest.approx(sum(r["parts"][k]["value"] for k in ("fresh", "momentum", "weight_decay")))
     assert math.isfinite(r["deltaH1"]) and r["se_unbiased"] > 0
+    # every estimate says whether it can be told from zero, in the JSON and, when it cannot, in words
+    assert set(r["resolution"]) == {"deltaH", "deltaH1", "fresh", "momentum", "weight_decay"}
+    for key, value, se in (("deltaH", r["deltaH"], r["se_deltaH"]), ("deltaH1", r["deltaH1"], r["se_unbiased"])):
+        assert r["resolution"][key]["resolved"] == (abs(value) >= 2 * se), key
+        if abs(value) < 2 * se:
+            assert f"cannot be told from zero at 6 prompts (|{key}| < 2 SE)" in text
+    assert validate(json.loads(out.read_text()), schema, schema) == []
     res = runner.invoke(app, ["delta-h1", "--rollouts", rollouts_file, "--entropy-rollouts", rollouts_file,
                               "--json", "-", "--quiet"])
     assert res.exit_code == 0, res.output
@@ -285,3 +304,57 @@ def test_probe_y_is_the_runs_loss_type(fp32_stacks, rollouts_file, loss_type):
         grp = batch.groups[u]
         want = sum(float(w) * sequence_grad(stack, grp.prompt, r)[1] for w, r in zip(weights[u], grp.responses))
         assert torch.allclose(y[u], want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_bf16_weights_the_headline_is_the_step_the_optimizer_really_takes(rollouts_file, tmp_path):
+    """LoRA weights held in bf16 (TRL on a 4-bit base): the step optimizer.step() makes is theta + Delta theta
+    rounded to bf16, and at a small lr most coordinates do not move at all. The headline step is that rounded
+    step (the file --save-update writes equals the real optimizer's theta' - theta), deltaH includes the
+    rounding part, and the unrounded step beside it is far from the real one."""
+    from safetensors.torch import load_file
+
+    import gradprobe as gp
+    from gradprobe import api
+    from gradprobe.optim.precondition import Preconditioner
+
+    cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32", "lora.dtype=bfloat16",
+                                    f"batch.rollouts={rollouts_file}", "probe.learning_rate=2e-4"])
+    stack = gp.load_stack(cfg)
+    batch = gp.build_batch(stack, cfg)
+    opt = torch.optim.AdamW(stack.params, lr=2e-4, weight_decay=0.01)
+    random_steps(opt, stack.params, steps=2, scale=1e-3, seed=5)
+    r = gp.delta_h1(stack, batch, cfg, precond=api.live_preconditioner(stack, opt, cfg), optimizer=opt,
+                    keep_update=True)
+    api.save_update(r, stack.model, tmp_path / "step.safetensors")
+    # the probe's loss gradient is the run's: backward() into bf16 .grad agrees to bf16 rounding (measured 0.44%;
+    # the probe forms it in fp32 inside the backward)
+    g = -gp.probe.unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("y",))["y"].mean(0)
+    probe_g = torch.cat([r.gradient[n].reshape(-1) for n in stack.names])
+    assert float((probe_g - g).norm() / g.norm()) < 1e-2
+    # the trainer's step with that gradient: optimizer.step() on the bf16 weights
+    theta = [p.detach().clone() for p in stack.params]
+    for name, p in zip(stack.names, stack.params):
+        p.grad = r.gradient[name].to(p.dtype)
+    opt.step()
+    real = torch.cat([(p.detach().float() - t.float()).reshape(-1) for p, t in zip(stack.params, theta)]).double()
+    saved = load_file(tmp_path / "step.safetensors")
+    assert set(saved) == {n.replace(".default.", ".") for n in stack.names}
+    ours = torch.cat([saved[n.replace(".default.", ".")].reshape(-1) for n in stack.names]).double()
+    assert float((ours - real).norm()) <= 1e-6 * float(real.norm())  # the optimizer's own arithmetic
+    assert r.rounded_away > 0.5 and "rounding" in r.parts  # most coordinates do not move in bf16 at this lr
+    assert r.update_norm == pytest.approx(float(real.norm()), rel=5e-3)
+    assert abs(r.update_norm_unrounded - float(real.norm())) > 0.1 * float(real.norm())
+    assert r.deltaH_unrounded == pytest.approx(r.deltaH - r.parts["rounding"]["value"], rel=1e-9)
+
+
+def test_resolution_says_when_an_estimate_cannot_be_told_from_zero():
+    """|value| < 2 SE is unresolved, with the units at which SE ∝ 1/sqrt(B) would make 2 SE = |value|; checked
+    against the definition by shrinking the SE as the formula assumes."""
+    assert real_step.resolution(0.3, 0.1, 8) == {"resolved": True, "units_needed": None}
+    out = real_step.resolution(-0.01, 0.02, 8)
+    assert out["resolved"] is False
+    need = out["units_needed"]
+    assert 2 * 0.02 * math.sqrt(8 / need) <= 0.01 < 2 * 0.02 * math.sqrt(8 / (need - 1))
+    assert real_step.resolution(0.0, 0.1, 8) == {"resolved": False, "units_needed": None}
+    assert real_step.resolution(0.1, math.nan, 8) == {"resolved": None, "units_needed": None}

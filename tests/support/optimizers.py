@@ -11,6 +11,6 @@ def random_steps(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], s
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p in params:
-            p.grad = scale * torch.randn(p.shape, generator=g)
+            p.grad = (scale * torch.randn(p.shape, generator=g)).to(p.dtype)
         opt.step()
     opt.zero_grad(set_to_none=True)

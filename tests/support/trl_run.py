@@ -55,10 +55,12 @@ def lora_config(**overrides: Any):
 
 def train_grpo(output_dir: str | Path, callbacks: Sequence[Any] = (), *, base_dir: str | Path | None = None,
                quant: str | None = None, lora: dict[str, Any] | None = None, prompts: Sequence[str] = BUILTIN_PROMPTS,
-               reward=vowel_reward, trainer_class=None, **config: Any):
+               reward=vowel_reward, trainer_class=None, by_path: bool = False, **config: Any):
     """Train with trl.GRPOTrainer and return the trainer after train(). `config` overrides GRPOConfig fields
-    (SMALL_RUN's and TRL's defaults); `base_dir` shares one saved base model between runs (default: a
-    `base` directory inside output_dir); `trainer_class` a GRPOTrainer subclass (e.g. one that records)."""
+    (SMALL_RUN's and TRL's defaults); `by_path`: TRL loads the base from its directory with the quantisation
+    in GRPOConfig.model_init_kwargs (recorded in training_args.bin); `base_dir` shares one saved base model
+    between runs (default: a `base` directory inside output_dir); `trainer_class` a GRPOTrainer subclass (e.g.
+    one that records)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -70,9 +72,11 @@ def train_grpo(output_dir: str | Path, callbacks: Sequence[Any] = (), *, base_di
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant,
                                                              bnb_4bit_compute_dtype=torch.bfloat16),
                       device_map={"": "cpu"})
+    if by_path:  # TRL loads the model itself, from its name and model_init_kwargs (as its scripts do)
+        config["model_init_kwargs"] = kwargs
     args = GRPOConfig(output_dir=str(out), **{**SMALL_RUN, **config})
     with quiet_libraries():
-        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+        model = str(base) if by_path else AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         cls = trainer_class or GRPOTrainer
         trainer = cls(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,

@@ -150,8 +150,9 @@ def test_trl_defaults_are_read_and_the_gradient_reproduced(runs):
         assert info.settings[key]["value"] == value, key
         assert info.settings[key]["source"].startswith("read: "), info.settings[key]
         assert cfg.flat()[key] == value
-    assert info.settings["quant.mode"] == {"value": "nf4", "source": "assumed: the config's; a checkpoint does not "
-                                                                     "record whether the base was quantised"}
+    assert info.settings["quant.mode"]["value"] == "nf4"
+    assert info.settings["quant.mode"]["source"].startswith("assumed: the config's; nothing the run saved records")
+    assert set(info.assumed_stack()) == {"quant.mode", "quant.compute_dtype", "quant.double_quant"}
     assert info.training_args == "GRPOConfig" and stack.checkpointing == "non_reentrant"
     assert {p.dtype for p in stack.params} == {torch.bfloat16}
     # the advantages gradprobe forms from the rewards are the ones the trainer used (group-std scaling)
@@ -211,8 +212,9 @@ def test_delta_h1_and_diagnose_cli_on_the_trl_checkpoint(runs, tmp_path):
     # the report says where each setting came from
     assert "read from training_args.bin: probe.loss_type dapo, probe.scale_rewards group" in res.stdout
     assert "read from adapter_model.safetensors: lora.dtype bfloat16" in res.stdout
-    assert "assumed: quant.mode nf4 (the config's; a checkpoint does not record whether the base was quantised)" \
+    assert "assumed: quant.mode nf4 (the config's; nothing the run saved records how its base was loaded" \
         in res.stdout
+    assert "verdict on an assumed stack" in res.stdout  # the verdict is about a stack no file of the run gave
     payload = json.loads(out.read_text())
     assert (payload["config"]["checkpointing"], payload["config"]["autocast"], payload["config"]["lora"]["dtype"]) \
         == ("non_reentrant", "bf16", "bfloat16")
