@@ -510,7 +510,6 @@ def test_progress_lines_are_at_most_one_every_few_seconds(monkeypatch):
     assert all(common.PROGRESS_LINE.match(ln) for ln in shown)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.3, 1.0])
 def test_sigint_in_the_first_second_is_one_line_and_exit_130(delay, tmp_path):
     """Issue 28, 6: Ctrl-C while the command starts (torch and transformers still importing): no traceback, no
