@@ -169,9 +169,9 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False, allow: dict
         if "Unsupported global" in str(exc):
             why = "it holds objects other than tensors and plain containers" + (
                 f" ({found.group(1)}, not loaded)" if found else "")
-        else:
-            why = ("not a torch.save file but a plain pickle or another format, refused unread (unpickling could "
-                   "run code)")
+        else:  # torch's legacy path would unpickle it: refused before that, nothing in it ran
+            raise GradprobeError(f"cannot read {what} {p}: not a torch.save file but a plain pickle or another "
+                                 f"format, refused without unpickling it (a pickle can run code)") from None
         raise _load_error(p, what, why) from None
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         text = str(exc).strip()
