@@ -32,7 +32,15 @@ from .probe import real_step as real_step_math
 from .probe.attribution import unit_rows
 from .probe.engine import units_of
 from .rewards import load_reward
-from .rollouts import Batch, check_probe_batch, context_length, generate_batch, read_rollouts
+from .rollouts import (
+    ZERO_ADVANTAGES,
+    Batch,
+    check_probe_batch,
+    context_length,
+    generate_batch,
+    read_rollouts,
+    zero_advantages,
+)
 
 if TYPE_CHECKING:
     from .config import Config, ProbeSection
@@ -125,8 +133,16 @@ def step_source(stack, cfg: Config, precond: Preconditioner, optimizer: Any = No
     no_decay = no_decay_names(stack.model) if source is not None and optimizer is None else None
     order = pcfg.optimizer_order
     clip = pcfg.max_grad_norm
-    settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
-                             precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
+    try:
+        settings = step_settings(source, stack.names, stack.params, lr=None if source is not None else
+                                 precond.learning_rate, max_grad_norm=clip, no_decay=no_decay, order=order)
+    except GradprobeError as exc:  # the run's own next rate is unusable (0 at a schedule's end): the given one is
+        if source is None or explicit is None:
+            raise
+        settings = step_settings(source, stack.names, stack.params, lr=explicit, max_grad_norm=clip,
+                                 no_decay=no_decay, order=order)
+        settings.sources["lr"] = f"given: probe.learning_rate (the run's own: {str(exc).split(';')[0]})"
+        explicit = None  # marked already
     if source is None and explicit is None:
         settings.sources["lr"] = f"assumed: {precond.learning_rate_source}"
     elif source is not None and explicit is not None and not math.isclose(explicit, settings.lr, rel_tol=1e-9):
@@ -197,6 +213,8 @@ def delta_h1(stack, batch: Batch, cfg: Config,
         t1 = time.perf_counter()
         independent_estimate(stack, entropy_batch, cfg, kept["parts"], kept["grads"], result)
         result.timings["entropy batch"] = time.perf_counter() - t1
+    if zero_advantages(batch):  # a number without meaning unless it says why it is 0
+        result.notes.insert(0, ZERO_ADVANTAGES)
     result.resolve()
     return result
 

@@ -63,6 +63,14 @@ class GradprobeCallback(TrainerCallback):
         if len(eval_prompts) < 2:
             raise GradprobeError(f"eval_prompts needs at least 2 prompts (the forecast's SE is over prompts); "
                                  f"got {len(eval_prompts)}")
+        for name, value, low in (("group_size", group_size, 2), ("is_samples", is_samples, 2),
+                                 ("max_enumerate", max_enumerate, 1), ("microbatch_size", microbatch_size, 1),
+                                 ("max_new_tokens", 1 if max_new_tokens is None else max_new_tokens, 1),
+                                 ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GradprobeError(f"{name} must be an integer >= {low}; got {value!r} ({type(value).__name__})")
+        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+            raise GradprobeError(f"temperature must be a number > 0; got {temperature!r}")
         if group_size < 2:
             raise GradprobeError(f"group_size must be >= 2 (X needs a leave-one-out baseline); got {group_size}")
         if method not in METHODS:
@@ -112,7 +120,12 @@ class GradprobeCallback(TrainerCallback):
         step_settings(self.optimizer, self.stack.names, self.stack.params)
         self.tau = self.temperature or float(getattr(args, "temperature", None) or 1.0)
         self.max_len = self.max_new_tokens or int(getattr(args, "max_completion_length", None) or 16)
-        self.prompt_ids = [encode_prompt(tokenizer, p) for p in self.eval_prompts]
+        self.prompt_ids = []
+        for i, text in enumerate(self.eval_prompts):
+            try:
+                self.prompt_ids.append(encode_prompt(tokenizer, text))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise GradprobeError(f"eval_prompts[{i}] {text[:60]!r} cannot be tokenized: {exc}") from None
         if any(not ids for ids in self.prompt_ids):
             raise GradprobeError("an evaluation prompt tokenizes to nothing")
         vocab = model.get_input_embeddings().num_embeddings

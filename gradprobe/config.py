@@ -376,21 +376,49 @@ def parse_override(text: str) -> tuple[str, Any]:
     return name, value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise GradprobeError(f"{self.name}: line {key_node.start_mark.line + 1}: key '{key}' is given twice "
+                                     f"(first on line {seen[key]}); YAML would keep the last one silently")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or type(exc).__name__)
+        raise GradprobeError(f"cannot read config file {p}: {why}") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(p)
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise GradprobeError(f"{p}: not valid YAML{where}") from exc
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 seed: int | None = None) -> Config:
     """Defaults, then the YAML file, then each override; validated as a whole."""
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise GradprobeError(f"config file {p} is a directory; give a YAML file")
         if not p.is_file():
             raise GradprobeError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise GradprobeError(f"{p}: not valid YAML{where}") from exc
-        values.update(_file_values(data, str(p)))
+        values.update(_file_values(_read_yaml(p), str(p)))
     for text in overrides:
         name, value = parse_override(text)
         values[name] = value

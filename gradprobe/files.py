@@ -35,6 +35,22 @@ def jsonl_objects(text: str, source: str, hint: str = "") -> Iterator[tuple[str,
         yield where, obj
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """A text input's contents, or one line naming the file: missing, a directory, unreadable, not UTF-8."""
+    p = Path(path)
+    if p.is_dir():
+        raise GradprobeError(f"{what} {p} is a directory; give a file")
+    if not p.exists():
+        raise GradprobeError(f"{what} not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise GradprobeError(f"{what} {p}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); "
+                             f"a binary or compressed file?") from None
+    except OSError as exc:
+        raise GradprobeError(f"cannot read {what} {p}: {exc.strerror or type(exc).__name__}") from None
+
+
 def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
@@ -61,10 +77,22 @@ def check_outputs(outputs: dict[str, str | Path | None], inputs: Iterable[str | 
         parent = target.parent
         if not parent.is_dir():
             raise GradprobeError(f"{option} {path}: the directory {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise GradprobeError(f"{option} {path}: the directory {parent} is not writable")
+        _try_writing(option, path, parent)
         if target.exists() and not os.access(target, os.W_OK):
             raise GradprobeError(f"{option} {path}: the file exists and is not writable")
+
+
+def _try_writing(option: str, path: str | Path, parent: Path) -> None:
+    """Create and remove a file in `parent`, as write_atomic will: permission bits say nothing to root, nor
+    about /proc, a read-only mount or a full quota."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".gradprobe-check-", dir=parent)
+    except OSError as exc:
+        raise GradprobeError(f"{option} {path}: cannot write in the directory {parent} "
+                             f"({exc.strerror or type(exc).__name__})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def write_atomic(path: str | Path, data: str | bytes | Callable[[BinaryIO], None], what: str = "output") -> None:
@@ -141,8 +169,9 @@ def load_torch_file(path: str | Path, what: str, mmap: bool = False, allow: dict
         if "Unsupported global" in str(exc):
             why = "it holds objects other than tensors and plain containers" + (
                 f" ({found.group(1)}, not loaded)" if found else "")
-        else:
-            why = "not a torch.save file (a plain pickle, or another format)"
+        else:  # torch's legacy path would unpickle it: refused before that, nothing in it ran
+            raise GradprobeError(f"cannot read {what} {p}: not a torch.save file but a plain pickle or another "
+                                 f"format, refused without unpickling it (a pickle can run code)") from None
         raise _load_error(p, what, why) from None
     except Exception as exc:  # torch raises many types for a truncated or foreign file
         text = str(exc).strip()

@@ -19,6 +19,7 @@ from .errors import GradprobeError
 from .files import jsonl_objects
 
 QUANTITIES = ("auto", "deltaH", "deltaH1")
+MAX_BYTES = 64 * 2**20  # a result is kilobytes, a forecast line ~150 bytes: 64 MiB is ~400,000 steps (docs/plot.md)
 STEP_KEYS = ("step", "deltaH", "se_deltaH", "realised", "realised_se")
 
 
@@ -82,6 +83,11 @@ def read_plot_file(path: str | Path, quantity: str = "auto") -> Contributions | 
         raise GradprobeError(f"--quantity must be one of {', '.join(QUANTITIES)}; got {quantity!r}")
     if not p.is_file():
         raise GradprobeError(f"{p}: no such file")
+    size = p.stat().st_size
+    if size > MAX_BYTES:
+        raise GradprobeError(f"{p}: {size / 2**20:.0f} MiB, past plot's limit of {MAX_BYTES // 2**20} MiB "
+                             f"(docs/plot.md); plot a slice of the steps, e.g. awk 'NR % 100 == 1' {p.name} > "
+                             f"thinned.jsonl")
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import GradprobeError, is_out_of_memory
-from .rollouts import builtin_reward
+from .rollouts import MAX_ABS_REWARD, builtin_reward
 
 RewardFn = Callable[[str, str], float]
 
@@ -70,12 +70,31 @@ def load_reward(spec: str) -> RewardFn:
                 raise
             raise GradprobeError(f"reward plugin {spec} raised {type(exc).__name__}: {exc} "
                                  f"(on prompt {prompt!r})") from exc
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise GradprobeError(f"reward plugin {spec} returned {value!r}, not a number") from None
+        number = _number(value)
+        if number is None:
+            raise GradprobeError(f"reward plugin {spec} returned {value!r} ({type(value).__name__}), not a number "
+                                 f"(a float, an int, or a one-element tensor or array)")
+        value = number
         if not math.isfinite(value):
             raise GradprobeError(f"reward plugin {spec} returned {value} (not finite)")
+        if abs(value) > MAX_ABS_REWARD:
+            raise GradprobeError(f"reward plugin {spec} returned {value:g}, beyond +-{MAX_ABS_REWARD:g}: every "
+                                 f"estimate would overflow or be rounding noise; rescale the rewards")
         return value
 
     return reward
+
+
+def _number(value: object) -> float | None:
+    """A reward as a float: int, float, or a one-value numpy/torch scalar; text and bools are not rewards
+    (float("1.0") would hide a plugin that returns the wrong thing)."""
+    if isinstance(value, (str, bytes, bool)) or value is None:
+        return None
+    if hasattr(value, "item"):  # numpy and torch scalars; more than one value raises
+        try:
+            value = value.item()
+        except (TypeError, ValueError, RuntimeError, AttributeError):
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)

@@ -26,7 +26,7 @@ import torch
 from . import distributed
 from .attention import without_cudnn_attention
 from .errors import GradprobeError
-from .files import jsonl_objects, write_atomic
+from .files import jsonl_objects, read_text_file, write_atomic
 
 BUILTIN_PROMPTS = [
     "say hi:", "count to five:", "name a color:", "spell cat:", "add 2+3=", "what is up?",
@@ -144,11 +144,9 @@ def read_rollouts(path: str | Path, tokenizer, vocab_size: int | None = None, te
     context (max_position_embeddings): a longer prompt + response would be teacher-forced through
     positions the model never learned, a number without meaning."""
     p = Path(path)
-    if not p.is_file():
-        raise GradprobeError(f"rollouts file not found: {p}")
     groups: list[Group] = []
     tags: dict[str, set] = {k: set() for k in PASS_TAGS}
-    for where, obj in jsonl_objects(p.read_text(), str(p)):
+    for where, obj in jsonl_objects(read_text_file(p, "rollouts file"), str(p)):
         for k in PASS_TAGS:
             v = obj.get(k)
             if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
@@ -230,6 +228,34 @@ def check_probe_batch(batch: Batch) -> None:
         where = batch.meta.get("source", "the batch")
         raise GradprobeError(f"every response in {where} is empty: S has no generated token, so deltaH1 is 0 by "
                              f"construction; fix generation (max_new_tokens, EOS handling) or the rollouts file")
+    check_reward_scale(batch)
+
+
+MAX_ABS_REWARD = 1e15  # beyond this, centring and squaring rewards in float32 leave no meaningful digit
+
+ZERO_ADVANTAGES = ("every group's rewards are equal (zero advantages): the Y loss and its gradient are 0, so "
+                   "deltaH1 and the fresh-gradient part of deltaH are 0 by construction")
+
+
+def check_reward_scale(batch: Batch) -> None:
+    """Rewards (or advantages) past MAX_ABS_REWARD: every estimate would overflow or be rounding noise."""
+    where = batch.meta.get("source", "the batch")
+    for u, g in enumerate(batch.groups):
+        for what, values in (("reward", g.rewards), ("advantage", g.advantages or [])):
+            big = [v for v in values if abs(v) > MAX_ABS_REWARD]
+            if big:
+                raise GradprobeError(f"{where}: prompt {u} has the {what} {big[0]:g}, beyond +-{MAX_ABS_REWARD:g}: "
+                                     f"its square and the group mean overflow or keep no digit, so every estimate "
+                                     f"would mean nothing; rescale the rewards")
+
+
+def zero_advantages(batch: Batch) -> bool:
+    """True when no group has a non-zero advantage (given ones all 0, or every group's rewards equal)."""
+    for g in batch.groups:
+        adv = g.advantages if g.advantages is not None else [r - g.rewards[0] for r in g.rewards]
+        if any(a != 0 for a in adv):
+            return False
+    return True
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

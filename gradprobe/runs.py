@@ -11,6 +11,7 @@ done, which is what an interruption reports.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from .errors import GradprobeError
 if TYPE_CHECKING:
     from .config import Config
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Tracker:
@@ -32,10 +35,20 @@ class Tracker:
     units_done: int = 0
     units: int | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    on_stage: Callable[[str], None] | None = field(default=None, repr=False, compare=False)
+
+    def enter(self, stage: str) -> None:
+        """A new stage begins: logged (logger "gradprobe.runs", INFO) and told to on_stage (the CLI's lines)."""
+        self.stage = stage
+        log.info("%s", stage)
+        if self.on_stage is not None:
+            self.on_stage(stage)
 
     def progress(self, inner: Callable[[int, int], None] | None = None) -> Callable[[int, int], None]:
         def update(done: int, total: int) -> None:
             self.units_done, self.units = done, total
+            if done == total:
+                log.info("%s: %d/%d done", self.stage, done, total)
             if inner is not None:
                 inner(done, total)
         return update
@@ -50,7 +63,7 @@ class _Clock:
 
     @contextmanager
     def stage(self, name: str, timing: str | None = None) -> Iterator[None]:
-        self.tracker.stage = name
+        self.tracker.enter(name)
         t0 = time.perf_counter()
         yield
         if timing is not None:
@@ -113,7 +126,7 @@ def run_delta_h1(cfg: Config, *, state_dir: str | Path | None = None,
             write_rollouts(batch, saved_batch)
         store = UnitStore(Path(state_dir), fingerprint(cfg, batch, stack.params, precond.scales))
         clock.tracker.facts.update(fingerprint=store.fingerprint, units_saved=store.done())
-    clock.tracker.stage = "probe"
+    clock.tracker.enter("probe")
     clock.tracker.units = len(units_of(batch, cfg.probe.mode, cfg.probe.block_size))
     result = delta_h1(stack, batch, cfg, progress=clock.tracker.progress(progress), precond=precond, store=store,
                       optimizer=optimizer, keep_update=save_update is not None)
@@ -141,7 +154,7 @@ def run_diagnose(cfg: Config, *, tracker: Tracker | None = None,
         batch = build_batch(stack, cfg)
     if announce is not None:
         announce(f"stack {clock.timings['stack']:.1f} s, batch {clock.timings['batch']:.1f} s; running checks")
-    clock.tracker.stage = "checks"
+    clock.tracker.enter("checks")
     result = diagnose(stack=stack, batch=batch, cfg=cfg, optimizer_state=state,
                       optimizer_source=source or "optimizer state_dict")
     result.timings.update(clock.timings)
@@ -156,7 +169,7 @@ def run_validate(cfg: Config, *, tracker: Tracker | None = None,
     check_config(cfg)
     clock = _Clock(tracker)
     stack, _, optimizer, _ = _warmed_stack(cfg, clock, build_precond=False)
-    clock.tracker.stage = "sweep"
-    result = sweep(stack, cfg, progress=clock.tracker.progress(progress), optimizer=optimizer)
+    result = sweep(stack, cfg, progress=clock.tracker.progress(progress), optimizer=optimizer,
+                   stage=clock.tracker.enter)
     result.timings = {**clock.timings, **result.timings}
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import warnings
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .errors import GradprobeError
+from .errors import GradprobeError, is_out_of_memory
 from .tokenizer import MICRO_ALPHABET, CharTokenizer
 
 if TYPE_CHECKING:
@@ -117,6 +118,90 @@ def _quant_config(cfg: Config):
                               bnb_4bit_use_double_quant=cfg.quant.double_quant)
 
 
+HUB_HOST = "huggingface.co"
+
+
+def looks_local(source: str) -> bool:
+    """A model source written as a path ('./m', '/data/m', '~/m', 'a/b/c'), not a hub id ('org/name')."""
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline set, no route, no name resolution), or None.
+    Asked once, with a short timeout: with no network transformers would retry for a minute or more."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", f"https://{HUB_HOST}")).hostname or HUB_HOST
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def check_model_source(source: str | None) -> None:
+    """Before anything loads: a local path that is missing or holds no model or damaged weights, or a hub id
+    that is neither cached nor reachable, is one line at once (not a minute of hub retries)."""
+    if source is None:
+        return
+    if looks_local(source) or Path(source).expanduser().exists():
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise GradprobeError(f"model.name_or_path {source}: no such directory (a path, so the hub is not asked)")
+        if not path.is_dir():
+            raise GradprobeError(f"model.name_or_path {source} is a file; give the model's directory")
+        if not (path / "config.json").is_file():
+            raise GradprobeError(f"model.name_or_path {source}: no config.json in the directory (not a "
+                                 f"transformers model directory)")
+        check_weights(path)
+        return
+    why = hub_unreachable()
+    if why is None:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        raise GradprobeError(f"model.name_or_path '{source}': no such local directory, not in the Hugging Face "
+                             f"cache, and the hub cannot be asked: {why}")
+
+
+def check_weights(path: Path, what: str = "model weights") -> None:
+    """Each safetensors file's header parses and covers the file (a truncated or foreign file fails here)."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as exc:  # SafetensorError and OSError: damaged, truncated or not safetensors
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GradprobeError(f"cannot read {what} {f}: {first}") from None
+
+
+@contextlib.contextmanager
+def _offline_if_unreachable(source: str | None) -> Iterator[None]:
+    """Hugging Face's offline mode while a hub model loads from the cache with the hub unreachable: every
+    request (the weights, the tokenizer, transformers' look for an adapter_config.json) is answered from the
+    cache at once instead of after five retries each."""
+    if source is None or looks_local(source) or not hub_unreachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
 def _load_pretrained(source: str, cfg: Config, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +213,10 @@ def _load_pretrained(source: str, cfg: Config, device: torch.device):
         kwargs.update(dtype=torch.float32)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, SafetensorError, EOFError: a damaged or foreign model
+        if is_out_of_memory(exc) or not isinstance(exc, (OSError, ValueError, EOFError)) and \
+                type(exc).__name__ != "SafetensorError":
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradprobeError(f"cannot load model '{source}': {first}") from exc
     return model if quant is not None else model.to(device)
@@ -180,8 +268,11 @@ def _add_lora(base, cfg: Config):
             raise GradprobeError(f"no adapter_config.json in adapter directory {path}")
         try:
             return PeftModel.from_pretrained(base, str(path), is_trainable=True)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise GradprobeError(f"cannot load adapter {path}: {str(exc).splitlines()[0]}") from exc
+        except Exception as exc:  # OSError, ValueError, RuntimeError, SafetensorError: a damaged or foreign adapter
+            if is_out_of_memory(exc) or not isinstance(exc, (OSError, ValueError, RuntimeError)) and \
+                    type(exc).__name__ != "SafetensorError":
+                raise
+            raise GradprobeError(f"cannot load adapter {path}: {str(exc).strip().splitlines()[0]}") from exc
     lora = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                       target_modules=list(lcfg.target_modules), task_type="CAUSAL_LM",
                       init_lora_weights=lcfg.init == "zero_b")
@@ -222,10 +313,8 @@ def load_stack(cfg: Config) -> Stack:
     """Build the model under test as the config says; on CPU or CUDA."""
     device = resolve_device(cfg.device)
     source = cfg.model.name_or_path
-    looks_local = source is not None and (source.startswith(("/", ".", "~")) or source.count("/") > 1)
-    if looks_local and not Path(source).expanduser().exists():
-        raise GradprobeError(f"model path not found: {source}")
-    with quiet_libraries():
+    check_model_source(source)
+    with quiet_libraries(), _offline_if_unreachable(source):
         torch.manual_seed(cfg.seed)
         base = _load_pretrained(source, cfg, device) if source else _random_model(cfg.model.preset, cfg, device)
         base.config.use_cache = False
@@ -239,8 +328,10 @@ def load_stack(cfg: Config) -> Stack:
         model = _add_lora(base, cfg)
         _cast_adapter(model, cfg.lora.dtype)
         model.train()
+    with _offline_if_unreachable(source):
+        tokenizer = _tokenizer(cfg)
     autocast = None if cfg.autocast == "off" else DTYPES[cfg.autocast]
-    return live_stack(model, _tokenizer(cfg), autocast, device=device, checkpointing=cfg.checkpointing)
+    return live_stack(model, tokenizer, autocast, device=device, checkpointing=cfg.checkpointing)
 
 
 def live_stack(model: torch.nn.Module, tokenizer: Any, autocast_dtype: torch.dtype | None, *,

@@ -171,7 +171,8 @@ def read_training_args(directory: Path) -> tuple[str | None, dict[str, Any], lis
     try:
         obj = load_torch_file(path, "training arguments", allow=STAND_INS)
     except GradprobeError as exc:
-        return None, {}, [f"{exc}; the run's loss and stack settings are the config's (assumed)"]
+        return None, {}, [f"{exc}; the run's loss and stack settings are the config's (assumed), none read from "
+                          f"it: give the run's with --set"]
     name = getattr(type(obj), "qualname", None)
     if name not in TRAINING_ARGS_CLASSES or not isinstance(obj.state, dict):
         what = name or type(obj).__name__

@@ -258,8 +258,10 @@ def _ratio(num: float, num_se: float, den: float, den_se: float) -> tuple[float,
 
 @without_cudnn_attention()
 def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None,
-                 optimizer: Any = None) -> ValidateResult:
-    """The whole comparison; theta (and `optimizer`, the real step's source when given) is unchanged afterwards."""
+                 optimizer: Any = None, stage: Callable[[str], None] | None = None) -> ValidateResult:
+    """The whole comparison; theta (and `optimizer`, the real step's source when given) is unchanged afterwards.
+    `stage` is told each part as it begins (sampling, the probe, the truth at theta, the sweep of points)."""
+    stage = stage or (lambda name: None)
     check_config(cfg)
     vcfg, bcfg = cfg.validate, cfg.batch
     vocab = stack.model.get_input_embeddings().num_embeddings
@@ -271,6 +273,7 @@ def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None
     t0 = time.perf_counter()
 
     # The update batch (a rollouts file when given) and an independent evaluation batch.
+    stage("sample")
     gen = torch.Generator().manual_seed(cfg.seed)
     if bcfg.rollouts:
         update = read_rollouts(bcfg.rollouts, stack.tokenizer, vocab, temperature=tau)
@@ -286,6 +289,7 @@ def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None
 
     # d (the real step, or mean_u P grad LY[u]) and the probe's per-unit X_E[u] . d.
     t1 = time.perf_counter()
+    stage("probe")
     real = vcfg.direction == "real"
     settings = None
     if real:
@@ -302,6 +306,7 @@ def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None
         raise GradprobeError("the update direction is zero (all advantages zero?): nothing to validate")
 
     t2 = time.perf_counter()
+    stage("truth at theta")
     slope_exact = grad_cosine = None
     if method == "exact":
         h0, grad_h = exact_entropy_grad(stack, eval_prompts, tau, max_len)
@@ -319,6 +324,7 @@ def sweep(stack, cfg: Config, progress: Callable[[int, int], None] | None = None
     steps = [vcfg.step_min * (vcfg.step_max / vcfg.step_min) ** (k / (n - 1)) for k in range(n)]
     scale = (theta_norm if theta_norm > 0 else 1.0) / d_norm
     t3 = time.perf_counter()
+    stage("sweep")
     step = _Step(stack.params, d.float())
     points: list[SweepPoint] = []
     min_ess = math.inf

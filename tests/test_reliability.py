@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gradprobe.cli import app
+from gradprobe.cli.common import PROGRESS_LINE
 from gradprobe.errors import GradprobeError
 from gradprobe.files import write_atomic
 from gradprobe.resume import UnitStore
@@ -147,7 +148,7 @@ def test_out_of_memory_names_the_next_microbatch_size(tmp_path):
     res = runner.invoke(app, ["delta-h1", "--set", f"batch.reward={plugin}:score", "--set",
                               "probe.microbatch_size=6", "--set", "batch.num_prompts=2"])
     assert res.exit_code == 5, (res.output, res.stderr)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
     assert len(lines) == 1 and "out of memory" in lines[0] and "probe.microbatch_size=3" in lines[0], lines
     assert "Traceback" not in res.stderr
 
@@ -160,12 +161,14 @@ def test_no_headline_se_below_four_units(tmp_path, rollouts_file, b):
     assert res.exit_code == 0, res.stderr
     r = json.loads((tmp_path / "r.json").read_text())["result"]
     assert r["B"] == b and r["se_unbiased"] is None and math.isfinite(r["deltaH1"])
-    row = next(ln for ln in res.stdout.splitlines() if "deltaH1" in ln and "no standard error" in ln)
-    assert f"B = {b} units" in row and "±" not in row.split("(")[0]
+    row = next(ln for ln in res.stdout.splitlines() if "deltaH1 (plain" in ln)
+    assert "±" not in row.split("(")[1]  # no SE next to the number itself
     if b == 2:  # both row means are the one pair's mean: their spread is rounding, not an SE
         assert r["se"] is None and r["se_jackknife"] is None
-    else:
-        assert r["se"] > 0 and "unreliable at B" in row
+        assert "no standard error: B = 2 units" in row
+    else:  # the row-mean SEs are shown as what they are, not beside "no standard error"
+        assert r["se"] > 0 and "no headline SE at B = 3" in row and "for reference only" in row
+        assert "no standard error" not in row
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def test_reward_plugin_by_module_name_and_its_errors(tmp_path, monkeypatch):
         load_reward("team_rewards:missing")
     with pytest.raises(GradprobeError, match="is not callable"):
         load_reward("team_rewards:NOT_CALLABLE")
-    with pytest.raises(GradprobeError, match="returned 'high', not a number"):
+    with pytest.raises(GradprobeError, match=r"returned 'high' \(str\), not a number"):
         load_reward("team_rewards:bad")("p", "r")
     with pytest.raises(GradprobeError, match="raised KeyError"):
         load_reward("team_rewards:boom")("p", "r")

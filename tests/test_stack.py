@@ -65,3 +65,36 @@ def test_bad_adapter_directory(tmp_path):
         gp.load_stack(make_cfg(f"lora.adapter_path={tmp_path}"))
     with pytest.raises(gp.GradprobeError, match="LoRA: .*not found|LoRA: .*target"):
         gp.load_stack(make_cfg("lora.target_modules=no_such_proj"))
+
+
+@pytest.mark.slow
+def test_a_cached_hub_model_loads_without_asking_the_unreachable_hub(tmp_path, monkeypatch):
+    """With the hub unreachable, a model in the Hugging Face cache loads at once: not one network lookup (there
+    were five retries per file, transformers' adapter_config.json probe included); one not cached is one line."""
+    import socket
+
+    import huggingface_hub.constants
+
+    import gradprobe.stack as gp_stack
+    from gradprobe.errors import GradprobeError
+    from tests.support.export import save_preset
+
+    repo = tmp_path / "models--someorg--tiny"
+    save_preset("tiny", repo / "snapshots" / ("a" * 40), seed=0)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    offline_before = huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    gp_stack.hub_unreachable.cache_clear()
+    lookups = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: lookups.append(a) or real(*a, **k))
+    try:
+        stack = gp.load_stack(make_cfg("model.name_or_path=someorg/tiny"))
+        assert stack.n_params > 0 and lookups == []
+        assert huggingface_hub.constants.HF_HUB_OFFLINE == offline_before  # the offline switch is put back
+        with pytest.raises(GradprobeError, match="not in the Hugging Face cache, and the hub cannot be asked"):
+            gp.load_stack(make_cfg("model.name_or_path=someorg/other"))
+    finally:
+        gp_stack.hub_unreachable.cache_clear()

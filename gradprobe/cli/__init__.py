@@ -1,40 +1,30 @@
-"""The `gradprobe` command line: thin Typer wrappers over the library."""
+"""The `gradprobe` command line: thin Typer wrappers over the library (the application: cli/application.py).
+
+This module stays light: the console script installs its signal handler here before torch, transformers
+and Typer are imported, so that Ctrl-C in the first seconds is one line and exit 130, not a traceback
+(or an import error of a half-imported library).
+"""
 
 from __future__ import annotations
 
-import typer
-
-from . import delta_h1, diagnose, env, plot, validate
-
-app = typer.Typer(name="gradprobe", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Gradient-flow diagnosis and entropy-change probes for QLoRA RL fine-tuning.")
+import os
+import signal
+import sys
+from typing import Any
 
 
-def _version(value: bool) -> None:
-    if value:
-        from .. import __version__
-
-        typer.echo(f"gradprobe {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
-    """Exit codes: 0 done/healthy, 1 a check failed, 2 bad input or usage, 3 internal error, 4 interrupted
-    (partial result written), 5 out of memory."""
-
-
-app.command("delta-h1", epilog=delta_h1.EPILOG)(delta_h1.command)
-app.command("diagnose", epilog=diagnose.EPILOG)(diagnose.command)
-app.command("env", epilog=env.EPILOG)(env.command)
-app.command("plot", epilog=plot.EPILOG)(plot.command)
-app.command("validate", epilog=validate.EPILOG)(validate.command)
+def _before_the_work(signum: int, _frame: Any) -> None:
+    """Nothing has been computed or written yet: say so and leave at once with 128 + the signal's number."""
+    name = signal.Signals(signum).name
+    os.write(2, f"interrupted by {name} before the work began; nothing written\n".encode())
+    os._exit(128 + signum)
 
 
 def main() -> None:
     """The console script: usage errors too become one line on stderr and exit code 2."""
-    import sys
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _before_the_work)
+    from .application import app
 
     if len(sys.argv) == 1:  # no arguments: the help screen
         app()
@@ -53,3 +43,12 @@ def main() -> None:
         sys.stderr.write("interrupted\n")
         code = 4
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def __getattr__(name: str) -> Any:
+    """`from gradprobe.cli import app` imports the application on first use."""
+    if name == "app":
+        from .application import app
+
+        return app
+    raise AttributeError(f"module 'gradprobe.cli' has no attribute {name!r}")

@@ -8,8 +8,10 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,8 +37,8 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (overri
                                                 show_default=False)]
 JsonOpt = Annotated[str | None, typer.Option("--json", help="Write the result as JSON to PATH, or '-' for stdout.",
                                                 show_default=False)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No table and no progress bar.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No table and no progress bar.", metavar="")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")]
 RolloutsOpt = Annotated[Path | None, typer.Option("--rollouts", help="Teacher-force this rollouts JSONL file "
                                                      "instead of generating (same as --set batch.rollouts=PATH).",
                                                      show_default=False)]
@@ -53,6 +55,7 @@ OptimizerStateOpt = Annotated[Path | None, typer.Option(
 
 # One table of exit codes (README "Scripts and exit codes"); `gradprobe --help` prints it too.
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED_EARLY = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_CODES = {
     EXIT_OK: "done (diagnose: no check failed, or --exit-zero)",
     EXIT_CHECK_FAILED: "diagnose: a check failed (or warned, with --fail-on warn)",
@@ -60,6 +63,8 @@ EXIT_CODES = {
     EXIT_INTERNAL: "internal error: one line on stderr (--debug adds the traceback)",
     EXIT_INTERRUPTED: 'interrupted by SIGTERM or SIGINT: a partial result ("complete": false) was written',
     EXIT_OUT_OF_MEMORY: "out of memory: the line names the probe.microbatch_size to try next",
+    EXIT_INTERRUPTED_EARLY: "interrupted by SIGINT before the work began (inputs still being read): nothing "
+                            "written (128 + the signal: 143 for SIGTERM)",
 }
 WIDE = 200  # columns when stdout is not a terminal: a pipe or a log file has no width to wrap to
 
@@ -138,16 +143,15 @@ def write_json(payload: dict[str, Any], target: str | None) -> None:
 
 
 def check_paths(outputs: dict[str, str | Path | None], cfg: Config | None = None,
-                extra_inputs: tuple[str | Path | None, ...] = ()) -> None:
-    """Every output path writable and none of them an input, before the model loads."""
-    ins: list[str | Path | None] = list(extra_inputs)
-    if cfg is not None:
-        ins += [cfg.batch.rollouts, cfg.probe.optimizer_state, cfg.model.name_or_path,
-                cfg.lora.adapter_path]
-        reward = cfg.batch.reward
-        if reward != "builtin" and reward.rsplit(":", 1)[0].endswith(".py"):
-            ins.append(reward.rsplit(":", 1)[0])
-    check_outputs(outputs, ins)
+                extra_inputs: tuple[str | Path | None, ...] = (), probe: bool = True) -> None:
+    """Every output path writable and none of them an input and, with a config, every input it names
+    opened and checked (inputs.check_inputs): all before the model loads."""
+    if cfg is None:
+        check_outputs(outputs, extra_inputs)
+        return
+    from ..inputs import check_inputs
+
+    check_inputs(cfg, outputs, extra_inputs, probe=probe)
 
 
 @dataclass
@@ -197,13 +201,17 @@ class Inputs:
                                      ("--rollouts", self.rollouts), ("--checkpoint", self.checkpoint),
                                      ("--optimizer-state", self.optimizer_state)) if v]
 
-    def load(self, base: list[str] | tuple[str, ...] = (), outputs: dict[str, str | Path | None] | None = None):
-        """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every output path
-        checked against the inputs, all before the model loads. `base`: overrides under the user's --set."""
+    def load(self, base: list[str] | tuple[str, ...] = (), outputs: dict[str, str | Path | None] | None = None,
+             values: dict[str, Any] | None = None, probe: bool = True):
+        """(cfg, CheckpointInfo or None): the config with the run's checkpoint applied, every input checked and
+        every output path tried, all before the model loads. `base`: overrides under the user's --set;
+        `values`: the command's own options as config keys, over everything; `probe`: see check_inputs."""
         cfg, ckpt = apply_checkpoint(make_config(self.config, [*base, *(self.set_ or [])], self.seed, self.rollouts),
                                      self.checkpoint, self.optimizer_state, self.set_)
+        if values:
+            cfg = cfg.with_values(values)
         check_paths({"--json": self.json_, **(outputs or {})}, cfg, (self.config, self.checkpoint,
-                                                                   self.optimizer_state))
+                                                                   self.optimizer_state), probe=probe)
         return cfg, ckpt
 
 
@@ -253,20 +261,69 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(sig, h)
 
 
+PROGRESS_EVERY_S = 5.0  # off a terminal: at most one progress line this often within a stage
+PROGRESS_LINE = re.compile(r"^gradprobe [\w-]+ \[ *\d+\.\d s\] ")  # what a log filter (or a test) can skip
+
+
+class PlainProgress:
+    """Progress for a log (CI, SLURM, a pipe): one plain stderr line when a stage begins and, within a stage,
+    at most one every PROGRESS_EVERY_S seconds with the units done (and the last one)."""
+
+    def __init__(self, err: Console, command: str, what: str, every: float = PROGRESS_EVERY_S):
+        self.err, self.command, self.what, self.every = err, command, what, every
+        self.t0 = time.monotonic()
+        self.last = -math.inf
+        self.stage_name = "starting"
+
+    def _line(self, text: str) -> None:
+        self.err.print(f"gradprobe {self.command} [{time.monotonic() - self.t0:6.1f} s] {text}", markup=False,
+                       highlight=False)
+
+    def stage(self, name: str) -> None:
+        self.stage_name = name
+        self.last = time.monotonic()
+        self._line(name)
+
+    def update(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every or done == total:
+            self.last = now
+            self._line(f"{self.stage_name}: {done}/{total} {self.what}")
+
+
 @contextmanager
-def progress_bar(err: Console, enabled: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A bar on stderr over units, shown only on a terminal."""
-    if not enabled or not err.is_terminal:
+def progress_bar(err: Console, enabled: bool, label: str,
+                 run: Run | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A bar on stderr over units on a terminal; off a terminal plain lines (PlainProgress), each stage of
+    `run` announced as it begins."""
+    if not enabled:
         yield None
         return
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    if not err.is_terminal:
+        lines = PlainProgress(err, run.command if run is not None and run.command else "run",
+                              run.what if run is not None else "units")
+        if run is not None:
+            run.on_stage = lines.stage
+        try:
+            yield lines.update
+        finally:
+            if run is not None:
+                run.on_stage = None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as prog:
         task = prog.add_task(label, total=None)
+        if run is not None:  # the stage in the label until the units begin: not "0/?" for a minute
+            run.on_stage = lambda name: prog.update(task, description=f"{label}: {name}")
 
         def update(done: int, total: int) -> None:
             prog.update(task, completed=done, total=total)
 
-        yield update
+        try:
+            yield update
+        finally:
+            if run is not None:
+                run.on_stage = None
 
 
 def _oom_hint(run: Run | None) -> str:
@@ -277,11 +334,27 @@ def _oom_hint(run: Run | None) -> str:
             "or fewer prompts")
 
 
+def _interruption_inside(exc: BaseException) -> Interrupted | None:
+    """The signal behind an exception that a library raised while handling it (its cause or context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, KeyboardInterrupt):
+            return exc if isinstance(exc, Interrupted) else Interrupted("SIGINT")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _interrupted(exc: Interrupted, err: Console, run: Run | None) -> int:
-    """Write the partial result (to --json and into the state directory), say where, return exit code 4."""
+    """Write the partial result (to --json and into the state directory), say where, return exit code 4.
+    Before the work began (inputs still being checked) nothing is written: 128 + the signal's number."""
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the partial file short
         with contextlib.suppress(ValueError):
             signal.signal(sig, signal.SIG_IGN)
+    if run is None or run.stage == "starting":
+        err.print(f"interrupted by {exc.signame} before the work began; nothing written", markup=False,
+                  highlight=False)
+        return 128 + int(signal.Signals[exc.signame])
     where: list[str] = []
     if run is not None:
         payload = run.partial(exc.signame)
@@ -321,6 +394,9 @@ def guarded(debug: bool, err: Console, body: Callable[[], int], run: Run | None 
     except KeyboardInterrupt:  # outside the handler's reach (another thread's signal setup)
         raise typer.Exit(_interrupted(Interrupted("SIGINT"), err, run)) from None
     except Exception as exc:  # a bug of ours or of a library: one line, details with --debug
+        cause = _interruption_inside(exc)
+        if cause is not None:  # a library turned the signal into its own error (transformers' lazy imports)
+            raise typer.Exit(_interrupted(cause, err, run)) from None
         if debug:
             traceback.print_exc()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -78,15 +78,17 @@ def command(
             state_dir, stored = read_resume(resume)
             cfg, ckpt = Config.from_dict(stored, str(state_dir / "meta.json")), None
             # the partial JSON given to --resume may be replaced by the final result
-            check_paths({"--json": inputs.json_, **outputs}, cfg, (state_dir / "meta.json",))
+            # the batch is read back from the state directory: the config's files are guarded, not re-read
+            check_paths({"--json": inputs.json_, **outputs}, None,
+                        (state_dir / "meta.json", cfg.batch.rollouts, cfg.batch.entropy_rollouts,
+                         cfg.probe.optimizer_state, cfg.lora.adapter_path, cfg.model.name_or_path))
         else:
-            cfg, ckpt = inputs.load(outputs=outputs)
-            if entropy_rollouts is not None:
-                cfg = cfg.with_values({"batch.entropy_rollouts": str(entropy_rollouts),
-                                       "probe.entropy_batch": "independent"})
+            cfg, ckpt = inputs.load(outputs=outputs, values={"batch.entropy_rollouts": str(entropy_rollouts),
+                                                             "probe.entropy_batch": "independent"}
+                                    if entropy_rollouts is not None else None)
             state_dir = prepare_state_dir(state, cfg) if state is not None else None
         run.cfg, run.state_dir = cfg, (str(state_dir) if state_dir is not None else None)
-        with progress_bar(err, not inputs.quiet, "probing units") as bar:
+        with progress_bar(err, not inputs.quiet, "probing units", run) as bar:
             result = run_delta_h1(cfg, state_dir=state_dir, save_rollouts=save_rollouts, tracker=run, progress=bar,
                                   save_update=save_update)
         clip_source = ckpt.source("probe.max_grad_norm") if ckpt is not None else None

@@ -14,11 +14,12 @@ from .common import (
     Run,
     emit,
     guarded,
+    progress_bar,
     with_inputs,
 )
 
 EPILOG = """Exit codes: 0 no check failed (or --exit-zero), 1 a check failed (or warned, with --fail-on warn),
-2 bad input, 3 internal error, 4 interrupted, 5 out of memory.
+2 bad input, 3 internal error, 4 interrupted, 5 out of memory, 130 interrupted before the work began.
 
 The embedded default exits 1 on purpose: reentrant checkpointing breaks autograd.grad there
 (--exit-zero: 0 once the diagnosis completed).
@@ -49,7 +50,7 @@ def command(
                                             case_sensitive=False)] = FailOn.fail,
     exit_zero: Annotated[bool, typer.Option(
         "--exit-zero", help="Exit 0 when the diagnosis ran to its verdict, whatever the checks found (the JSON's "
-        "exit_code still says 1); bad input, errors and interruptions keep their codes.")] = False,
+        "exit_code still says 1); bad input, errors and interruptions keep their codes.", metavar="")] = False,
 ) -> None:
     """Find why gradients do not flow: strict autograd.grad, S alive, parameter identity, coverage, the stack."""
     out, err = inputs.consoles()
@@ -59,10 +60,11 @@ def command(
         from ..report.diagnose import payload, render
         from ..runs import run_diagnose
 
-        cfg, ckpt = inputs.load()
+        cfg, ckpt = inputs.load(probe=False)
         run.cfg = cfg
         announce = (lambda line: err.print(f"[dim]{line}[/]")) if not inputs.quiet and err.is_terminal else None
-        result = run_diagnose(cfg, tracker=run, announce=announce)
+        with progress_bar(err, not inputs.quiet and not err.is_terminal, "diagnose", run):  # a log's stage lines
+            result = run_diagnose(cfg, tracker=run, announce=announce)
         code = result.exit_code(fail_on.value)
         run.stage = "report"
         assumed = ckpt.assumed_stack() if ckpt is not None else None

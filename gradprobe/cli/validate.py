@@ -58,7 +58,7 @@ def command(
             from ..report.common import pyplot
 
             pyplot("--plot")  # missing matplotlib is exit 2 before any work
-        with progress_bar(err, not inputs.quiet, "sweeping eta") as bar:
+        with progress_bar(err, not inputs.quiet, "sweeping eta", run) as bar:
             result = run_validate(cfg, tracker=run, progress=bar)
         run.stage = "report"
         emit(out, ckpt, lambda: render_validate(out, result), validate_payload(result, cfg), inputs.json_)

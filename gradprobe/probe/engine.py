@@ -497,7 +497,7 @@ def _real_step_fields(real: Any, sy: torch.Tensor, learning_rate: float, m: int,
     """ProbeResult's real-step fields from the sink hook's (estimate, parts, Delta theta)."""
     if real is None:
         return dict(real_step_note="this schedule keeps no per-unit gradients: deltaH of the real step needs "
-                                   "probe.schedule=fused or one_backward") if asked else {}
+                                   "probe.schedule=packed, fused or one_backward") if asked else {}
     est, parts, update, exact = real
     update = update.double()
     plain = learning_rate * sy.to(update.device).double() / m  # lr P Ybar, the plain step

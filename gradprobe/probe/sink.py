@@ -35,7 +35,7 @@ def choose_bank(setting: str, m: int, n: int, device: torch.device, n_prompts: i
         dev_cap = 0.6 * free
     else:
         free, dev_cap = host, host_cap  # the CPU's memory is the host's
-    what = f"{_gib(need)} for {m} units x {n:,} trainable values"
+    what = f"{_gib(need)} for {m} units x {n:,} slots (the trainable values padded to whole blocks)"
     if setting in ("auto", "device") and need <= dev_cap:
         return "device", f"bank of per-unit gradients on {device.type}: {what} ({_gib(free or 0)} free)"
     if setting in ("auto", "host") and need <= host_cap:

@@ -14,6 +14,7 @@ from ..files import write_atomic
 def fmt(x: float | None, digits: int = 4) -> str:
     if x is None or x != x:
         return "n/a"
+    x = x + 0.0  # -0.0 prints as 0: a sign without a magnitude is noise
     return f"{x:.{digits}e}" if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e4) else f"{x:.{digits}g}"
 
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..probe import ProbeResult
 from ..probe.real_step import FIRST_ORDER_LIMIT
+from ..rollouts import ZERO_ADVANTAGES
 from .common import _bytes, assumed_stack_words, fmt, step_provenance, step_words
 
 if TYPE_CHECKING:
@@ -69,9 +70,11 @@ def headline_se(r: ProbeResult) -> tuple[float, str]:
     a headline: the pairwise one is undefined and the row-mean ones are degenerate (B = 2) or far off (B = 3)."""
     rows = f"Hoeffding ± {fmt(r.se, 2)}, jackknife ± {fmt(r.se_jackknife, 2)}"
     if r.B < 4:
-        shown = "" if r.B < 3 else f"; row-mean {rows}, unreliable at B = 3"
-        return math.nan, (f"no standard error: B = {r.B} units, and an SE needs B >= 4 (pairwise) and B >= 3 "
-                          f"(row-mean){shown}; use more prompts")
+        if r.B < 3:
+            return math.nan, (f"no standard error: B = {r.B} units, and an SE needs B >= 4 (pairwise) and B >= 3 "
+                              f"(row-mean); use more prompts")
+        return math.nan, (f"no headline SE at B = 3: the pairwise SE needs B >= 4 and the row-mean SEs run far off "
+                          f"(for reference only: {rows}); use more prompts")
     if math.isfinite(r.se_unbiased):
         return r.se_unbiased, f"pairwise SE; row-mean {rows}"
     why = ("the literal schedule keeps no per-unit gradients" if r.schedule == "literal"
@@ -143,6 +146,8 @@ def render_real_step(out: Console, r: ProbeResult, assumed: dict[str, Any] | Non
     if r.warmup_steps:
         t.add_row("warm-up", f"{r.warmup_steps} AdamW steps on this model before probing (probe.warmup_steps)")
     out.print(t)
+    if ZERO_ADVANTAGES in r.notes:
+        out.print(f"[yellow]note:[/] {ZERO_ADVANTAGES}", soft_wrap=True)
     for line in step_provenance(r.step):
         out.print(f"  {line}", soft_wrap=True)
     if r.real_step_note and math.isfinite(r.deltaH):
@@ -157,6 +162,8 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8, assumed: dict[st
     t.add_column("value")
     se, which = headline_se(r)
     shown = f"{fmt(r.deltaH1)} ± {fmt(se, 2)}" if math.isfinite(se) else fmt(r.deltaH1)
+    if ZERO_ADVANTAGES in r.notes:
+        shown, which = "0 by construction", "zero advantages: every group's rewards are equal"
     t.add_row("deltaH1 (plain step)", f"{shown} ({which})")
     words = unresolved_words(r, "deltaH1")
     if words:
@@ -174,7 +181,8 @@ def render_delta_h1(out: Console, r: ProbeResult, top: int = 8, assumed: dict[st
     t.add_row("schedule", f"{r.schedule}, microbatch {r.microbatch_size}: {r.forwards} forwards, "
                           f"{r.backwards} backwards, {r.tokens:,} tokens")
     for note in r.notes:
-        t.add_row("", escape(note))
+        if note != ZERO_ADVANTAGES:  # said in the headline
+            t.add_row("", escape(note))
     timing = ", ".join(f"{k} {v:.2f} s" for k, v in r.timings.items())
     t.add_row("time", timing)
     t.add_row("peak memory", f"{_bytes(r.peak_memory_bytes)} ({r.peak_memory_kind})")

@@ -46,9 +46,13 @@ def contribution_lines(c: Contributions, top: int, width: int = BAR) -> list[str
     return lines
 
 
+MAX_STEP_ROWS = 500  # a terminal plot of more steps shows every k-th (the summary line counts them all)
+
+
 def forecast_lines(f: Forecasts, width: int = BAR) -> list[str]:
-    """One line per step: the forecast's +- 2 SE interval as ─, the forecast ●, the realised value ✕ (◆ where
-    they share a column), zero │; then the agreement over the steps that have both."""
+    """One line per step (every k-th past MAX_STEP_ROWS steps): the forecast's +- 2 SE interval as ─, the
+    forecast ●, the realised value ✕ (◆ where they share a column), zero │; then the agreement over the steps
+    that have both."""
     ends = [0.0]
     for p in f.points:
         if math.isfinite(p.predicted):
@@ -60,7 +64,8 @@ def forecast_lines(f: Forecasts, width: int = BAR) -> list[str]:
     col = _columns(lo, hi, width)
     lines = [f"{'step':>7}  {fmt(lo, 2):<{width // 2}}{fmt(hi, 2):>{width - width // 2}}  "
              f"{'predicted ± 2 SE':>24}  {'realised':>20}"]
-    for p in f.points:
+    every = -(-len(f.points) // MAX_STEP_ROWS)
+    for p in f.points[::every]:
         cells = [" "] * width
         if math.isfinite(p.predicted) and math.isfinite(p.se):
             for c in range(col(p.predicted - 2 * p.se), col(p.predicted + 2 * p.se) + 1):
@@ -74,6 +79,8 @@ def forecast_lines(f: Forecasts, width: int = BAR) -> list[str]:
         pred = f"{fmt(p.predicted, 3)} ± {fmt(2 * p.se, 2)}" if math.isfinite(p.predicted) else "n/a"
         real = fmt(p.realised, 3) + (f" ± {fmt(2 * p.realised_se, 2)}" if math.isfinite(p.realised_se) else "")
         lines.append(f"{p.step:>7}  {''.join(cells)}  {pred:>24}  {real:>20}")
+    if every > 1:
+        lines.append(f"one row per {every} steps: {len(f.points[::every]):,} of {len(f.points):,} shown")
     s = f.summary()
     corr = f"correlation {s['correlation']:.2f}" if math.isfinite(s["correlation"]) else "correlation n/a (< 3 steps)"
     lines.append(f"● predicted, ─ ± 2 SE, ✕ realised (◆ on the forecast), │ zero. {s['paired']} of {s['steps']} steps "

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import gradprobe as gp
 from gradprobe import schemas
 from gradprobe.cli import app
+from gradprobe.cli.common import PROGRESS_LINE
 from gradprobe.report.common import fmt
 from tests.conftest import make_cfg
 from tests.support.schema import validate
@@ -89,7 +90,7 @@ def test_save_rollouts_reproduces_the_batch(tmp_path):
 def one_line_error(res, *needles: str) -> None:
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not PROGRESS_LINE.match(ln)]
     assert len(lines) == 1, res.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -102,7 +103,7 @@ def write(path, lines: list[str]) -> str:
 
 def test_missing_model_path():
     one_line_error(runner.invoke(app, ["delta-h1", "--set", "model.name_or_path=/no/such/model"]),
-                   "model path not found", "/no/such/model")
+                   "no such directory", "/no/such/model")
 
 
 def test_unknown_config_key():

@@ -100,7 +100,10 @@ def run(tmp_path_factory):
     # two adapters whose tensors have the same shapes: only their configs tell them apart
     _train(base, root / "k", dict(r=4, lora_alpha=8, target_modules=["k_proj"]), 1, 1)
     _train(base, root / "v", dict(r=4, lora_alpha=8, target_modules=["v_proj"]), 1, 1)
-    return {"base": base, "a": root / "a" / f"checkpoint-{SAVE_AT}", "b": root / "b" / "checkpoint-1",
+    # a run's last checkpoint: linear decay to its end, so the scheduler's next rate is 0
+    _train(base, root / "e", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), 2, 2)
+    return {"base": base, "a": root / "a" / f"checkpoint-{SAVE_AT}", "e": root / "e" / "checkpoint-2",
+            "b": root / "b" / "checkpoint-1",
             "k": root / "k" / "checkpoint-1", "v": root / "v" / "checkpoint-1", **record}
 
 
@@ -182,6 +185,21 @@ def test_delta_h1_cli_on_checkpoint(run, tmp_path):
     assert "optimizer.pt" in payload["result"]["precondition"]
     assert payload["checkpoint"]["global_step"] == SAVE_AT
     assert math.isfinite(payload["result"]["deltaH1"]) and payload["result"]["deltaH1"] != 0
+
+
+def test_end_of_schedule_checkpoint_runs_at_the_given_learning_rate(run, tmp_path):
+    """The last checkpoint's next rate is 0: refused with the override to use, which then works and is marked."""
+    args = ["delta-h1", "--checkpoint", str(run["e"]), "--quiet", *SMALL_ARGS]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "is 0 (a schedule at its end" in res.stderr and "set probe.learning_rate" in \
+        res.stderr, res.stderr
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, [*args, "--set", "probe.learning_rate=1e-5", "--json", str(out)])
+    assert res.exit_code == 0, res.stderr
+    result = json.loads(out.read_text())["result"]
+    assert result["learning_rate"] == 1e-5 and result["step"]["lr"] == 1e-5
+    assert result["step"]["sources"]["lr"].startswith("given: probe.learning_rate"), result["step"]["sources"]
+    assert math.isfinite(result["deltaH"]) and result["deltaH"] != 0
 
 
 def test_diagnose_cli_on_checkpoint(run, tmp_path):
