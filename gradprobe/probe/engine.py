@@ -13,7 +13,7 @@ import resource
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +118,9 @@ class ProbeResult:
     resolution: dict[str, dict[str, Any]] = field(default_factory=dict)
     # the headline's step per trainable tensor (probe order names), kept only when asked (api.delta_h1
     # keep_update); never in the JSON
-    update: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the run's loss gradient it used
+    update: dict[str, torch.Tensor] | None = field(default=None, repr=False, metadata={"json": False})
+    gradient: dict[str, torch.Tensor] | None = field(default=None, repr=False,  # the run's loss gradient it used
+                                                     metadata={"json": False})
 
     def resolve(self) -> None:
         """Fill `resolution` from the final estimates (an independent entropy batch replaces deltaH's)."""
@@ -133,12 +134,19 @@ class ProbeResult:
         self.resolution = out
 
     def to_dict(self) -> dict[str, Any]:
-        kept = self.update, self.gradient
-        self.update = self.gradient = None  # asdict would deep-copy the tensors
-        try:
-            return asdict(self)
-        finally:
-            self.update, self.gradient = kept
+        """The JSON's fields: every field but the tensors kept for the Python API (metadata json=False)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.metadata.get("json", True)}
+
+
+def _plain(value: Any) -> Any:
+    """A field as asdict gives it (nested dataclasses as dicts, containers copied)."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def units_of(batch: Batch, mode: str, block_size: int) -> list[list[int]]:

@@ -130,7 +130,8 @@ def test_schema_describes_every_result_field_and_the_unit_keys():
 
     schema = schemas.load("delta-h1")
     result = schema["properties"]["result"]
-    fields = [f.name for f in dataclasses.fields(ProbeResult) if f.name not in ("units", "entropy_units")]
+    fields = [f.name for f in dataclasses.fields(ProbeResult)
+              if f.name not in ("units", "entropy_units") and f.metadata.get("json", True)]
     assert list(result["properties"]) == fields and result["required"] == fields
     assert result["properties"]["schedule"]["enum"] == list(NAMES)
     unit = {"unit": 0, "prompts": [0, 1], "text": "say hi:", "deltaH": None, "deltaH1": -1e-6}
