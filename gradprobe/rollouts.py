@@ -118,20 +118,18 @@ LOGPROB_SLACK = 1e-3  # a log-softmax rounds to slightly above 0 on a near-certa
 
 
 def _token_logprobs(value: Any, responses: list[list[int]], what: str, where: str) -> list[list[float]]:
-    """One list of per-token log-probs per response, as many as its tokens (diagnose's old_logprobs form)."""
-    from .diagnose.logprobs import _as_rows
-
+    """One list of per-token log-probs per response, as many as its tokens (the per-token form
+    gradprobe.diagnose(old_logprobs=...) takes)."""
     if not isinstance(value, list) or len(value) != len(responses) or not all(isinstance(v, list) for v in value):
         raise GradprobeError(f"{where}: '{what}' must be a list of {len(responses)} lists, one per response, of "
                              f"per-token log-probs")
     try:
-        _, counts = _as_rows(value)
         rows = [[float(x) for x in v] for v in value]
-    except (GradprobeError, TypeError, ValueError, RuntimeError) as exc:
-        raise GradprobeError(f"{where}: '{what}': {exc}") from None
-    for i, (n, r) in enumerate(zip(counts or [], responses)):
-        if n != len(r):
-            raise GradprobeError(f"{where}: '{what}' of response {i} has {n} log-probs for its {len(r)} tokens")
+    except (TypeError, ValueError) as exc:
+        raise GradprobeError(f"{where}: '{what}': not numbers ({exc})") from None
+    for i, (v, r) in enumerate(zip(rows, responses)):
+        if len(v) != len(r):
+            raise GradprobeError(f"{where}: '{what}' of response {i} has {len(v)} log-probs for its {len(r)} tokens")
     if not all(-float("inf") < x <= LOGPROB_SLACK for v in rows for x in v):
         raise GradprobeError(f"{where}: '{what}' holds a value that is not a finite log-probability (NaN, "
                              f"infinite or above 0)")
