@@ -358,3 +358,30 @@ def test_resolution_says_when_an_estimate_cannot_be_told_from_zero():
     assert 2 * 0.02 * math.sqrt(8 / need) <= 0.01 < 2 * 0.02 * math.sqrt(8 / (need - 1))
     assert real_step.resolution(0.0, 0.1, 8) == {"resolved": False, "units_needed": None}
     assert real_step.resolution(0.1, math.nan, 8) == {"resolved": None, "units_needed": None}
+
+
+def test_a_step_past_the_first_order_limit_is_flagged(fp32_stacks, rollouts_file):
+    """|step|/|theta| is reported; past FIRST_ORDER_LIMIT the result and the report say deltaH may not be first
+    order and point at validate; a small step is not flagged."""
+    import io
+
+    from rich.console import Console
+
+    import gradprobe as gp
+    from gradprobe.report.delta_h1 import render_real_step
+
+    stack = fp32_stacks["reentrant"]
+    out = {}
+    for lr in (1e-5, 30.0):
+        cfg = gp.load_config(overrides=["autocast=off", "quant.compute_dtype=float32",
+                                        f"batch.rollouts={rollouts_file}", f"probe.learning_rate={lr}"])
+        r = gp.delta_h1(stack, gp.build_batch(stack, cfg), cfg)
+        theta = float(torch.cat([p.detach().double().reshape(-1) for p in stack.params]).norm())
+        assert r.update_rel == pytest.approx(r.update_norm / theta, rel=1e-6)
+        assert r.beyond_first_order == (r.update_rel > real_step.FIRST_ORDER_LIMIT)
+        text = io.StringIO()
+        render_real_step(Console(file=text, width=200), r)
+        out[lr] = (r, " ".join(text.getvalue().split()))
+    assert not out[1e-5][0].beyond_first_order and "beyond first order" not in out[1e-5][1]
+    big = out[30.0]
+    assert big[0].beyond_first_order and "beyond first order" in big[1] and "gradprobe validate" in big[1]
