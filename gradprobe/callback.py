@@ -12,6 +12,11 @@ A transformers TrainerCallback (the plain Trainer and TRL's GRPOTrainer). Every 
 Both go to the trainer's log (log_history and every report_to integration) under gradprobe/... keys and to
 a JSONL file, one object per forecast. The measurements run in eval mode (no dropout) under saved and
 restored RNG streams, .grad, train/eval flags and grad mode: the training trajectory does not change.
+
+With diagnose="first_step" (or "every_n_steps"), the step's first call of the trainer's compute_loss first
+runs gradprobe.diagnose on the trainer's own loss, model and optimizer at those inputs (diagnose/trainer.py):
+the verdict is `callback.diagnosis`, logged under gradprobe/diagnose/..., printed on the main process, and
+with on_fault="raise" a fault stops the run before its first backward.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ from transformers import TrainerCallback
 
 from .api import independent_step
 from .config import ProbeSection
+from .diagnose.check import FAIL, WARN
+from .diagnose.core import DiagnoseResult
+from .diagnose.trainer import diagnose_step
 from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
@@ -40,6 +48,8 @@ from .stack import Stack, live_stack
 from .validate import EntropyChange, Policy, exact_entropy_grad, sampled_batch
 
 METHODS = ("auto", "exact", "importance")
+DIAGNOSE = ("first_step", "every_n_steps", False)
+ON_FAULT = ("warn", "raise")
 LOGGED = ("deltaH", "se_deltaH", "realised", "realised_se", "deltaH_exact", "seconds", "cost_ratio")
 
 
@@ -51,16 +61,32 @@ class GradprobeCallback(TrainerCallback):
         trainer.train()
     """
 
-    def __init__(self, eval_prompts: Sequence[str], *, every_n_steps: int = 10, jsonl: str | Path | None = None,
+    def __init__(self, eval_prompts: Sequence[str] | None = None, *, every_n_steps: int = 10,
+                 jsonl: str | Path | None = None, forecast: bool = True, diagnose: str | bool = "first_step",
+                 on_fault: str = "warn", diagnose_json: str | Path | None = None,
                  group_size: int = 8, max_new_tokens: int | None = None, temperature: float | None = None,
                  method: str = "auto", is_samples: int = 256, max_enumerate: int = 20000,
                  exact_first_order: bool = False, microbatch_size: int = 8, seed: int = 0, tokenizer: Any = None,
                  trainer: Any = None):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise GradprobeError(f"every_n_steps must be an integer >= 1; got {every_n_steps!r}")
-        if isinstance(eval_prompts, str) or not all(isinstance(p, str) and p for p in eval_prompts):
+        if not (diagnose is False or (isinstance(diagnose, str) and diagnose in DIAGNOSE)):
+            raise GradprobeError(f"diagnose must be 'first_step', 'every_n_steps' or False; got {diagnose!r}")
+        if on_fault not in ON_FAULT:
+            raise GradprobeError(f"on_fault must be 'warn' or 'raise'; got {on_fault!r}")
+        if not isinstance(forecast, bool) or not (forecast or diagnose):
+            raise GradprobeError("GradprobeCallback needs forecast=True or a diagnose mode (both are off)")
+        self.forecast, self.diagnose, self.on_fault = forecast, diagnose, on_fault
+        self.diagnose_json = Path(diagnose_json) if diagnose_json is not None else None
+        self.diagnosis: DiagnoseResult | None = None
+        self.diagnoses: list[dict[str, Any]] = []
+        self._diagnose_due, self._diagnosed, self._diagnose_seconds, self._diagnose_step = False, False, 0.0, 0
+        self._wrapped: Any = None
+        if forecast and eval_prompts is None:
+            raise GradprobeError("eval_prompts is required to forecast (or pass forecast=False)")
+        if forecast and (isinstance(eval_prompts, str) or not all(isinstance(p, str) and p for p in eval_prompts)):
             raise GradprobeError("eval_prompts must be a list of non-empty prompt strings")
-        if len(eval_prompts) < 2:
+        if forecast and len(eval_prompts) < 2:
             raise GradprobeError(f"eval_prompts needs at least 2 prompts (the forecast's SE is over prompts); "
                                  f"got {len(eval_prompts)}")
         for name, value, low in (("group_size", group_size, 2), ("is_samples", is_samples, 2),
@@ -81,7 +107,7 @@ class GradprobeCallback(TrainerCallback):
             raise GradprobeError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
         if temperature is not None and not temperature > 0:
             raise GradprobeError(f"temperature must be > 0; got {temperature}")
-        self.eval_prompts = list(eval_prompts)
+        self.eval_prompts = list(eval_prompts or [])
         self.every_n_steps, self.group_size, self.method_asked = every_n_steps, group_size, method
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.is_samples, self.max_enumerate, self.exact_first_order = is_samples, max_enumerate, exact_first_order
@@ -94,10 +120,22 @@ class GradprobeCallback(TrainerCallback):
         self._step_started = 0.0
 
     def attach(self, trainer: Any) -> GradprobeCallback:
-        """Log through `trainer` and add this callback to it (once); returns self."""
+        """Log through `trainer` and add this callback to it (once); returns self. With a diagnose mode, the
+        trainer's compute_loss is wrapped on this instance (diagnose/trainer.py): the step's first call runs
+        the checks on its real inputs first; every other call goes straight through."""
         self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        if self.diagnose and self._wrapped is None:
+            self._wrapped = own = trainer.compute_loss  # bound: a subclass's override is the one that runs
+
+            def compute_loss(model, inputs, *args, **kwargs):
+                if self._diagnose_due:
+                    self._diagnose_due = False
+                    self._run_diagnosis(own, model, inputs, args, kwargs)
+                return own(model, inputs, *args, **kwargs)
+
+            trainer.compute_loss = compute_loss
         return self
 
     # ------------------------------------------------------------------ events
@@ -106,6 +144,17 @@ class GradprobeCallback(TrainerCallback):
         if self.trainer is None:
             raise GradprobeError("GradprobeCallback logs through its trainer: use callback.attach(trainer) "
                                  "(or pass trainer=) before trainer.train()")
+        self.optimizer = _unwrap(optimizer)
+        if self.optimizer is None:
+            raise GradprobeError("the trainer has no optimizer at train begin")
+        self._diagnosed, self.diagnoses = False, []
+        if self.diagnose and self._wrapped is None:
+            raise GradprobeError("GradprobeCallback diagnoses through its trainer's compute_loss: use "
+                                 "callback.attach(trainer) before trainer.train()")
+        if self.forecast:
+            self._forecast_begin(args, model, processing_class)
+
+    def _forecast_begin(self, args, model, processing_class) -> None:
         tokenizer = self.tokenizer if self.tokenizer is not None else processing_class
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps its tokenizer
         if tokenizer is None:
@@ -113,9 +162,6 @@ class GradprobeCallback(TrainerCallback):
                                  "pass tokenizer=")
         autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
         self.stack = live_stack(model, tokenizer, autocast)
-        self.optimizer = _unwrap(optimizer)
-        if self.optimizer is None:
-            raise GradprobeError("the trainer has no optimizer at train begin")
         # an optimizer that real_update cannot model fails here, not mid-run
         step_settings(self.optimizer, self.stack.names, self.stack.params)
         self.tau = self.temperature or float(getattr(args, "temperature", None) or 1.0)
@@ -141,6 +187,39 @@ class GradprobeCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
+        step = state.global_step + 1
+        due = not self._diagnosed if self.diagnose == "first_step" else \
+            self.diagnose == "every_n_steps" and step % self.every_n_steps == 0
+        # under several processes, the main one only (the checks' loss runs on its own data, no collective)
+        self._diagnose_due, self._diagnose_seconds = bool(due and state.is_world_process_zero), 0.0
+        self._diagnose_step = step
+
+    def _run_diagnosis(self, compute_loss, model, inputs, args, kwargs) -> None:
+        """gradprobe.diagnose on this step's real inputs (diagnose/trainer.py); report it, and with
+        on_fault='raise' stop the run here, before the trainer's own backward and optimizer step."""
+        from .report.diagnose import payload, render
+
+        result, seconds = diagnose_step(self.trainer, compute_loss, model, inputs, args, kwargs, self.optimizer)
+        self.diagnosis, self._diagnosed, self._diagnose_seconds = result, True, seconds
+        code = result.exit_code()
+        rec = dict(step=self._diagnose_step, root_cause=result.verdict.root_cause, exit_code=code,
+                   failed=sum(c.status == FAIL for c in result.checks),
+                   warned=sum(c.status == WARN for c in result.checks), seconds=seconds)
+        self.diagnoses.append(rec)
+        if self.diagnose_json is not None:
+            write_atomic(self.diagnose_json, json.dumps(payload(result, None, code), indent=2) + "\n",
+                         what="the gradprobe diagnose JSON")
+        from .cli.common import consoles
+
+        render(consoles(quiet=False, json_to_stdout=False)[0], result, code)
+        if code and self.on_fault == "raise":
+            self._log_diagnosis(rec)
+            failed = ", ".join(c.name for c in result.checks if c.status == FAIL)
+            raise GradprobeError(f"gradprobe diagnose at step {rec['step']}: {result.verdict.root_cause} "
+                                 f"(failed: {failed}); fix: {result.verdict.fix}")
+
+    def _log_diagnosis(self, rec: dict[str, Any]) -> None:
+        self._trainer_log({f"gradprobe/diagnose/{k}": v for k, v in rec.items() if k != "step" and v is not None})
 
     def on_save(self, args, state, control, model=None, **kwargs):
         """Beside each checkpoint, how the live model was loaded (run_model.RUN_RECORD): what `--checkpoint`
@@ -149,7 +228,7 @@ class GradprobeCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         step = state.global_step + 1  # the step about to be taken, as log_history will number it
-        if step % self.every_n_steps:
+        if not self.forecast or step % self.every_n_steps:
             return
         t0 = time.perf_counter()
         stack, clock = self.stack, _Clock()
@@ -201,6 +280,12 @@ class GradprobeCallback(TrainerCallback):
         self._pending["_forecast_seconds"] = time.perf_counter() - t0
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.diagnoses and self.diagnoses[-1]["step"] == state.global_step and "step_seconds" not in \
+                self.diagnoses[-1]:
+            drec = self.diagnoses[-1]  # its cost against the training step's own time (the checks' excluded)
+            drec["step_seconds"] = max(time.perf_counter() - self._step_started - drec["seconds"], 0.0)
+            drec["cost_ratio"] = drec["seconds"] / drec["step_seconds"] if drec["step_seconds"] > 0 else None
+            self._log_diagnosis(drec)
         rec, self._pending = self._pending, None
         if rec is None:
             return
@@ -211,7 +296,8 @@ class GradprobeCallback(TrainerCallback):
             realised, realised_se, ess = truth.measure()
         measure = time.perf_counter() - t0
         forecast = rec.pop("_forecast_seconds")
-        step_seconds = max(time.perf_counter() - self._step_started - forecast - measure, 0.0)
+        step_seconds = max(time.perf_counter() - self._step_started - forecast - measure - self._diagnose_seconds,
+                           0.0)
         rec.update(realised=realised, realised_se=realised_se, is_min_ess=None if math.isnan(ess) else ess,
                    seconds=forecast + measure, forecast_seconds=forecast, realised_seconds=measure,
                    step_seconds=step_seconds,
@@ -225,11 +311,14 @@ class GradprobeCallback(TrainerCallback):
         """Through transformers.Trainer.log itself: log_history and every report_to integration see it, and a
         subclass's log (TRL's averages and clears its own metrics there) is left to the trainer's own calls.
         on_log clears control.should_log, which would drop the trainer's own log of this step: it is put back."""
-        from transformers import Trainer
-
         logs = {f"gradprobe/{k}": rec[k] for k in LOGGED if rec.get(k) is not None}
         for part in ("fresh", "momentum", "weight_decay"):
             logs[f"gradprobe/{part}"] = rec["parts"][part]["value"]
+        self._trainer_log(logs)
+
+    def _trainer_log(self, logs: dict[str, Any]) -> None:
+        from transformers import Trainer
+
         should_log = self.trainer.control.should_log
         Trainer.log(self.trainer, logs)
         self.trainer.control.should_log = should_log

@@ -18,9 +18,10 @@ from gradprobe.validate import GROUND_TRUTH
 
 
 def micro_trainer(output_dir: str | Path, lr: float = 1e-4, steps: int = 4, optim: str = "adamw_torch",
-                  rows: int = 32, batch_size: int = 8, seed: int = 0):
+                  rows: int = 32, batch_size: int = 8, seed: int = 0, **args_overrides):
     """(Trainer, tokenizer): AdamW (weight decay 0.1), max_grad_norm 1, linear decay, a log every step; each
-    row is a micro prompt and a random 4-letter tail, padded to 12 tokens."""
+    row is a micro prompt and a random 4-letter tail, padded to 12 tokens. `args_overrides`: more
+    TrainingArguments fields (e.g. gradient_checkpointing)."""
     from transformers import Trainer, TrainingArguments
 
     stack = load_stack(load_config(overrides=[*GROUND_TRUTH, f"seed={seed}"]))
@@ -35,5 +36,5 @@ def micro_trainer(output_dir: str | Path, lr: float = 1e-4, steps: int = 4, opti
     args = TrainingArguments(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=lr, weight_decay=0.1, max_grad_norm=1.0, logging_steps=1,
                              report_to="none", use_cpu=True, seed=seed, save_strategy="no", disable_tqdm=True,
-                             optim=optim)
+                             optim=optim, **args_overrides)
     return Trainer(model=stack.model, args=args, train_dataset=data), tok

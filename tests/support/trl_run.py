@@ -55,12 +55,13 @@ def lora_config(**overrides: Any):
 
 def train_grpo(output_dir: str | Path, callbacks: Sequence[Any] = (), *, base_dir: str | Path | None = None,
                quant: str | None = None, lora: dict[str, Any] | None = None, prompts: Sequence[str] = BUILTIN_PROMPTS,
-               reward=vowel_reward, trainer_class=None, by_path: bool = False, **config: Any):
+               reward=vowel_reward, trainer_class=None, by_path: bool = False, model: Any = None, **config: Any):
     """Train with trl.GRPOTrainer and return the trainer after train(). `config` overrides GRPOConfig fields
     (SMALL_RUN's and TRL's defaults); `by_path`: TRL loads the base from its directory with the quantisation
     in GRPOConfig.model_init_kwargs (recorded in training_args.bin); `base_dir` shares one saved base model
     between runs (default: a `base` directory inside output_dir); `trainer_class` a GRPOTrainer subclass (e.g.
-    one that records)."""
+    one that records); `model` a model built by the caller (e.g. a PeftModel loaded from an adapter: TRL then
+    gets no peft_config)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -76,11 +77,13 @@ def train_grpo(output_dir: str | Path, callbacks: Sequence[Any] = (), *, base_di
         config["model_init_kwargs"] = kwargs
     args = GRPOConfig(output_dir=str(out), **{**SMALL_RUN, **config})
     with quiet_libraries():
-        model = str(base) if by_path else AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+        given = model is not None
+        if not given:
+            model = str(base) if by_path else AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(base))
         cls = trainer_class or GRPOTrainer
         trainer = cls(model=model, reward_funcs=reward, args=args, processing_class=tokenizer,
                       train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
-                      peft_config=lora_config(**(lora or {})), callbacks=list(callbacks))
+                      peft_config=None if given else lora_config(**(lora or {})), callbacks=list(callbacks))
         trainer.train()
     return trainer

@@ -1,0 +1,94 @@
+"""gradprobe.diagnose on the step a transformers Trainer (or TRL's GRPOTrainer, or a user's subclass) really takes.
+
+The trainer's `compute_loss` is wrapped on the instance: at a diagnosed step, on its first call (the step's
+first microbatch, after TRL has generated and scored its completions), `gradprobe.diagnose` runs on the
+trainer's own model with a loss callable that calls the trainer's own `compute_loss` on those real inputs,
+before the trainer's call runs. So a fault that would make the trainer's backward raise (a detached loss) is
+named before it does, and nothing has stepped yet.
+
+It leaves no trace on training: diagnose puts back what it changes on the model (gradients, checkpointing,
+adapter flags); `untouched` (callback.py) restores every RNG stream, train/eval flags and grad mode, so the
+trainer's own compute_loss then sees exactly the state it would have seen; the metrics a trainer appends in
+compute_loss (TRL's `_metrics`) are restored; the optimizer is only read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .core import DiagnoseResult, diagnose
+
+
+def optimizer_params(optimizer: Any) -> list[torch.Tensor]:
+    """The tensors the optimizer steps, in its order (the list the trainer really trains)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@contextlib.contextmanager
+def trainer_metrics_kept(trainer: Any) -> Iterator[None]:
+    """A trainer that appends to its metrics in compute_loss (TRL's `_metrics[mode][key]`) logs their mean:
+    the extra calls diagnose makes must not enter it."""
+    metrics = getattr(trainer, "_metrics", None)
+    saved = copy.deepcopy(dict(metrics)) if isinstance(metrics, dict) else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            for mode, kept in saved.items():  # in place: the trainer may hold its inner dicts
+                if isinstance(metrics.get(mode), dict) and isinstance(kept, dict):
+                    metrics[mode].clear()
+                    metrics[mode].update(kept)
+                else:
+                    metrics[mode] = kept
+            for mode in [m for m in metrics if m not in saved]:
+                del metrics[mode]
+
+
+@contextlib.contextmanager
+def local_collectives(trainer: Any) -> Iterator[None]:
+    """Under several processes diagnose runs on the main one only: the gathers TRL's loss makes for its metrics
+    (accelerator.gather / gather_for_metrics) are this process's own tensors meanwhile, so no rank waits."""
+    acc = getattr(trainer, "accelerator", None)
+    if acc is None or getattr(acc, "num_processes", 1) <= 1:
+        yield
+        return
+    saved = {name: acc.__dict__.get(name) for name in ("gather", "gather_for_metrics")}
+    acc.gather = lambda tensor, *a, **k: tensor
+    acc.gather_for_metrics = lambda data, *a, **k: data
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                acc.__dict__.pop(name, None)
+            else:
+                setattr(acc, name, value)
+
+
+def diagnose_step(trainer: Any, compute_loss: Callable[..., Any], model: torch.nn.Module, inputs: Any,
+                  args: tuple, kwargs: dict[str, Any], optimizer: Any) -> tuple[DiagnoseResult, float]:
+    """diagnose() on the trainer's own loss at these inputs, its model (unwrapped from DDP, so no reducer
+    runs) and the parameters its optimizer holds; (result, seconds). Called inside the trainer's
+    training_step, so the loss runs under the trainer's own autocast and grad mode."""
+    from ..callback import untouched
+
+    t0 = time.perf_counter()
+    acc = getattr(trainer, "accelerator", None)
+    net = acc.unwrap_model(model) if acc is not None and getattr(acc, "num_processes", 1) > 1 else model
+
+    def loss_fn():
+        return compute_loss(net, inputs, *args, **kwargs)
+
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    # the model's trainable tensors, checked against the optimizer's list; with none trainable (an adapter
+    # loaded frozen), the optimizer's own list, so the checks say why it gets no gradient
+    params = trainable or optimizer_params(optimizer) or None
+    with untouched(net), trainer_metrics_kept(trainer), local_collectives(trainer):
+        result = diagnose(net, params, loss_fn, optimizer=optimizer, optimizer_source="the trainer's optimizer")
+    return result, time.perf_counter() - t0
