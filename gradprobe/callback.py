@@ -37,7 +37,7 @@ from .api import independent_step
 from .config import ProbeSection
 from .diagnose.check import FAIL, WARN
 from .diagnose.core import DiagnoseResult
-from .diagnose.trainer import diagnose_step
+from .diagnose.trainer import diagnose_step, faults
 from .entropy import count_responses
 from .errors import GradprobeError
 from .files import write_atomic
@@ -201,8 +201,9 @@ class GradprobeCallback(TrainerCallback):
 
         result, seconds = diagnose_step(self.trainer, compute_loss, model, inputs, args, kwargs, self.optimizer)
         self.diagnosis, self._diagnosed, self._diagnose_seconds = result, True, seconds
-        code = result.exit_code()
+        code, harmful = result.exit_code(), faults(result)
         rec = dict(step=self._diagnose_step, root_cause=result.verdict.root_cause, exit_code=code,
+                   fault=int(bool(harmful)),
                    failed=sum(c.status == FAIL for c in result.checks),
                    warned=sum(c.status == WARN for c in result.checks), seconds=seconds)
         self.diagnoses.append(rec)
@@ -212,11 +213,12 @@ class GradprobeCallback(TrainerCallback):
         from .cli.common import consoles
 
         render(consoles(quiet=False, json_to_stdout=False)[0], result, code)
-        if code and self.on_fault == "raise":
+        if harmful and self.on_fault == "raise":
             self._log_diagnosis(rec)
+            cause = next(c for c in result.verdict.causes if c.id == harmful[0])
             failed = ", ".join(c.name for c in result.checks if c.status == FAIL)
-            raise GradprobeError(f"gradprobe diagnose at step {rec['step']}: {result.verdict.root_cause} "
-                                 f"(failed: {failed}); fix: {result.verdict.fix}")
+            raise GradprobeError(f"gradprobe diagnose at step {rec['step']}: {cause.id} (failed: {failed}); "
+                                 f"fix: {' '.join(cause.fix.split())}")
 
     def _log_diagnosis(self, rec: dict[str, Any]) -> None:
         self._trainer_log({f"gradprobe/diagnose/{k}": v for k, v in rec.items() if k != "step" and v is not None})

@@ -303,8 +303,16 @@ def traced(model: torch.nn.Module, adapters: set[str] | None = None, capture: bo
             if capture and t is not None:
                 trace.captured["logits"] = t.detach().float()
 
+    def on_model_output(module, args, out):
+        # a fused LM head (transformers' fused_lm_head=True, as TRL's GRPOTrainer calls the model) turns the
+        # hidden states into log-probs without calling the output layer: the model's own output stands in
+        if trace.logits_require_grad is None:
+            t = _first_tensor(out)
+            trace.logits_require_grad = bool(t is not None and t.requires_grad)
+
     handles = [inp.register_forward_hook(on_input), model.register_forward_pre_hook(on_model, with_kwargs=True)]
     handles.append(outp.register_forward_hook(on_output))
+    handles.append(model.register_forward_hook(on_model_output))
     for name, layer in tuner_layers(model):
         trace.layers[name] = seen = LayerSeen()
         handles.append(layer.register_forward_pre_hook(_layer_hook(seen, adapters or set())))

@@ -24,6 +24,14 @@ import torch
 
 from .core import DiagnoseResult, diagnose
 
+# causes that break torch.autograd.grad only: the trainer steps with backward(), which they leave whole
+AUTOGRAD_ONLY = ("reentrant_checkpointing_hides_params", "autograd_grad_mismatch")
+
+
+def faults(result: DiagnoseResult) -> list[str]:
+    """The verdict's causes that harm the trainer's own step (backward(), then its optimizer)."""
+    return [c.id for c in result.verdict.causes if c.id not in AUTOGRAD_ONLY]
+
 
 def optimizer_params(optimizer: Any) -> list[torch.Tensor]:
     """The tensors the optimizer steps, in its order (the list the trainer really trains)."""

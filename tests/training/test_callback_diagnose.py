@@ -142,10 +142,11 @@ def test_frozen_adapter_named_at_step_one(base, tmp_path):
 
 @pytest.mark.slow
 def test_reentrant_checkpointing_without_input_grads_raises_before_the_step(tmp_path):
-    """The Trainer's own checkpointing arguments with use_reentrant=True on a PEFT model whose inputs do not
-    require grad: on_fault='raise' stops the run at step 1 with the one-line cause, no weight has moved."""
-    trainer, _ = micro_trainer(tmp_path / "run", steps=2, gradient_checkpointing=True,
-                               gradient_checkpointing_kwargs={"use_reentrant": True})
+    """Reentrant checkpointing switched on in the script (as Unsloth and TRL under ZeRO-3 force it) on a PEFT
+    model whose inputs do not require grad (TRL #2671): on_fault='raise' stops the run at step 1 with the
+    one-line cause, before any weight has moved."""
+    trainer, _ = micro_trainer(tmp_path / "run", steps=2)
+    trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     trainer.model.disable_input_require_grads()  # what a script that never asked for input grads has
     before = trainable(trainer.model)
     cb = gp.GradprobeCallback(forecast=False, on_fault="raise").attach(trainer)
@@ -158,6 +159,20 @@ def test_reentrant_checkpointing_without_input_grads_raises_before_the_step(tmp_
     d = cb.diagnosis
     assert d.check("input_grads").status == "fail"
     assert d.verdict.root_cause == "checkpoint_inputs_no_grad"
+
+
+@pytest.mark.slow
+def test_reentrant_checkpointing_with_input_grads_is_no_fault_for_the_trainer(tmp_path):
+    """The Trainer's own checkpointing arguments with use_reentrant=True: it makes the inputs require grad,
+    backward() (what the trainer steps with) fills every tensor, only torch.autograd.grad is blind. diagnose
+    names that, and on_fault='raise' does not stop a run that trains."""
+    trainer, _ = micro_trainer(tmp_path / "run", steps=1, gradient_checkpointing=True,
+                               gradient_checkpointing_kwargs={"use_reentrant": True})
+    cb = gp.GradprobeCallback(forecast=False, on_fault="raise").attach(trainer)
+    trainer.train()
+    assert cb.diagnosis.verdict.root_cause == "reentrant_checkpointing_hides_params"
+    assert cb.diagnosis.exit_code() == 1 and cb.diagnoses[0]["fault"] == 0
+    assert trainer.state.global_step == 1
 
 
 @pytest.mark.slow
