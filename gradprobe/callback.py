@@ -48,7 +48,7 @@ from .stack import Stack, live_stack
 from .validate import EntropyChange, Policy, exact_entropy_grad, sampled_batch
 
 METHODS = ("auto", "exact", "importance")
-DIAGNOSE = ("first_step", "every_n_steps", False)
+DIAGNOSE = ("first_step", "every_n_steps")
 ON_FAULT = ("warn", "raise")
 LOGGED = ("deltaH", "se_deltaH", "realised", "realised_se", "deltaH_exact", "seconds", "cost_ratio")
 
@@ -151,6 +151,9 @@ class GradprobeCallback(TrainerCallback):
         if self.diagnose and self._wrapped is None:
             raise GradprobeError("GradprobeCallback diagnoses through its trainer's compute_loss: use "
                                  "callback.attach(trainer) before trainer.train()")
+        if self.diagnose_json is not None and not self.diagnose_json.parent.is_dir():
+            raise GradprobeError(f"cannot write the gradprobe diagnose JSON {self.diagnose_json}: "
+                                 f"{self.diagnose_json.parent} is not a directory")
         if self.forecast:
             self._forecast_begin(args, model, processing_class)
 

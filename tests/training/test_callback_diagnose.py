@@ -228,3 +228,15 @@ def test_bad_diagnose_settings_fail_at_construction():
     with pytest.raises(GradprobeError, match="eval_prompts is required"):
         gp.GradprobeCallback()
     assert gp.GradprobeCallback(forecast=False).eval_prompts == []
+
+
+@pytest.mark.slow
+def test_train_begin_refuses_an_unwritable_json_and_an_unattached_diagnosis(tmp_path):
+    trainer, _ = micro_trainer(tmp_path / "run", steps=1)
+    gp.GradprobeCallback(forecast=False, diagnose_json=tmp_path / "missing" / "d.json").attach(trainer)
+    with pytest.raises(GradprobeError, match="cannot write"):
+        trainer.train()
+    trainer, _ = micro_trainer(tmp_path / "unattached", steps=1)
+    trainer.add_callback(gp.GradprobeCallback(forecast=False, trainer=trainer))
+    with pytest.raises(GradprobeError, match="attach"):
+        trainer.train()
