@@ -9,7 +9,8 @@ named before it does, and nothing has stepped yet.
 It leaves no trace on training: diagnose puts back what it changes on the model (gradients, checkpointing,
 adapter flags); `untouched` (callback.py) restores every RNG stream, train/eval flags and grad mode, so the
 trainer's own compute_loss then sees exactly the state it would have seen; the metrics a trainer appends in
-compute_loss (TRL's `_metrics`) are restored; the optimizer is only read.
+compute_loss (TRL's `_metrics`) and the trainer attributes it rebinds (TRL's adaptive entropy coefficient)
+are restored; the optimizer is only read.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ def optimizer_params(optimizer: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def trainer_metrics_kept(trainer: Any) -> Iterator[None]:
-    """A trainer that appends to its metrics in compute_loss (TRL's `_metrics[mode][key]`) logs their mean:
-    the extra calls diagnose makes must not enter it."""
+def trainer_state_kept(trainer: Any) -> Iterator[None]:
+    """What a trainer's compute_loss changes on the trainer is put back after the extra calls diagnose makes:
+    its attributes as bound (TRL's adaptive entropy controller reassigns `entropy_coef` and its window sums
+    there) and the metrics it appends to (TRL's `_metrics[mode][key]`, whose mean it logs)."""
+    attrs = dict(vars(trainer))
     metrics = getattr(trainer, "_metrics", None)
     saved = copy.deepcopy(dict(metrics)) if isinstance(metrics, dict) else None
     try:
         yield
     finally:
+        for name in [n for n in vars(trainer) if n not in attrs]:
+            delattr(trainer, name)
+        for name, value in attrs.items():
+            if vars(trainer).get(name) is not value:
+                setattr(trainer, name, value)
         if saved is not None:
             for mode, kept in saved.items():  # in place: the trainer may hold its inner dicts
                 if isinstance(metrics.get(mode), dict) and isinstance(kept, dict):
@@ -60,15 +68,17 @@ def trainer_metrics_kept(trainer: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def local_collectives(trainer: Any) -> Iterator[None]:
-    """Under several processes diagnose runs on the main one only: the gathers TRL's loss makes for its metrics
-    (accelerator.gather / gather_for_metrics) are this process's own tensors meanwhile, so no rank waits."""
+    """Under several processes diagnose runs on the main one only: the gathers and reductions TRL's loss makes
+    for its metrics and its entropy controller (accelerator.gather / gather_for_metrics / reduce) are this
+    process's own tensors meanwhile, so no rank waits."""
     acc = getattr(trainer, "accelerator", None)
     if acc is None or getattr(acc, "num_processes", 1) <= 1:
         yield
         return
-    saved = {name: acc.__dict__.get(name) for name in ("gather", "gather_for_metrics")}
+    saved = {name: acc.__dict__.get(name) for name in ("gather", "gather_for_metrics", "reduce")}
     acc.gather = lambda tensor, *a, **k: tensor
     acc.gather_for_metrics = lambda data, *a, **k: data
+    acc.reduce = lambda tensor, *a, **k: tensor
     try:
         yield
     finally:
@@ -97,6 +107,6 @@ def diagnose_step(trainer: Any, compute_loss: Callable[..., Any], model: torch.n
     # the model's trainable tensors, checked against the optimizer's list; with none trainable (an adapter
     # loaded frozen), the optimizer's own list, so the checks say why it gets no gradient
     params = trainable or optimizer_params(optimizer) or None
-    with untouched(net), trainer_metrics_kept(trainer), local_collectives(trainer):
+    with untouched(net), trainer_state_kept(trainer), local_collectives(trainer):
         result = diagnose(net, params, loss_fn, optimizer=optimizer, optimizer_source="the trainer's optimizer")
     return result, time.perf_counter() - t0

@@ -96,6 +96,28 @@ def test_healthy_grpo_run_is_healthy_and_unchanged(healthy_grpo, capsys):
         report_cost("GRPOTrainer, tiny nf4 QLoRA", cb)
 
 
+@pytest.mark.slow
+def test_grpo_with_an_entropy_controller_checked_every_step_is_unchanged(base, tmp_path):
+    """TRL's adaptive entropy bonus updates its coefficient inside compute_loss at each step boundary: checked at
+    every step, the run still logs the same coefficients, losses and metrics and ends with the same weights."""
+    config = dict(entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=10.0, entropy_coef_delta=0.01)
+    bare = train_grpo(tmp_path / "bare", base_dir=base, quant="nf4", **config)
+    cb, holder = gp.GradprobeCallback(forecast=False, diagnose="every_n_steps", every_n_steps=1), {}
+    probed = train_grpo(tmp_path / "probed", base_dir=base, quant="nf4", trainer_class=grpo_class(cb, holder),
+                        **config)
+    assert [d["step"] for d in cb.diagnoses] == [1, 2, 3] and all(d["fault"] == 0 for d in cb.diagnoses)
+
+    def own(trainer):
+        return [{k: v for k, v in h.items() if not k.startswith("gradprobe/") and k != "step_time"}
+                for h in trainer.state.log_history if "loss" in h]
+
+    coefs = [h["entropy_coef"] for h in own(bare)]
+    assert coefs == [pytest.approx(0.01 * (k + 2)) for k in range(3)]  # it did move: +delta per step
+    assert own(bare) == own(probed) and probed.entropy_coef == bare.entropy_coef
+    a, b = trainable(bare.model), trainable(probed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def detaching_trainer():
     """A GRPOTrainer subclass that detaches the policy's log-probs (a custom logging or caching hook)."""
     from trl import GRPOTrainer
