@@ -140,6 +140,12 @@ def test_detached_logprobs_named_before_the_backward_fails(base, tmp_path):
     assert d.verdict.root_cause == "graph_detached"
     assert d.check("s_alive").status == "fail"
     assert d.check("s_alive").evidence["grad_fn"] is None
+    # on_fault="raise": the one-line cause instead of torch's error, before TRL's first step
+    cb, holder = gp.GradprobeCallback(forecast=False, on_fault="raise"), {}
+    with pytest.raises(GradprobeError, match=r"step 1: graph_detached .*fix: "):
+        train_grpo(tmp_path / "raise", base_dir=base, quant="nf4", trainer_class=grpo_class(cb, holder,
+                                                                                             detaching_trainer()))
+    assert holder["trainer"].state.global_step == 0
 
 
 @pytest.mark.slow
