@@ -89,6 +89,34 @@ def local_collectives(trainer: Any) -> Iterator[None]:
                 setattr(acc, name, value)
 
 
+@contextlib.contextmanager
+def exposed_terms(trainer: Any) -> Iterator[dict[str, torch.Tensor]]:
+    """The loss terms a trainer builds where they can be seen, so that a term cut from the graph is named
+    (diagnose's loss_terms check): TRL's entropy bonus (entropy_coef != 0) is made from the entropies its
+    `_get_per_token_logps_and_entropies` returns for the policy's forward, recorded while the loss runs."""
+    terms: dict[str, torch.Tensor] = {}
+    score = getattr(trainer, "_get_per_token_logps_and_entropies", None)
+    if score is None or not getattr(trainer, "entropy_coef", 0):
+        yield terms
+        return
+    own = vars(trainer).get("_get_per_token_logps_and_entropies")
+
+    def recording(*args, **kwargs):
+        out = score(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) > 1 and isinstance(out[1], torch.Tensor):
+            terms["entropy_bonus"] = out[1].sum()
+        return out
+
+    trainer._get_per_token_logps_and_entropies = recording
+    try:
+        yield terms
+    finally:
+        if own is None:
+            del trainer._get_per_token_logps_and_entropies
+        else:
+            trainer._get_per_token_logps_and_entropies = own
+
+
 def diagnose_step(trainer: Any, compute_loss: Callable[..., Any], model: torch.nn.Module, inputs: Any,
                   args: tuple, kwargs: dict[str, Any], optimizer: Any) -> tuple[DiagnoseResult, float]:
     """diagnose() on the trainer's own loss at these inputs, its model (unwrapped from DDP, so no reducer
@@ -101,7 +129,9 @@ def diagnose_step(trainer: Any, compute_loss: Callable[..., Any], model: torch.n
     net = acc.unwrap_model(model) if acc is not None and getattr(acc, "num_processes", 1) > 1 else model
 
     def loss_fn():
-        return compute_loss(net, inputs, *args, **kwargs)
+        with exposed_terms(trainer) as terms:
+            loss = compute_loss(net, inputs, *args, **kwargs)
+        return {"loss": loss, "terms": terms} if terms else loss
 
     trainable = [p for p in net.parameters() if p.requires_grad]
     # the model's trainable tensors, checked against the optimizer's list; with none trainable (an adapter

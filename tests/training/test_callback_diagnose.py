@@ -149,6 +149,29 @@ def test_detached_logprobs_named_before_the_backward_fails(base, tmp_path):
 
 
 @pytest.mark.slow
+def test_entropy_bonus_under_no_grad_named(base, tmp_path):
+    """TRL PR #5595: the entropy bonus computed from entropies taken under no_grad changes the loss value and
+    not its gradient. A subclass that does so is named; the same run with TRL's own entropies is healthy."""
+    from trl import GRPOTrainer
+
+    class NoGradEntropy(GRPOTrainer):
+        def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+            with torch.no_grad():
+                entropies = entropies.clone() if entropies is not None else None
+            return logps, entropies, aux
+
+    for cls, cause in ((NoGradEntropy, "loss_term_detached"), (GRPOTrainer, "healthy")):
+        cb, holder = gp.GradprobeCallback(forecast=False), {}
+        train_grpo(tmp_path / cause, base_dir=base, quant="nf4", entropy_coef=0.01, max_steps=1,
+                   trainer_class=grpo_class(cb, holder, cls))
+        d = cb.diagnosis
+        assert d.verdict.root_cause == cause, d.verdict.summary
+        assert d.check("loss_terms").status == ("fail" if cause != "healthy" else "pass")
+        assert "entropy_bonus" in str(d.check("loss_terms").evidence)
+
+
+@pytest.mark.slow
 def test_frozen_adapter_named_at_step_one(base, tmp_path):
     """TRL #6700: the adapter loaded as PeftModel.from_pretrained loads it (is_trainable=False): GRPO runs,
     reports a grad_norm of 0 and learns nothing."""
