@@ -85,13 +85,14 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--checked-first", action="store_true", help="run the checked training first (order effects)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     import tempfile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for checked in (False, True):
+        for checked in ((True, False) if a.checked_first else (False, True)):
             row = run(a, checked, Path(tmp) / str(checked))
             print(json.dumps(row), flush=True)
             rows.append(row)
