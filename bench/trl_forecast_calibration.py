@@ -93,8 +93,8 @@ def truth(ckpt: Path, nxt: Path, rollouts: Path, is_samples: int, seed: int, ind
     change = EntropyChange(stack, policy, prompts, is_samples, seed)
     entropy_batch = None
     if independent_group:
-        entropy_batch = sampled_batch(stack, policy, prompts, independent_group, torch.Generator().manual_seed(seed + 1),
-                                      tau)
+        gen = torch.Generator().manual_seed(seed + 1)
+        entropy_batch = sampled_batch(stack, policy, prompts, independent_group, gen, tau)
     after, _ = _stack(nxt, rollouts, "probe.learning_rate=1")  # only its weights: the last lr may be 0
     before = [p.detach().clone() for p in stack.params]
     steps = [q.detach().to(p.dtype) - p0 for p, p0, q in zip(stack.params, before, after.params, strict=True)]
@@ -113,8 +113,62 @@ def truth(ckpt: Path, nxt: Path, rollouts: Path, is_samples: int, seed: int, ind
     # the step's odd part (T(1) - T(-1)) / 2 is first order plus third; the even part (T(1) + T(-1)) / 2 is the
     # second-order term. (se + se_back) / 2 bounds the odd part's SE whatever the two estimates' correlation.
     return dict(true=delta, se_true=se, ess=min(ess, ess_back), true_odd=(delta - back) / 2,
-                se_odd=(se + se_back) / 2, true_even=(delta + back) / 2, entropy=change.h0, prompts=len(prompts), distinct=len(set(
-        tuple(p) for p in prompts)), tau=tau, max_len=max_len, tokenizer=stack.tokenizer), entropy_batch
+                se_odd=(se + se_back) / 2, true_even=(delta + back) / 2, entropy=change.h0, prompts=len(prompts),
+                distinct=len({tuple(p) for p in prompts}), tau=tau, max_len=max_len, tokenizer=stack.tokenizer), \
+        entropy_batch
+
+
+def self_terms(ckpt: Path, rollouts: Path, entropy_batch) -> dict:
+    """Where the prompts' own terms go. K[p, q] = X[p].D[q] with D[q] = clip a(g) G[q] + momentum + decay the
+    step's share of unit q (a held at the batch's value, as the estimator holds it; mean_q D[q] = the step):
+    the same-batch forecast is -U(K) over pairs of different units, which on a batch of distinct prompts
+    leaves out every prompt's own term X[p].D[p]. With X_E from the independent batch (same prompts, other
+    samples, so E[X_E[p]] = -grad H_p whatever D is), -mean_{p,q} K_E estimates the whole change, and its
+    diagonal, -(1/B^2) sum_p K_E[p, p], the share that the prompts' own gradients make."""
+    from gradprobe.api import build_batch, preconditioner, step_source
+    from gradprobe.optim.precondition import Preconditioner
+    from gradprobe.optim.update import decompose
+    from gradprobe.probe import unit_gradients
+
+    stack, cfg = _stack(ckpt, rollouts)
+    batch = build_batch(stack, cfg)
+    rows = unit_gradients(stack, batch, cfg.probe, Preconditioner(None), kinds=("x", "y"))
+    xe = unit_gradients(stack, entropy_batch, cfg.probe, Preconditioner(None), kinds=("x",))["x"].double()
+    x, loss_g = rows["x"].double(), -rows["y"].double()  # per-unit loss gradients: the batch's is their mean
+    sizes = [p.numel() for p in stack.params]
+    grads = [t.view_as(p).float() for t, p in zip(loss_g.mean(0).split(sizes), stack.params)]
+    settings, mapped = step_source(stack, cfg, preconditioner(stack, cfg), None)
+    parts = decompose(settings, mapped, stack.names, stack.params, grads)
+    flat = lambda ts: torch.cat([t.reshape(-1).double() for t in ts])  # noqa: E731
+    d = parts.clip_factor * flat(parts.fresh) * loss_g + flat(parts.momentum) + flat(parts.decay)
+    b = len(d)
+    k, ke = x @ d.T, xe @ d.T
+    off = ~torch.eye(b, dtype=torch.bool)
+    # leave one out: unit u's X against the step the optimizer takes on the other units' mean gradient (its own
+    # v, no unit-u sample in it): no dependence on unit u's samples, whatever a(g) does
+    loo = []
+    for u in range(b):
+        g_u = (loss_g.sum(0) - loss_g[u]) / (b - 1)
+        gs = [t.view_as(p).float() for t, p in zip(g_u.split(sizes), stack.params)]
+        loo.append(flat(decompose(settings, mapped, stack.names, stack.params, gs).unrounded(gs)))
+    loo = torch.stack(loo)
+    # the step's own Jacobian in place of a (Adam's step is elementwise in g: central differences per
+    # coordinate); D_J[v] = step + J (.) (G[v] - g), mean_v D_J[v] = the step: the delta-method U-statistic
+    g = loss_g.mean(0)
+
+    def step_at(scale: float) -> torch.Tensor:
+        gs = [t.view_as(p).float() for t, p in zip((g * scale).split(sizes), stack.params)]
+        return flat(decompose(settings, mapped, stack.names, stack.params, gs).unrounded(gs))
+
+    eps = 1e-3
+    jac = torch.where(g != 0, (step_at(1 + eps) - step_at(1 - eps)) / (2 * eps * g), parts.clip_factor *
+                      flat(parts.fresh))
+    kj = x @ (step_at(1.0)[None, :] + jac * (loss_g - g)).T
+    return dict(same_u=float(-k[off].mean()), indep_all=float(-ke.mean()), indep_cross=float(-ke[off].mean()),
+                indep_self=float(-ke.diagonal().sum() / b ** 2), same_loo=float(-(x * loo).sum(1).mean()),
+                same_loo_se=float((x * loo).sum(1).std() / b ** 0.5), indep_loo=float(-(xe * loo).sum(1).mean()),
+                same_jac=float(-kj[off].mean()),
+                jac_over_a=float(jac.abs().sum() / (parts.clip_factor * flat(parts.fresh)).abs().sum()))
 
 
 def _z(pred: float, se_pred: float, true: float, se_true: float) -> float:
@@ -138,6 +192,14 @@ def calibrate(root: Path, steps: int = 10, is_samples: int = 1000, bf16: bool = 
         t1 = time.perf_counter()
         ckpt, nxt = out / f"checkpoint-{k}", out / f"checkpoint-{k + 1}"
         rollouts = next((out / "batches").glob(f"step-{k + 1:06d}-pass-*.jsonl"))
+        if not is_samples:  # the mechanism only: no truth, no CLI forecast
+            stack, _ = _stack(ckpt, rollouts)
+            prompts = [g.prompt for g in read_rollouts(rollouts, stack.tokenizer).groups]
+            eb = sampled_batch(stack, Policy(stack, "importance", 1.0, config.get("max_completion_length", 16)),
+                               prompts, 16, torch.Generator().manual_seed(seed * 1_000_003 + k + 1), 1.0)
+            rows.append(dict(step=k + 1, **self_terms(ckpt, rollouts, eb)))
+            log(json.dumps(rows[-1]))
+            continue
         t, eb = truth(ckpt, nxt, rollouts, is_samples, seed * 1_000_003 + k, 16 if independent else 0)
         r = forecast(ckpt, rollouts, root / f"d{k + 1}.json")
         row = dict(step=k + 1, pred=r["deltaH"], se_pred=r["se_deltaH"], true=t["true"], se_true=t["se_true"],
@@ -152,9 +214,12 @@ def calibrate(root: Path, steps: int = 10, is_samples: int = 1000, bf16: bool = 
             ri = forecast(ckpt, rollouts, root / f"e{k + 1}.json", entropy_rollouts=path)
             row.update(pred_indep=ri["deltaH"], se_pred_indep=ri["se_deltaH"])
             row["z_indep"] = _z(row["pred_indep"], row["se_pred_indep"], row["true"], row["se_true"])
+            row.update(self_terms(ckpt, rollouts, eb))
         rows.append(row)
         log(" ".join(f"{k}={v:+.4e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             + f"  ({time.perf_counter() - t1:.0f} s)")
+    if not is_samples:
+        return rows, {}
     result = {"same batch": summary([r["z"] for r in rows]),
               "same batch vs the odd part": summary([r["z_odd"] for r in rows])}
     if independent:
