@@ -182,13 +182,13 @@ def summary(zs: list[float]) -> dict:
 
 
 def calibrate(root: Path, steps: int = 10, is_samples: int = 1000, bf16: bool = False, independent: bool = False,
-              seed: int = 0, log=print, **config) -> tuple[list[dict], dict]:
+              seed: int = 0, log=print, first: int = 1, **config) -> tuple[list[dict], dict]:
     """The whole experiment in `root`; the per-step rows and {forecast name: summary}."""
     t0 = time.perf_counter()
     out = trl_run(root, steps, bf16, seed, **config)
     log(f"TRL run: {steps} steps, bf16={bf16}, {time.perf_counter() - t0:.0f} s")
     rows = []
-    for k in range(1, steps):
+    for k in range(first, steps):
         t1 = time.perf_counter()
         ckpt, nxt = out / f"checkpoint-{k}", out / f"checkpoint-{k + 1}"
         rollouts = next((out / "batches").glob(f"step-{k + 1:06d}-pass-*.jsonl"))
@@ -239,10 +239,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-completion-length", type=int, default=16)
+    ap.add_argument("--first", type=int, default=1, help="the first checkpoint K probed (to split a run)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows and the summary here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        rows, result = calibrate(Path(d), a.steps, a.is_samples, a.bf16, a.independent, a.seed,
+        rows, result = calibrate(Path(d), a.steps, a.is_samples, a.bf16, a.independent, a.seed, first=a.first,
                                  learning_rate=a.lr, max_completion_length=a.max_completion_length)
     for name, s in result.items():
         print(name, json.dumps(s))
