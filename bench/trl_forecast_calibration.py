@@ -128,7 +128,7 @@ def self_terms(ckpt: Path, rollouts: Path, entropy_batch) -> dict:
     from gradprobe.api import build_batch, preconditioner, step_source
     from gradprobe.optim.precondition import Preconditioner
     from gradprobe.optim.update import decompose
-    from gradprobe.probe import unit_gradients
+    from gradprobe.probe import unit_gradients, ustat
 
     stack, cfg = _stack(ckpt, rollouts)
     batch = build_batch(stack, cfg)
@@ -167,7 +167,8 @@ def self_terms(ckpt: Path, rollouts: Path, entropy_batch) -> dict:
     return dict(same_u=float(-k[off].mean()), indep_all=float(-ke.mean()), indep_cross=float(-ke[off].mean()),
                 indep_self=float(-ke.diagonal().sum() / b ** 2), same_loo=float(-(x * loo).sum(1).mean()),
                 same_loo_se=float((x * loo).sum(1).std() / b ** 0.5), indep_loo=float(-(xe * loo).sum(1).mean()),
-                same_jac=float(-kj[off].mean()),
+                same_jac=float(-kj[off].mean()), same_jac_se=ustat.conditional_se(kj),
+                same_u_se=ustat.conditional_se(k),
                 jac_over_a=float(jac.abs().sum() / (parts.clip_factor * flat(parts.fresh)).abs().sum()))
 
 
