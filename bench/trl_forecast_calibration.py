@@ -15,8 +15,12 @@ attached. For each K = 1 .. steps-1:
   code path), responses cut at max_completion_length exactly as the forecast's X cuts them;
 - with --independent, the same forecast with `--entropy-rollouts` a 16 x 16 batch sampled at checkpoint K.
 
-z = (pred - true) / sqrt(SE_pred^2 + SE_true^2). Printed: one line per step, then mean z, rms z and the share
-within 2 SE per forecast. `calibrate()` is the whole experiment (tests/training/test_trl_calibration.py).
+z = (pred - true) / sqrt(SE_pred^2 + SE_true^2). Also per step: the truth at theta_K - step (its even part is
+the second-order term), and with --independent `self_terms` (the prompts' own terms, the leave-one-out and
+the step's-Jacobian same-batch estimates: why the default runs low, docs/real_step.md). --is-samples 0 prints
+only that mechanism (no truth, no CLI forecast; ~15 s a step). Printed: one line per step, then mean z, rms z
+and the share within 2 SE per forecast. --first K probes from checkpoint K on (to split one run between
+processes: the run is deterministic). Recorded: bench/RESULTS.md, docs/real_step.md.
 """
 
 from __future__ import annotations
