@@ -220,6 +220,7 @@ def calibrate(root: Path, steps: int = 10, is_samples: int = 1000, bf16: bool = 
             row.update(pred_indep=ri["deltaH"], se_pred_indep=ri["se_deltaH"])
             row["z_indep"] = _z(row["pred_indep"], row["se_pred_indep"], row["true"], row["se_true"])
             row.update(self_terms(ckpt, rollouts, eb))
+            row["z_jac"] = _z(row["same_jac"], row["same_jac_se"], row["true"], row["se_true"])
         rows.append(row)
         log(" ".join(f"{k}={v:+.4e}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             + f"  ({time.perf_counter() - t1:.0f} s)")
@@ -229,6 +230,7 @@ def calibrate(root: Path, steps: int = 10, is_samples: int = 1000, bf16: bool = 
               "same batch vs the odd part": summary([r["z_odd"] for r in rows])}
     if independent:
         result["independent 16x16"] = summary([r["z_indep"] for r in rows])
+        result["same batch, the step's Jacobian (bench only)"] = summary([r["z_jac"] for r in rows])
     result["sums"] = dict(pred=sum(r["pred"] for r in rows), true=sum(r["true"] for r in rows),
                           true_odd=sum(r["true_odd"] for r in rows), true_even=sum(r["true_even"] for r in rows),
                           max_update_rel=max(r["update_rel"] or 0.0 for r in rows))
