@@ -84,7 +84,9 @@ def headline_se(r: ProbeResult) -> tuple[float, str]:
 
 REAL_STEP_IS_NOT = ("deltaH is the first-order change grad H . step of the one step optimizer.step() will take "
                     "on this batch. It holds Adam's per-coordinate scale (through this batch's g^2) and the clip "
-                    "factor at their batch values (first order); it is not the curvature term, not the change "
+                    "factor at their batch values, which runs the same-batch deltaH low on steps where this "
+                    "batch's g^2 is a large share of Adam's v (early in a run; docs/real_step.md); it is not the "
+                    "curvature term, not the change "
                     "over several steps, and not deltaH1, which is the plain step lr P grad LY without momentum "
                     "or weight decay.")
 
