@@ -4,13 +4,11 @@ of the tiny 4-bit stack (tests/support/ddp_diagnose.py builds, proves and diagno
 from __future__ import annotations
 
 import json
-import multiprocessing
-import time
 
 import pytest
 
 from tests.support import ddp_diagnose
-from tests.support.dist_worker import free_port
+from tests.support.dist_worker import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -18,20 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def found(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=ddp_diagnose.worker, args=(r, 2, port, str(out))) for r in range(2)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(1.0, 300 - (time.monotonic() - t0)))
-    for p in procs:
-        if p.is_alive():  # a hang: end it, the test fails below
-            p.kill()
-            p.join()
+    codes, _ = spawn_ranks(ddp_diagnose.worker, 2, str(out), timeout=300)
     errors = sorted(out.glob("ddp.*.error"))
-    assert [p.exitcode for p in procs] == [0, 0], errors[0].read_text() if errors else "no error file"
+    assert codes == [0, 0], errors[0].read_text() if errors else "no error file"
     return json.loads((out / "ddp.json").read_text())
 
 

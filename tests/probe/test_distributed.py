@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -57,21 +55,8 @@ def test_forward_starts_follow_the_one_process_packing(fp32_stacks, rollouts_fil
 def launch(world: int, out, rollouts: str, optimizer_state: str, fail_rank: int = -1, oom: bool = False,
            timeout: float = 300.0) -> tuple[list[int | None], float]:
     """Start `world` ranks (spawned processes, gloo), wait for all; (exit codes, seconds)."""
-    ctx = multiprocessing.get_context("spawn")
-    port = dist_worker.free_port()
-    procs = [ctx.Process(target=dist_worker.worker, args=(r, world, port, rollouts, optimizer_state, str(out),
-                                                           fail_rank, oom)) for r in range(world)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(1.0, timeout - (time.monotonic() - t0)))
-    codes = [p.exitcode for p in procs]
-    for p in procs:
-        if p.is_alive():  # a hang: end it, the test fails on its exit code
-            p.kill()
-            p.join()
-    return codes, time.monotonic() - t0
+    return dist_worker.spawn_ranks(dist_worker.worker, world, rollouts, optimizer_state, str(out), fail_rank, oom,
+                                   timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(target, world: int, *args, timeout: float = 300.0) -> tuple[list[int | None], float]:
+    """Run target(rank, world, port, *args) in `world` spawned processes and wait for all, ending any that hang
+    past `timeout` (the caller's test then fails on its exit code); (exit codes, seconds)."""
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(1.0, timeout - (time.monotonic() - t0)))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes, time.monotonic() - t0
+
+
 def config(rollouts: str, optimizer_state: str, schedule: str) -> dict:
     import gradprobe as gp
 

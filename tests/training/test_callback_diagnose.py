@@ -276,24 +276,12 @@ def test_ddp_run_diagnosed_on_the_main_process_only(tmp_path):
     """2 real gloo ranks of a Trainer with DistributedDataParallel: rank 0 checks its first step while rank 1
     goes on to its own step (the check has no collective, the model is unwrapped from DDP): no rank hangs,
     rank 1 checks nothing, and both end with the same weights."""
-    import multiprocessing
-
     from tests.support import ddp_trainer
-    from tests.support.dist_worker import free_port
+    from tests.support.dist_worker import spawn_ranks
 
-    ctx, port = multiprocessing.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=ddp_trainer.worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(1.0, 240 - (time.monotonic() - t0)))
-    for p in procs:
-        if p.is_alive():  # a hang: end it, the test fails below
-            p.kill()
-            p.join()
+    codes, _ = spawn_ranks(ddp_trainer.worker, 2, str(tmp_path), timeout=240)
     errors = sorted(tmp_path.glob("rank*.error"))
-    assert [p.exitcode for p in procs] == [0, 0], errors[0].read_text() if errors else "no error file"
+    assert codes == [0, 0], errors[0].read_text() if errors else "no error file"
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["world"] == r1["world"] == 2
     assert [d["step"] for d in r0["diagnoses"]] == [1] and r0["root_cause"] == "healthy"
